@@ -1,0 +1,126 @@
+//! Loading the configuration file: parse (serde), validate, resolve host names.
+//!
+//! This module owns the rule that a configuration is either entirely valid or
+//! rejected with one message of the form
+//! `FILE:LINE:COLUMN: FIELD.PATH: what is wrong`, so that `--check`, start-up
+//! and (later) reloads all report mistakes the same way. The types of the file
+//! are in [`schema`]; the checks that look across the file are in `validate`.
+
+mod locate;
+pub mod schema;
+mod validate;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+pub use schema::{Config, HashKey, LogFormat, LogLevel, Workers};
+
+/// Where `sluice` looks for its configuration when `-c` is not given.
+pub const DEFAULT_PATH: &str = "/etc/sluice/sluice.yaml";
+
+/// A configuration that cannot be used, with enough context to find the
+/// mistake: the file, the position in it when known, and the field.
+#[derive(Debug)]
+pub struct ConfigError {
+    file: PathBuf,
+    /// 1-based line and column.
+    position: Option<(usize, usize)>,
+    /// Dotted path of the offending field, e.g. `pools.redis.backends[1].address`.
+    field: Option<String>,
+    message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some((line, column)) = self.position {
+            write!(f, ":{line}:{column}")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": {field}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// A mistake found by validation, before it is given a file position.
+#[derive(Debug)]
+pub(crate) struct Problem {
+    pub field: String,
+    pub message: String,
+}
+
+impl Problem {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Problem {
+        Problem {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Reads, parses, validates and resolves the configuration at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.to_owned(),
+        position: None,
+        field: None,
+        message: format!("cannot read the configuration: {e}"),
+    })?;
+    parse(path, &text)
+}
+
+/// Parses and validates `text` as if read from `path` (used in messages).
+pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+    if text.trim().is_empty() {
+        return Err(ConfigError {
+            file: path.to_owned(),
+            position: None,
+            field: None,
+            message: "the file is empty: it needs at least `listeners` and `pools`".into(),
+        });
+    }
+    let mut config: Config = serde_yaml::from_str(text).map_err(|e| from_yaml_error(path, e))?;
+    validate::validate(&mut config).map_err(|problem| ConfigError {
+        file: path.to_owned(),
+        position: locate::position(text, &problem.field),
+        field: Some(problem.field),
+        message: problem.message,
+    })?;
+    Ok(config)
+}
+
+/// serde_yaml renders errors as `FIELD: MESSAGE at line L column C`; this
+/// takes them apart so that they read like every other configuration error.
+fn from_yaml_error(path: &Path, error: serde_yaml::Error) -> ConfigError {
+    let position = error.location().map(|l| (l.line(), l.column()));
+    let mut text = error.to_string();
+    if let Some((line, column)) = position {
+        let suffix = format!(" at line {line} column {column}");
+        if let Some(stripped) = text.strip_suffix(&suffix) {
+            text = stripped.to_owned();
+        }
+    }
+    // A field path is present when the text starts with one, ending in ": ".
+    let (field, message) = match text.split_once(": ") {
+        Some((field, message)) if looks_like_field_path(field) => {
+            (Some(field.to_owned()), message.to_owned())
+        }
+        _ => (None, text),
+    };
+    ConfigError {
+        file: path.to_owned(),
+        position,
+        field,
+        message,
+    }
+}
+
+fn looks_like_field_path(text: &str) -> bool {
+    !text.is_empty()
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '[' | ']'))
+}

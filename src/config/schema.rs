@@ -1,0 +1,427 @@
+//! The configuration file's schema: one Rust type per YAML mapping, with the
+//! defaults of `SPEC.md` and `conf/sluice.yaml`.
+//!
+//! Everything here is checked by serde while the file is parsed (unknown keys,
+//! types, durations, socket addresses), so that each such error carries the
+//! line and column of the offending value. Checks that need the whole file
+//! (duplicates, references between sections) live in `validate.rs`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::marker::PhantomData;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub workers: Workers,
+    #[serde(default)]
+    pub pin_workers: bool,
+    #[serde(default = "defaults::shutdown_timeout", with = "duration")]
+    pub shutdown_timeout: Duration,
+    pub admin: Option<Admin>,
+    #[serde(default)]
+    pub log: Log,
+    #[serde(deserialize_with = "unique_map")]
+    pub listeners: BTreeMap<String, Listener>,
+    #[serde(deserialize_with = "unique_map")]
+    pub pools: BTreeMap<String, Pool>,
+}
+
+/// `workers: auto` or a thread count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Workers {
+    /// One worker per core available to the process.
+    #[default]
+    Auto,
+    Count(usize),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    pub listen: Option<ListenAddr>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Log {
+    #[serde(default)]
+    pub level: LogLevel,
+    #[serde(default)]
+    pub format: LogFormat,
+    #[serde(default)]
+    pub connections: bool,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Log {
+            level: LogLevel::Info,
+            format: LogFormat::Text,
+            connections: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Error,
+    Warn,
+    #[default]
+    Info,
+    Debug,
+    Trace,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    pub listen: ListenAddr,
+    pub pool: String,
+    #[serde(default)]
+    pub accept_proxy: bool,
+    #[serde(default)]
+    pub max_connections: u32,
+    #[serde(default)]
+    pub rate_limit: RateLimit,
+    #[serde(default = "defaults::backlog")]
+    pub backlog: u32,
+}
+
+/// `rate: 0` turns a limit off.
+#[derive(Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    #[serde(default)]
+    pub rate: u32,
+    #[serde(default)]
+    pub burst: u32,
+    #[serde(default)]
+    pub per_client: TokenBucket,
+}
+
+#[derive(Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TokenBucket {
+    #[serde(default)]
+    pub rate: u32,
+    #[serde(default)]
+    pub burst: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pool {
+    #[serde(default)]
+    pub balance: Balance,
+    #[serde(default)]
+    pub hash_key: HashKey,
+    #[serde(default = "defaults::table_size")]
+    pub table_size: u64,
+    #[serde(default)]
+    pub max_load_factor: f64,
+    #[serde(default)]
+    pub engine: Engine,
+    #[serde(default = "defaults::connect_timeout", with = "duration")]
+    pub connect_timeout: Duration,
+    #[serde(default, with = "duration")]
+    pub idle_timeout: Duration,
+    #[serde(default = "defaults::retries")]
+    pub retries: u32,
+    #[serde(default)]
+    pub send_proxy: SendProxy,
+    #[serde(default, with = "duration")]
+    pub resolve_interval: Duration,
+    #[serde(default)]
+    pub health: Health,
+    pub backends: Vec<Backend>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    #[default]
+    Maglev,
+    RoundRobin,
+    WeightedRoundRobin,
+    LeastConnections,
+    Random,
+    PowerOfTwo,
+}
+
+/// What part of the client's address Maglev hashes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HashKey {
+    #[default]
+    SourceIp,
+    SourceIpPort,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    #[default]
+    Auto,
+    Splice,
+    Copy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SendProxy {
+    #[default]
+    Off,
+    V1,
+    V2,
+}
+
+/// `health: off`, or a mapping of probe settings. Absent means probes with
+/// the defaults.
+#[derive(Debug, Default, PartialEq)]
+pub enum Health {
+    Off,
+    #[default]
+    Defaults,
+    Probe(HealthProbe),
+}
+
+#[derive(Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthProbe {
+    #[serde(default = "defaults::health_interval", with = "duration")]
+    pub interval: Duration,
+    #[serde(default = "defaults::health_timeout", with = "duration")]
+    pub timeout: Duration,
+    #[serde(default = "defaults::rise")]
+    pub rise: u32,
+    #[serde(default = "defaults::fall")]
+    pub fall: u32,
+    pub send: Option<String>,
+    pub expect: Option<String>,
+    pub preset: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backend {
+    /// `ip:port`, `[ipv6]:port` or `host:port`; host names are resolved
+    /// when the file is loaded.
+    pub address: String,
+    #[serde(default = "defaults::weight")]
+    pub weight: u32,
+    #[serde(default)]
+    pub max_connections: u32,
+    /// The backend's identity for hashing; defaults to `address`.
+    pub name: Option<String>,
+    /// What `address` resolved to: filled in by validation.
+    #[serde(skip, default = "defaults::unresolved")]
+    pub socket_addr: SocketAddr,
+}
+
+impl Backend {
+    /// The name the backend is known by: in the Maglev table, logs and metrics.
+    pub fn name(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.address)
+    }
+}
+
+/// A listening address: an IP literal and a non-zero port. Host names are not
+/// accepted here, since what a listener binds must not depend on DNS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenAddr(pub SocketAddr);
+
+mod defaults {
+    use std::net::{Ipv4Addr, SocketAddr};
+    use std::time::Duration;
+
+    pub fn unresolved() -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
+    }
+    pub fn shutdown_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn backlog() -> u32 {
+        1024
+    }
+    pub fn table_size() -> u64 {
+        65537
+    }
+    pub fn connect_timeout() -> Duration {
+        Duration::from_secs(2)
+    }
+    pub fn retries() -> u32 {
+        2
+    }
+    pub fn health_interval() -> Duration {
+        Duration::from_secs(2)
+    }
+    pub fn health_timeout() -> Duration {
+        Duration::from_secs(1)
+    }
+    pub fn rise() -> u32 {
+        2
+    }
+    pub fn fall() -> u32 {
+        3
+    }
+    pub fn weight() -> u32 {
+        1
+    }
+}
+
+impl<'de> Deserialize<'de> for Workers {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct WorkersVisitor;
+        impl Visitor<'_> for WorkersVisitor {
+            type Value = Workers;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("`auto` or a number of worker threads")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Workers, E> {
+                match v {
+                    "auto" => Ok(Workers::Auto),
+                    _ => Err(E::invalid_value(de::Unexpected::Str(v), &self)),
+                }
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Workers, E> {
+                match usize::try_from(v) {
+                    Ok(0) => Err(E::custom("must be at least 1 (or `auto`)")),
+                    Ok(n) if n <= 1024 => Ok(Workers::Count(n)),
+                    _ => Err(E::custom(format!(
+                        "{v} workers is more than the limit of 1024"
+                    ))),
+                }
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Workers, E> {
+                match u64::try_from(v) {
+                    Ok(v) => self.visit_u64(v),
+                    Err(_) => Err(E::custom("must be at least 1 (or `auto`)")),
+                }
+            }
+        }
+        deserializer.deserialize_any(WorkersVisitor)
+    }
+}
+
+impl<'de> Deserialize<'de> for ListenAddr {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        let addr: SocketAddr = text.parse().map_err(|_| {
+            de::Error::custom(format!(
+                "invalid socket address {text:?} (expected IPv4:port or [IPv6]:port)"
+            ))
+        })?;
+        if addr.port() == 0 {
+            return Err(de::Error::custom(format!(
+                "invalid socket address {text:?}: port 0 is not allowed"
+            )));
+        }
+        Ok(ListenAddr(addr))
+    }
+}
+
+impl<'de> Deserialize<'de> for Health {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct HealthVisitor;
+        impl<'de> Visitor<'de> for HealthVisitor {
+            type Value = Health;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("`off` or a mapping of probe settings")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Health, E> {
+                match v {
+                    "off" => Ok(Health::Off),
+                    _ => Err(E::invalid_value(de::Unexpected::Str(v), &self)),
+                }
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Health, A::Error> {
+                HealthProbe::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(Health::Probe)
+            }
+        }
+        deserializer.deserialize_any(HealthVisitor)
+    }
+}
+
+/// Durations are strings such as `500ms`, `2s` or `1h`; `0` (string or
+/// number) means zero, which disables the timeout it sets.
+pub mod duration {
+    use super::*;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        struct DurationVisitor;
+        impl Visitor<'_> for DurationVisitor {
+            type Value = Duration;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a duration such as `500ms`, `2s` or `1h`, or 0")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Duration, E> {
+                humantime::parse_duration(v).map_err(|e| {
+                    E::custom(format!(
+                        "invalid duration {v:?}: {e} (write e.g. `500ms`, `2s`, `1h`)"
+                    ))
+                })
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Duration, E> {
+                match v {
+                    0 => Ok(Duration::ZERO),
+                    _ => Err(E::custom(format!(
+                        "duration {v} has no unit (write e.g. `{v}s` or `{v}ms`)"
+                    ))),
+                }
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Duration, E> {
+                match u64::try_from(v) {
+                    Ok(v) => self.visit_u64(v),
+                    Err(_) => Err(E::custom(format!("duration {v} is negative"))),
+                }
+            }
+        }
+        deserializer.deserialize_any(DurationVisitor)
+    }
+}
+
+/// Deserializes a mapping into a `BTreeMap`, rejecting a key that appears
+/// twice (serde would otherwise keep the last one without a word).
+fn unique_map<'de, D, V>(deserializer: D) -> Result<BTreeMap<String, V>, D::Error>
+where
+    D: Deserializer<'de>,
+    V: Deserialize<'de>,
+{
+    struct UniqueMapVisitor<V>(PhantomData<V>);
+    impl<'de, V: Deserialize<'de>> Visitor<'de> for UniqueMapVisitor<V> {
+        type Value = BTreeMap<String, V>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a mapping of names to settings")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out = BTreeMap::new();
+            while let Some(key) = map.next_key::<String>()? {
+                if out.contains_key(&key) {
+                    return Err(de::Error::custom(format!("{key:?} is defined twice")));
+                }
+                let value = map.next_value()?;
+                out.insert(key, value);
+            }
+            Ok(out)
+        }
+    }
+    deserializer.deserialize_map(UniqueMapVisitor(PhantomData))
+}

@@ -1,0 +1,22 @@
+//! sluice: a layer-4 TCP load balancer for Linux on io_uring.
+//!
+//! The binary (`main.rs`) is a thin command line over these modules; they
+//! are a library so that benchmarks and tests can reach the balancer and the
+//! configuration directly. The modules follow the path of a connection:
+//!
+//! - [`config`]: the YAML file, its validation and error messages.
+//! - [`snapshot`]: immutable routing state, swapped atomically.
+//! - [`balancer`]: client address → backend (Maglev).
+//! - [`worker`]: thread-per-core runtimes and accept loops.
+//! - [`relay`]: one connection: dial the backend, move the bytes.
+//! - [`net`]: socket options, listening and connecting.
+//! - [`signals`], [`logging`]: process plumbing.
+
+pub mod balancer;
+pub mod config;
+pub mod logging;
+pub mod net;
+pub mod relay;
+pub mod signals;
+pub mod snapshot;
+pub mod worker;

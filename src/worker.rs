@@ -1,0 +1,114 @@
+//! Worker threads: one tokio-uring runtime per thread, each with its own
+//! SO_REUSEPORT socket for every listener, so the kernel spreads new
+//! connections over the workers and nothing is handed between threads.
+//!
+//! A worker accepts, then runs each connection as a task on its own runtime
+//! ([`relay::serve`]). The only state shared between workers is the routing
+//! [`Snapshot`](crate::snapshot::Snapshot), read without a lock.
+
+use std::io;
+use std::net::TcpListener;
+use std::rc::Rc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+use nix::unistd::Pid;
+use tracing::{error, warn};
+
+use crate::logging::Throttle;
+use crate::relay;
+use crate::snapshot::SharedSnapshot;
+
+/// A listening socket bound for one worker.
+pub struct BoundListener {
+    pub name: String,
+    pub socket: TcpListener,
+}
+
+/// Accept errors other than a vanished client are logged at most once per
+/// second.
+static ACCEPT_ERROR: Throttle = Throttle::new();
+
+/// Starts worker `id` on its own thread, pinned to `cpu` if given.
+pub fn spawn(
+    id: usize,
+    listeners: Vec<BoundListener>,
+    snapshots: SharedSnapshot,
+    cpu: Option<usize>,
+) -> io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("sluice-worker-{id}"))
+        .spawn(move || {
+            if let Some(cpu) = cpu {
+                if let Err(e) = pin_to(cpu) {
+                    warn!(worker = id, cpu, "cannot pin worker to its core: {e}");
+                }
+            }
+            tokio_uring::start(async move {
+                for listener in listeners {
+                    let name: Rc<str> = listener.name.into();
+                    let socket = tokio_uring::net::TcpListener::from_std(listener.socket);
+                    tokio_uring::spawn(accept_loop(socket, name, snapshots));
+                }
+                std::future::pending::<()>().await
+            })
+        })
+}
+
+async fn accept_loop(
+    listener: tokio_uring::net::TcpListener,
+    name: Rc<str>,
+    snapshots: SharedSnapshot,
+) {
+    loop {
+        match listener.accept().await {
+            Ok((client, client_addr)) => {
+                if let Err(e) = client.set_nodelay(true) {
+                    // The client is already gone; serving it will notice.
+                    tracing::debug!(listener = %name, "TCP_NODELAY on a new client: {e}");
+                }
+                let name = name.clone();
+                tokio_uring::spawn(async move {
+                    relay::serve(client, client_addr, &name, snapshots).await;
+                });
+            }
+            Err(e) => {
+                let errno = e.raw_os_error().map(Errno::from_raw);
+                if errno == Some(Errno::ECONNABORTED) {
+                    continue;
+                }
+                if let Some(suppressed) = ACCEPT_ERROR.allow() {
+                    error!(listener = %name, suppressed, "cannot accept connections: {e}");
+                }
+                // Out of descriptors or memory: back off instead of spinning,
+                // leaving new clients in the kernel's backlog meanwhile.
+                if matches!(
+                    errno,
+                    Some(Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM)
+                ) {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+/// The CPUs this process may run on, in order: worker `i` is pinned to the
+/// `i`-th (wrapping around when there are more workers than CPUs).
+pub fn allowed_cpus() -> Vec<usize> {
+    let Ok(set) = sched_getaffinity(Pid::from_raw(0)) else {
+        return Vec::new();
+    };
+    (0..CpuSet::count())
+        .filter(|&cpu| set.is_set(cpu).unwrap_or(false))
+        .collect()
+}
+
+fn pin_to(cpu: usize) -> nix::Result<()> {
+    let mut set = CpuSet::new();
+    set.set(cpu)?;
+    // Pid 0: the calling thread.
+    sched_setaffinity(Pid::from_raw(0), &set)
+}
