@@ -1,0 +1,401 @@
+//! Shared pieces of the integration tests: running the real `sluice` binary
+//! on a generated configuration, small TCP servers to put behind it, and
+//! clients that connect from chosen loopback addresses.
+//!
+//! Every wait is for an event with a deadline (a log line, a connection, a
+//! byte), never a fixed sleep.
+
+#![allow(dead_code)] // each test binary uses its own subset
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Socket, Type};
+
+pub const SLUICE: &str = env!("CARGO_BIN_EXE_sluice");
+
+/// How long any single expected event may take before a test fails.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A loopback address no other test in this run uses, so that tests running
+/// in parallel never compete for a port: 127.200.P.N with P from the process
+/// id and N counting up.
+pub fn unique_loopback() -> IpAddr {
+    static NEXT: AtomicU32 = AtomicU32::new(1);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let pid = std::process::id();
+    IpAddr::V4(Ipv4Addr::new(127, 200 + (pid % 50) as u8, (n / 250) as u8, (n % 250 + 1) as u8))
+}
+
+/// A port on `ip` that is free now.
+pub fn free_addr(ip: IpAddr) -> SocketAddr {
+    let listener = TcpListener::bind((ip, 0)).expect("bind to find a free port");
+    listener.local_addr().unwrap()
+}
+
+/// The `i`-th of many distinct client addresses, 127.1.0.1 onwards.
+pub fn client_ip(i: u32) -> IpAddr {
+    let n = i + 1;
+    IpAddr::V4(Ipv4Addr::new(127, 1 + (n >> 16) as u8, (n >> 8) as u8, n as u8))
+}
+
+/// Connects to `to` from `from` (any free port).
+pub fn connect_from(from: IpAddr, to: SocketAddr) -> TcpStream {
+    let socket = Socket::new(Domain::for_address(to), Type::STREAM, None).unwrap();
+    socket.bind(&SocketAddr::new(from, 0).into()).unwrap();
+    socket
+        .connect_timeout(&to.into(), DEADLINE)
+        .unwrap_or_else(|e| panic!("connect {from} -> {to}: {e}"));
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    stream.set_write_timeout(Some(DEADLINE)).unwrap();
+    stream
+}
+
+/// Writes a file into a fresh temporary directory that lives as long as the
+/// returned guard.
+pub struct TempFile {
+    _dir: tempfile::TempDir,
+    pub path: PathBuf,
+}
+
+pub fn temp_file(name: &str, contents: &str) -> TempFile {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(name);
+    std::fs::write(&path, contents).unwrap();
+    TempFile { _dir: dir, path }
+}
+
+/// Runs `sluice ARGS` to completion.
+pub fn sluice_command(args: &[&str]) -> Output {
+    Command::new(SLUICE).args(args).output().expect("run sluice")
+}
+
+pub fn check(config: &str) -> Output {
+    let file = temp_file("sluice.yaml", config);
+    sluice_command(&["--check", "-c", file.path.to_str().unwrap()])
+}
+
+/// A running `sluice` process; killed when dropped.
+pub struct Sluice {
+    child: Child,
+    log: Arc<(Mutex<Vec<String>>, Condvar)>,
+    _config: TempFile,
+}
+
+impl Sluice {
+    /// Starts sluice on `config` and waits until it says it is ready.
+    pub fn start(config: &str) -> Sluice {
+        let sluice = Sluice::spawn(config);
+        sluice.wait_for_log("sluice is ready");
+        sluice
+    }
+
+    /// Starts sluice without waiting for anything.
+    pub fn spawn(config: &str) -> Sluice {
+        let file = temp_file("sluice.yaml", config);
+        let mut child = Command::new(SLUICE)
+            .arg("-c")
+            .arg(&file.path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start sluice");
+        let log = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let (lines, changed) = &*sink;
+                lines.lock().unwrap().push(line);
+                changed.notify_all();
+            }
+        });
+        Sluice {
+            child,
+            log,
+            _config: file,
+        }
+    }
+
+    /// The first listen address in the configuration.
+    pub fn listen_addr(&self) -> SocketAddr {
+        let text = std::fs::read_to_string(self.config_path()).unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("listen:"))
+            .expect("a listener in the configuration");
+        let value = line.split_once(':').unwrap().1.trim();
+        value.trim_matches('"').parse().unwrap()
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self._config.path
+    }
+
+    /// Waits for a log line containing `needle`; panics with the log so far
+    /// if none comes before the deadline.
+    pub fn wait_for_log(&self, needle: &str) -> String {
+        let (lines, changed) = &*self.log;
+        let deadline = Instant::now() + DEADLINE;
+        let mut guard = lines.lock().unwrap();
+        loop {
+            if let Some(line) = guard.iter().find(|l| l.contains(needle)) {
+                return line.clone();
+            }
+            let now = Instant::now();
+            assert!(now < deadline, "no log line with {needle:?}; log:\n{}", guard.join("\n"));
+            guard = changed.wait_timeout(guard, deadline - now).unwrap().0;
+        }
+    }
+
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.0.lock().unwrap().clone()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` and waits for the process to exit; returns its status.
+    pub fn stop_with(mut self, signal: nix::sys::signal::Signal) -> std::process::ExitStatus {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal).unwrap();
+        wait_with_deadline(&mut self.child)
+    }
+
+    /// Waits for a process that is expected to exit by itself.
+    pub fn wait_exit(mut self) -> std::process::ExitStatus {
+        wait_with_deadline(&mut self.child)
+    }
+}
+
+fn wait_with_deadline(child: &mut Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "sluice did not exit in time");
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+impl Drop for Sluice {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A minimal configuration: one listener on `listen` in front of one pool
+/// of `backends` (name, address), health probes off.
+pub fn config(listen: SocketAddr, backends: &[(String, SocketAddr)], extra_pool: &str) -> String {
+    let mut text = format!(
+        "workers: 2\nlisteners:\n  front:\n    listen: {}\n    pool: back\npools:\n  back:\n    health: off\n{extra_pool}    backends:\n",
+        fmt_addr(listen)
+    );
+    for (name, addr) in backends {
+        text.push_str(&format!("      - address: {}\n        name: {name}\n", fmt_addr(*addr)));
+    }
+    text
+}
+
+pub fn fmt_addr(addr: SocketAddr) -> String {
+    match addr {
+        SocketAddr::V4(a) => a.to_string(),
+        SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
+    }
+}
+
+/// A TCP server on its own thread that hands every connection to `handle`
+/// on a thread of its own. Stops accepting (and frees its port) when
+/// stopped or dropped.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    stopping: Arc<AtomicBool>,
+    accepter: Option<thread::JoinHandle<()>>,
+}
+
+impl TestServer {
+    pub fn start<F>(handle: F) -> TestServer
+    where
+        F: Fn(TcpStream) + Send + Sync + 'static,
+    {
+        let listener = TcpListener::bind((unique_loopback(), 0)).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stopping = Arc::new(AtomicBool::new(false));
+        let handle = Arc::new(handle);
+        let flag = stopping.clone();
+        let accepter = thread::spawn(move || {
+            for stream in listener.incoming() {
+                if flag.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(stream) = stream else { continue };
+                let handle = handle.clone();
+                thread::spawn(move || handle(stream));
+            }
+        });
+        TestServer {
+            addr,
+            stopping,
+            accepter: Some(accepter),
+        }
+    }
+
+    /// Closes the listening socket: new connections are refused from now on.
+    pub fn stop(&mut self) {
+        if let Some(accepter) = self.accepter.take() {
+            self.stopping.store(true, Ordering::SeqCst);
+            // Wake the accept loop so it sees the flag and drops the socket.
+            let _ = TcpStream::connect(self.addr);
+            accepter.join().unwrap();
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A backend that announces its name (one line), then echoes.
+pub fn name_server(name: &str) -> TestServer {
+    let line = format!("{name}\n");
+    TestServer::start(move |mut stream| {
+        if stream.write_all(line.as_bytes()).is_err() {
+            return;
+        }
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    if stream.write_all(&buf[..n]).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// `n` name servers called `backend-0`...
+pub fn name_servers(n: usize) -> (Vec<TestServer>, Vec<(String, SocketAddr)>) {
+    let servers: Vec<TestServer> = (0..n).map(|i| name_server(&format!("backend-{i}"))).collect();
+    let backends = servers
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (format!("backend-{i}"), s.addr))
+        .collect();
+    (servers, backends)
+}
+
+/// Connects through `sluice` from `client` and returns the name the
+/// backend announced.
+pub fn backend_for(client: IpAddr, sluice: SocketAddr) -> String {
+    let stream = connect_from(client, sluice);
+    let mut line = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut line)
+        .unwrap_or_else(|e| panic!("reading the backend name for {client}: {e}"));
+    let _ = stream.shutdown(Shutdown::Both);
+    assert!(line.ends_with('\n'), "no name from a backend for client {client}: {line:?}");
+    line.trim_end().to_owned()
+}
+
+/// `sluice explain` for one client: (backend, retries), names only.
+pub fn explain(config_path: &Path, pool: &str, client: &str) -> (String, Vec<String>) {
+    let out = sluice_command(&["explain", "-c", config_path.to_str().unwrap(), pool, client]);
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "explain failed: {}", String::from_utf8_lossy(&out.stderr));
+    let field = |key: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key:?} in {stdout}"))
+            .trim()
+            .to_owned()
+    };
+    let name_of = |entry: &str| entry.split(" (").next().unwrap().to_owned();
+    let retries = field("retries:");
+    let retries = if retries == "none" {
+        Vec::new()
+    } else {
+        retries.split(", ").map(name_of).collect()
+    };
+    (name_of(&field("backend:")), retries)
+}
+
+/// Polls `condition` every 10 ms until it holds; panics after the deadline.
+pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*), so that a test can
+/// regenerate what it expects instead of keeping a copy.
+pub struct Noise(u64);
+
+impl Noise {
+    pub fn new(seed: u64) -> Noise {
+        Noise(seed | 1)
+    }
+
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            let word = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
+            chunk.copy_from_slice(&word[..chunk.len()]);
+        }
+    }
+}
+
+/// Writes `total` bytes of `Noise::new(seed)` to `to`; returns their hash.
+pub fn send_noise(to: &mut impl Write, seed: u64, total: usize) -> u64 {
+    let mut noise = Noise::new(seed);
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut left = total;
+    while left > 0 {
+        let n = left.min(buf.len());
+        noise.fill(&mut buf[..n]);
+        hasher.update(&buf[..n]);
+        to.write_all(&buf[..n]).expect("sending test data");
+        left -= n;
+    }
+    hasher.digest()
+}
+
+/// Reads `from` to its end; returns (bytes, hash).
+pub fn drain(from: &mut impl Read, chunk: usize, pause: Option<Duration>) -> (usize, u64) {
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    let mut buf = vec![0u8; chunk];
+    let mut total = 0;
+    loop {
+        let n = from.read(&mut buf).expect("reading test data");
+        if n == 0 {
+            return (total, hasher.digest());
+        }
+        hasher.update(&buf[..n]);
+        total += n;
+        if let Some(pause) = pause {
+            // A deliberately slow reader, not a wait for an event.
+            thread::sleep(pause);
+        }
+    }
+}
