@@ -16,7 +16,10 @@ const MIB: usize = 1024 * 1024;
 /// A backend that streams `total` bytes of noise (seed 2) to the client
 /// while hashing everything it receives, then reports (bytes, hash) of what
 /// it received. `pause` makes it a slow reader.
-fn sink_and_source(total: usize, pause: Option<Duration>) -> (TestServer, mpsc::Receiver<(usize, u64)>) {
+fn sink_and_source(
+    total: usize,
+    pause: Option<Duration>,
+) -> (TestServer, mpsc::Receiver<(usize, u64)>) {
     let (report, received) = mpsc::channel();
     let report = std::sync::Mutex::new(report);
     let server = TestServer::start(move |stream| {
@@ -55,7 +58,10 @@ fn transfer_both_ways(total: usize, backend_pause: Option<Duration>) {
 
     let expected_from_backend = send_noise(&mut std::io::sink(), 2, total);
     assert_eq!(got_bytes, total, "bytes from the backend");
-    assert_eq!(got_hash, expected_from_backend, "data from the backend corrupted");
+    assert_eq!(
+        got_hash, expected_from_backend,
+        "data from the backend corrupted"
+    );
     let (backend_bytes, backend_hash) = received.recv_timeout(DEADLINE).unwrap();
     assert_eq!(backend_bytes, total, "bytes to the backend");
     assert_eq!(backend_hash, sent_hash, "data to the backend corrupted");
@@ -124,7 +130,9 @@ fn backend_half_close_reaches_the_client_and_the_request_still_flows() {
 
 /// Closes `stream` with a reset instead of a FIN.
 fn reset(stream: TcpStream) {
-    socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO)).unwrap();
+    socket2::SockRef::from(&stream)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
     drop(stream);
 }
 
@@ -157,7 +165,9 @@ fn a_client_that_vanishes_ends_its_backend_connection() {
     let mut buf = [0u8; 4];
     client.read_exact(&mut buf).unwrap();
     reset(client);
-    backend_saw_end.recv_timeout(DEADLINE).expect("the backend connection was not closed");
+    backend_saw_end
+        .recv_timeout(DEADLINE)
+        .expect("the backend connection was not closed");
 
     // sluice keeps serving.
     let mut again = connect_from(client_ip(5), sluice.listen_addr());
@@ -206,13 +216,38 @@ fn a_backend_that_accepts_but_never_answers_holds_only_its_client() {
     ));
     let mut stuck = connect_from(client_ip(7), sluice.listen_addr());
     stuck.write_all(b"anyone?").unwrap();
-    stuck.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    stuck
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
     let mut buf = [0u8; 1];
-    let err = stuck.read(&mut buf).expect_err("the silent backend must not answer");
-    assert!(matches!(err.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut));
+    let err = stuck
+        .read(&mut buf)
+        .expect_err("the silent backend must not answer");
+    assert!(matches!(
+        err.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    ));
     // Other clients are still accepted and connected meanwhile.
     let _other = connect_from(client_ip(8), sluice.listen_addr());
     wait_until("a second backend connection", || {
         connections.load(std::sync::atomic::Ordering::SeqCst) == 2
     });
+}
+
+#[test]
+fn ipv6_listener_and_backend() {
+    let listener = std::net::TcpListener::bind("[::1]:0").unwrap();
+    let backend_addr = listener.local_addr().unwrap();
+    let server = thread::spawn(move || {
+        let (mut stream, peer) = listener.accept().unwrap();
+        stream.write_all(peer.ip().to_string().as_bytes()).unwrap();
+    });
+    let front = free_addr("::1".parse().unwrap());
+    let sluice = Sluice::start(&config(front, &[("v6".into(), backend_addr)], ""));
+    let mut client = TcpStream::connect(front).unwrap();
+    let mut seen_by_backend = String::new();
+    client.read_to_string(&mut seen_by_backend).unwrap();
+    assert_eq!(seen_by_backend, "::1");
+    server.join().unwrap();
+    drop(sluice);
 }

@@ -39,7 +39,10 @@ fn each_client_keeps_its_backend_and_shares_are_fair() {
     // 70..130 fails only on a real skew.
     for (name, _) in &backends {
         let share = shares.get(name.as_str()).copied().unwrap_or(0);
-        assert!((70..=130).contains(&share), "{name} got {share} of {CLIENTS} clients: {shares:?}");
+        assert!(
+            (70..=130).contains(&share),
+            "{name} got {share} of {CLIENTS} clients: {shares:?}"
+        );
     }
 }
 
@@ -67,7 +70,11 @@ fn two_processes_agree_whatever_the_backend_order() {
     let (a_addr, b_addr) = (a.listen_addr(), b.listen_addr());
     for i in 0..CLIENTS {
         let ip = client_ip(i);
-        assert_eq!(backend_for(ip, a_addr), backend_for(ip, b_addr), "client {ip}");
+        assert_eq!(
+            backend_for(ip, a_addr),
+            backend_for(ip, b_addr),
+            "client {ip}"
+        );
     }
 }
 
@@ -76,7 +83,9 @@ fn refused_backend_moves_only_its_own_clients_to_their_next_choice() {
     let (mut servers, backends) = name_servers(3);
     let sluice = Sluice::start(&config(free_addr(unique_loopback()), &backends, ""));
     let addr = sluice.listen_addr();
-    let before: Vec<String> = (0..CLIENTS).map(|i| backend_for(client_ip(i), addr)).collect();
+    let before: Vec<String> = (0..CLIENTS)
+        .map(|i| backend_for(client_ip(i), addr))
+        .collect();
 
     servers[1].stop(); // backend-1 now refuses connections
     let mut moved = 0;
@@ -89,7 +98,10 @@ fn refused_backend_moves_only_its_own_clients_to_their_next_choice() {
             assert_eq!(now, retries[0], "client {ip} should go to its first retry");
             moved += 1;
         } else {
-            assert_eq!(now, before[i as usize], "client {ip} of a live backend moved");
+            assert_eq!(
+                now, before[i as usize],
+                "client {ip} of a live backend moved"
+            );
         }
     }
     assert!(moved > 50, "only {moved} clients were on backend-1");
@@ -114,5 +126,8 @@ fn a_pool_with_nothing_reachable_closes_clients_and_logs_once() {
         .iter()
         .filter(|l| l.contains("no backend reachable"))
         .count();
-    assert!(warnings < 20, "the warning is rate-limited, got {warnings} lines for 20 clients");
+    assert!(
+        warnings < 20,
+        "the warning is rate-limited, got {warnings} lines for 20 clients"
+    );
 }

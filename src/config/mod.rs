@@ -98,10 +98,8 @@ fn from_yaml_error(path: &Path, error: serde_yaml::Error) -> ConfigError {
     let position = error.location().map(|l| (l.line(), l.column()));
     let mut text = error.to_string();
     if let Some((line, column)) = position {
-        let suffix = format!(" at line {line} column {column}");
-        if let Some(stripped) = text.strip_suffix(&suffix) {
-            text = stripped.to_owned();
-        }
+        // libyaml's syntax errors carry the position mid-sentence.
+        text = text.replacen(&format!(" at line {line} column {column}"), "", 1);
     }
     // A field path is present when the text starts with one, ending in ": ".
     let (field, message) = match text.split_once(": ") {

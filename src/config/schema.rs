@@ -322,18 +322,29 @@ impl<'de> Deserialize<'de> for Workers {
 
 impl<'de> Deserialize<'de> for ListenAddr {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        let addr: SocketAddr = text.parse().map_err(|_| {
-            de::Error::custom(format!(
-                "invalid socket address {text:?} (expected IPv4:port or [IPv6]:port)"
-            ))
-        })?;
-        if addr.port() == 0 {
-            return Err(de::Error::custom(format!(
-                "invalid socket address {text:?}: port 0 is not allowed"
-            )));
+        // Parsed inside the visitor so that serde_yaml gives the error the
+        // position of the value itself.
+        struct ListenAddrVisitor;
+        impl Visitor<'_> for ListenAddrVisitor {
+            type Value = ListenAddr;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an address such as 0.0.0.0:6379 or \"[::]:6379\" (IPv6 in quotes)")
+            }
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<ListenAddr, E> {
+                let addr: SocketAddr = text.parse().map_err(|_| {
+                    E::custom(format!(
+                        "invalid socket address {text:?} (expected IPv4:port or [IPv6]:port)"
+                    ))
+                })?;
+                if addr.port() == 0 {
+                    return Err(E::custom(format!(
+                        "invalid socket address {text:?}: port 0 is not allowed"
+                    )));
+                }
+                Ok(ListenAddr(addr))
+            }
         }
-        Ok(ListenAddr(addr))
+        deserializer.deserialize_str(ListenAddrVisitor)
     }
 }
 

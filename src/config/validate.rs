@@ -193,7 +193,7 @@ fn reject_unsupported(config: &Config) -> Result<(), Problem> {
     let unsupported = |field: String, what: &str| {
         Err(Problem::new(
             field,
-            format!("{what} is not supported yet by this version of sluice"),
+            format!("not supported yet in this version of sluice: {what}"),
         ))
     };
     if config.shutdown_timeout != std::time::Duration::from_secs(30) {
@@ -238,7 +238,10 @@ fn reject_unsupported(config: &Config) -> Result<(), Problem> {
             return unsupported(field("resolve_interval"), "periodic re-resolution");
         }
         if let Health::Probe(_) = pool.health {
-            return unsupported(field("health"), "health probes (use `health: off` for now)");
+            return unsupported(
+                field("health"),
+                "health probes (write `health: off` for now)",
+            );
         }
         for (i, backend) in pool.backends.iter().enumerate() {
             if backend.max_connections != 0 {

@@ -30,7 +30,12 @@ pub fn unique_loopback() -> IpAddr {
     static NEXT: AtomicU32 = AtomicU32::new(1);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let pid = std::process::id();
-    IpAddr::V4(Ipv4Addr::new(127, 200 + (pid % 50) as u8, (n / 250) as u8, (n % 250 + 1) as u8))
+    IpAddr::V4(Ipv4Addr::new(
+        127,
+        200 + (pid % 50) as u8,
+        (n / 250) as u8,
+        (n % 250 + 1) as u8,
+    ))
 }
 
 /// A port on `ip` that is free now.
@@ -42,7 +47,12 @@ pub fn free_addr(ip: IpAddr) -> SocketAddr {
 /// The `i`-th of many distinct client addresses, 127.1.0.1 onwards.
 pub fn client_ip(i: u32) -> IpAddr {
     let n = i + 1;
-    IpAddr::V4(Ipv4Addr::new(127, 1 + (n >> 16) as u8, (n >> 8) as u8, n as u8))
+    IpAddr::V4(Ipv4Addr::new(
+        127,
+        1 + (n >> 16) as u8,
+        (n >> 8) as u8,
+        n as u8,
+    ))
 }
 
 /// Connects to `to` from `from` (any free port).
@@ -74,7 +84,10 @@ pub fn temp_file(name: &str, contents: &str) -> TempFile {
 
 /// Runs `sluice ARGS` to completion.
 pub fn sluice_command(args: &[&str]) -> Output {
-    Command::new(SLUICE).args(args).output().expect("run sluice")
+    Command::new(SLUICE)
+        .args(args)
+        .output()
+        .expect("run sluice")
 }
 
 pub fn check(config: &str) -> Output {
@@ -152,7 +165,11 @@ impl Sluice {
                 return line.clone();
             }
             let now = Instant::now();
-            assert!(now < deadline, "no log line with {needle:?}; log:\n{}", guard.join("\n"));
+            assert!(
+                now < deadline,
+                "no log line with {needle:?}; log:\n{}",
+                guard.join("\n")
+            );
             guard = changed.wait_timeout(guard, deadline - now).unwrap().0;
         }
     }
@@ -203,7 +220,10 @@ pub fn config(listen: SocketAddr, backends: &[(String, SocketAddr)], extra_pool:
         fmt_addr(listen)
     );
     for (name, addr) in backends {
-        text.push_str(&format!("      - address: {}\n        name: {name}\n", fmt_addr(*addr)));
+        text.push_str(&format!(
+            "      - address: {}\n        name: {name}\n",
+            fmt_addr(*addr)
+        ));
     }
     text
 }
@@ -211,7 +231,8 @@ pub fn config(listen: SocketAddr, backends: &[(String, SocketAddr)], extra_pool:
 pub fn fmt_addr(addr: SocketAddr) -> String {
     match addr {
         SocketAddr::V4(a) => a.to_string(),
-        SocketAddr::V6(a) => format!("[{}]:{}", a.ip(), a.port()),
+        // Quoted: unquoted, YAML reads `[::1]:80` as a list.
+        SocketAddr::V6(a) => format!("\"[{}]:{}\"", a.ip(), a.port()),
     }
 }
 
@@ -291,7 +312,9 @@ pub fn name_server(name: &str) -> TestServer {
 
 /// `n` name servers called `backend-0`...
 pub fn name_servers(n: usize) -> (Vec<TestServer>, Vec<(String, SocketAddr)>) {
-    let servers: Vec<TestServer> = (0..n).map(|i| name_server(&format!("backend-{i}"))).collect();
+    let servers: Vec<TestServer> = (0..n)
+        .map(|i| name_server(&format!("backend-{i}")))
+        .collect();
     let backends = servers
         .iter()
         .enumerate()
@@ -309,7 +332,10 @@ pub fn backend_for(client: IpAddr, sluice: SocketAddr) -> String {
         .read_line(&mut line)
         .unwrap_or_else(|e| panic!("reading the backend name for {client}: {e}"));
     let _ = stream.shutdown(Shutdown::Both);
-    assert!(line.ends_with('\n'), "no name from a backend for client {client}: {line:?}");
+    assert!(
+        line.ends_with('\n'),
+        "no name from a backend for client {client}: {line:?}"
+    );
     line.trim_end().to_owned()
 }
 
@@ -317,7 +343,11 @@ pub fn backend_for(client: IpAddr, sluice: SocketAddr) -> String {
 pub fn explain(config_path: &Path, pool: &str, client: &str) -> (String, Vec<String>) {
     let out = sluice_command(&["explain", "-c", config_path.to_str().unwrap(), pool, client]);
     let stdout = String::from_utf8(out.stdout).unwrap();
-    assert!(out.status.success(), "explain failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "explain failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let field = |key: &str| {
         stdout
             .lines()

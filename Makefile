@@ -1,0 +1,52 @@
+# sluice: build, test, run the demo, benchmark, install.
+#
+#   make test      install what the tests need (Debian packages) and run them all
+#   make run       three local redis-server backends and sluice in front of them
+#   make bench     redis-benchmark through sluice next to a direct connection
+#   make install   PREFIX=/usr/local DESTDIR= : binary, unit and /etc/sluice/sluice.yaml
+
+PREFIX  ?= /usr/local
+DESTDIR ?=
+CARGO   ?= cargo
+
+# Debian packages the tests and the demo talk to.
+TEST_PACKAGES := redis-server redis-tools memcached
+
+.PHONY: all build test deps run bench install lint clean
+
+all: build
+
+build:
+	$(CARGO) build --release
+
+deps:
+	@scripts/apt-install $(TEST_PACKAGES)
+
+test: deps
+	$(CARGO) test --all-targets
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+run: build
+	@scripts/apt-install redis-server redis-tools
+	scripts/run-demo
+
+bench: build
+	@scripts/apt-install redis-server redis-tools
+	benches/redis-compare
+
+install: build
+	install -D -m 0755 target/release/sluice $(DESTDIR)$(PREFIX)/bin/sluice
+	install -D -m 0644 systemd/sluice.service $(DESTDIR)/lib/systemd/system/sluice.service
+	sed -i 's|/usr/local/bin/sluice|$(PREFIX)/bin/sluice|' $(DESTDIR)/lib/systemd/system/sluice.service
+	@# Never overwrite an operator's configuration.
+	@if [ -e $(DESTDIR)/etc/sluice/sluice.yaml ]; then \
+		echo "keeping the existing $(DESTDIR)/etc/sluice/sluice.yaml"; \
+	else \
+		install -D -m 0644 conf/sluice.yaml $(DESTDIR)/etc/sluice/sluice.yaml; \
+	fi
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,338 @@
+//! Every class of configuration mistake gives one clear line naming the
+//! file, the position where the parser knows it, and the field; `--check`
+//! and start-up exit with 1. The reference and demo files are valid.
+
+mod common;
+
+use std::net::TcpListener;
+
+use common::*;
+
+const VALID: &str = "\
+listeners:
+  redis:
+    listen: 127.0.0.1:7000
+    pool: redis
+pools:
+  redis:
+    health: off
+    backends:
+      - address: 10.0.0.1:6379
+";
+
+/// Runs `--check` on `text`; asserts exit 1 and returns stderr with the
+/// temporary file's path replaced by `sluice.yaml`.
+fn rejected(text: &str) -> String {
+    let file = temp_file("sluice.yaml", text);
+    let out = sluice_command(&["--check", "-c", file.path.to_str().unwrap()]);
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "expected exit 1 for:\n{text}\nstderr: {stderr}"
+    );
+    assert_eq!(
+        stderr.lines().count(),
+        1,
+        "one line expected, got:\n{stderr}"
+    );
+    stderr
+        .replace(file.path.to_str().unwrap(), "sluice.yaml")
+        .trim_end()
+        .to_owned()
+}
+
+fn with(from: &str, to: &str) -> String {
+    assert!(VALID.contains(from));
+    VALID.replacen(from, to, 1)
+}
+
+#[test]
+fn the_base_configuration_is_valid() {
+    let out = check(VALID);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout)
+        .contains("configuration is valid (1 listeners, 1 pools, 1 backends)"));
+}
+
+#[test]
+fn bad_backend_port() {
+    assert_eq!(
+        rejected(&with("10.0.0.1:6379", "10.0.0.1:99999")),
+        "sluice: sluice.yaml:9:18: pools.redis.backends[0].address: invalid socket address \"10.0.0.1:99999\": port must be 1 to 65535"
+    );
+}
+
+#[test]
+fn bad_backend_address() {
+    assert_eq!(
+        rejected(&with("10.0.0.1:6379", "10.0.0.1")),
+        "sluice: sluice.yaml:9:18: pools.redis.backends[0].address: invalid socket address \"10.0.0.1\" (expected ip:port, [ipv6]:port or host:port)"
+    );
+    assert_eq!(
+        rejected(&with("10.0.0.1:6379", "10.0.0.1:0")),
+        "sluice: sluice.yaml:9:18: pools.redis.backends[0].address: invalid socket address \"10.0.0.1:0\": port 0 is not allowed"
+    );
+}
+
+#[test]
+fn unresolvable_backend_host() {
+    let message = rejected(&with("10.0.0.1:6379", "no-such-host.invalid:6379"));
+    assert!(
+        message.starts_with("sluice: sluice.yaml:9:18: pools.redis.backends[0].address: cannot resolve host \"no-such-host.invalid\""),
+        "{message}"
+    );
+}
+
+#[test]
+fn bad_listen_address() {
+    assert_eq!(
+        rejected(&with("127.0.0.1:7000", "localhost:7000")),
+        "sluice: sluice.yaml:3:13: listeners.redis.listen: invalid socket address \"localhost:7000\" (expected IPv4:port or [IPv6]:port)"
+    );
+    assert_eq!(
+        rejected(&with("127.0.0.1:7000", "127.0.0.1:70000")),
+        "sluice: sluice.yaml:3:13: listeners.redis.listen: invalid socket address \"127.0.0.1:70000\" (expected IPv4:port or [IPv6]:port)"
+    );
+}
+
+#[test]
+fn unknown_keys() {
+    assert_eq!(
+        rejected(&with("    pool: redis\n", "    pool: redis\n    poool: x\n")),
+        "sluice: sluice.yaml:5:5: listeners.redis: unknown field `poool`, expected one of `listen`, `pool`, `accept_proxy`, `max_connections`, `rate_limit`, `backlog`"
+    );
+    assert_eq!(
+        rejected(&format!("wokers: 2\n{VALID}")),
+        "sluice: sluice.yaml:1:1: unknown field `wokers`, expected one of `workers`, `pin_workers`, `shutdown_timeout`, `admin`, `log`, `listeners`, `pools`"
+    );
+}
+
+#[test]
+fn broken_yaml() {
+    assert_eq!(
+        rejected("listeners:\n\tredis: {}\n"),
+        "sluice: sluice.yaml:2:1: found character that cannot start any token, while scanning for the next token"
+    );
+    assert_eq!(
+        rejected("listeners:\n  a: \"unterminated\n"),
+        "sluice: sluice.yaml:3:1: found unexpected end of stream, while scanning a quoted scalar at line 2 column 6"
+    );
+    assert_eq!(
+        rejected(""),
+        "sluice: sluice.yaml: the file is empty: it needs at least `listeners` and `pools`"
+    );
+}
+
+#[test]
+fn missing_file() {
+    let out = sluice_command(&["--check", "-c", "/nonexistent/sluice.yaml"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim_end(),
+        "sluice: /nonexistent/sluice.yaml: cannot read the configuration: No such file or directory (os error 2)"
+    );
+}
+
+#[test]
+fn listener_naming_a_missing_pool() {
+    assert_eq!(
+        rejected(&with("pool: redis", "pool: cache")),
+        "sluice: sluice.yaml:4:11: listeners.redis.pool: pool \"cache\" is not defined (defined pools: redis)"
+    );
+}
+
+#[test]
+fn duplicate_and_overlapping_listen_addresses() {
+    let two = |a: &str, b: &str| {
+        format!(
+            "listeners:\n  a:\n    listen: {a}\n    pool: p\n  b:\n    listen: {b}\n    pool: p\npools:\n  p:\n    backends:\n      - address: 10.0.0.1:1\n"
+        )
+    };
+    assert_eq!(
+        rejected(&two("127.0.0.1:7000", "127.0.0.1:7000")),
+        "sluice: sluice.yaml:6:13: listeners.b.listen: 127.0.0.1:7000 overlaps the address 127.0.0.1:7000 of listener \"a\""
+    );
+    assert_eq!(
+        rejected(&two("127.0.0.1:7000", "0.0.0.0:7000")),
+        "sluice: sluice.yaml:6:13: listeners.b.listen: 0.0.0.0:7000 overlaps the address 127.0.0.1:7000 of listener \"a\""
+    );
+    // Different families or ports do not overlap.
+    assert!(check(&two("0.0.0.0:7000", "\"[::]:7000\""))
+        .status
+        .success());
+    // Unquoted, YAML reads `[::]:7000` as a list: the message says what to do.
+    assert_eq!(
+        rejected(&two("0.0.0.0:7000", "[::]:7000")),
+        "sluice: sluice.yaml:6:13: listeners.b.listen: invalid type: sequence, expected an address such as 0.0.0.0:6379 or \"[::]:6379\" (IPv6 in quotes)"
+    );
+    assert!(check(&two("0.0.0.0:7000", "0.0.0.0:7001")).status.success());
+}
+
+#[test]
+fn duplicate_names() {
+    assert_eq!(
+        rejected(&format!("{VALID}      - address: 10.0.0.2:6379\n        name: 10.0.0.1:6379\n")),
+        "sluice: sluice.yaml:11:15: pools.redis.backends[1].name: duplicate backend name \"10.0.0.1:6379\" (also backends[0]); names must be unique in a pool"
+    );
+    assert_eq!(
+        rejected(&format!("{VALID}      - address: 10.0.0.1:6379\n        name: other\n")),
+        "sluice: sluice.yaml:10:18: pools.redis.backends[1].address: 10.0.0.1:6379 is also the address of backends[0]"
+    );
+    assert_eq!(
+        rejected(&with(
+            "  redis:\n    listen",
+            "  redis:\n    listen: 127.0.0.1:7001\n    pool: redis\n  redis:\n    listen"
+        )),
+        "sluice: sluice.yaml:2:3: listeners: \"redis\" is defined twice"
+    );
+}
+
+#[test]
+fn empty_pool_and_no_listeners() {
+    assert_eq!(
+        rejected(&with(
+            "    backends:\n      - address: 10.0.0.1:6379\n",
+            "    backends: []\n"
+        )),
+        "sluice: sluice.yaml:8:15: pools.redis.backends: a pool needs at least one backend"
+    );
+    assert_eq!(
+        rejected("listeners: {}\npools: {}\n"),
+        "sluice: sluice.yaml:1:12: listeners: no listeners are defined"
+    );
+}
+
+#[test]
+fn table_size_rules() {
+    assert_eq!(
+        rejected(&with("health: off", "table_size: 1000")),
+        "sluice: sluice.yaml:7:17: pools.redis.table_size: 1000 is not a prime number (the next prime is 1009)"
+    );
+    assert_eq!(
+        rejected(&with("health: off", "table_size: 97")),
+        "sluice: sluice.yaml:7:17: pools.redis.table_size: 97 is too small for 1 backends: it must be a prime larger than 100 x backends = 100, e.g. 101"
+    );
+}
+
+#[test]
+fn zero_workers_and_bad_durations() {
+    assert_eq!(
+        rejected(&format!("workers: 0\n{VALID}")),
+        "sluice: sluice.yaml:1:10: workers: must be at least 1 (or `auto`)"
+    );
+    assert_eq!(
+        rejected(&with("health: off", "connect_timeout: 5")),
+        "sluice: sluice.yaml:7:22: pools.redis.connect_timeout: duration 5 has no unit (write e.g. `5s` or `5ms`)"
+    );
+    assert!(
+        rejected(&with("health: off", "connect_timeout: soon")).starts_with(
+            "sluice: sluice.yaml:7:22: pools.redis.connect_timeout: invalid duration \"soon\""
+        )
+    );
+}
+
+#[test]
+fn unknown_values() {
+    assert_eq!(
+        rejected(&with("health: off", "balance: fastest")),
+        "sluice: sluice.yaml:7:14: pools.redis.balance: unknown variant `fastest`, expected one of `maglev`, `round_robin`, `weighted_round_robin`, `least_connections`, `random`, `power_of_two`"
+    );
+    assert_eq!(
+        rejected(&with("health: off", "health: sometimes")),
+        "sluice: sluice.yaml:7:13: pools.redis.health: invalid value: string \"sometimes\", expected `off` or a mapping of probe settings"
+    );
+}
+
+/// Keys of the schema whose feature is not built yet are refused, never
+/// silently ignored; their default values are accepted.
+#[test]
+fn features_not_built_yet_are_refused() {
+    assert_eq!(
+        rejected(&with("health: off", "balance: round_robin")),
+        "sluice: sluice.yaml:7:14: pools.redis.balance: not supported yet in this version of sluice: a balance other than maglev"
+    );
+    assert_eq!(
+        rejected(&with("health: off", "health:\n      interval: 1s")),
+        "sluice: sluice.yaml:8:7: pools.redis.health: not supported yet in this version of sluice: health probes (write `health: off` for now)"
+    );
+    assert_eq!(
+        rejected(&format!("admin:\n  listen: 127.0.0.1:9137\n{VALID}")),
+        "sluice: sluice.yaml:2:3: admin: not supported yet in this version of sluice: the admin endpoint (Prometheus metrics)"
+    );
+    assert_eq!(
+        rejected(&with("pool: redis", "pool: redis\n    accept_proxy: true")),
+        "sluice: sluice.yaml:5:19: listeners.redis.accept_proxy: not supported yet in this version of sluice: the PROXY protocol"
+    );
+    let defaults = with(
+        "health: off",
+        "health: off\n    balance: maglev\n    engine: copy\n    send_proxy: off\n    idle_timeout: 0\n    max_load_factor: 0",
+    );
+    assert!(check(&defaults).status.success());
+}
+
+#[test]
+fn the_reference_and_demo_configurations_are_valid() {
+    for file in ["conf/sluice.yaml", "conf/demo.yaml"] {
+        let path = format!("{}/{file}", env!("CARGO_MANIFEST_DIR"));
+        let out = sluice_command(&["--check", "-c", &path]);
+        assert!(
+            out.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn an_invalid_file_also_fails_the_start() {
+    let sluice = Sluice::spawn(&with("10.0.0.1:6379", "10.0.0.1:99999"));
+    let status = sluice.wait_exit();
+    assert_eq!(status.code(), Some(1));
+}
+
+#[test]
+fn an_address_in_use_fails_the_start_with_exit_1() {
+    // A socket without SO_REUSEPORT holds the port.
+    let taken = TcpListener::bind((unique_loopback(), 0)).unwrap();
+    let addr = taken.local_addr().unwrap();
+    let sluice = Sluice::spawn(&with("127.0.0.1:7000", &addr.to_string()));
+    let line = sluice.wait_for_log("cannot listen on");
+    assert_eq!(
+        line,
+        format!(
+            "sluice: listener redis: cannot listen on {addr}: Address already in use (os error 98)"
+        )
+    );
+    assert_eq!(sluice.wait_exit().code(), Some(1));
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let out = sluice_command(&["--no-such-flag"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = sluice_command(&["explain", "only-a-pool"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = sluice_command(&["--version"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("sluice {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn explain_reports_bad_input() {
+    let file = temp_file("sluice.yaml", VALID);
+    let path = file.path.to_str().unwrap();
+    let out = sluice_command(&["explain", "-c", path, "nope", "10.1.1.1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("pool \"nope\" is not defined"));
+    let out = sluice_command(&["explain", "-c", path, "redis", "not-an-ip"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid client address \"not-an-ip\""));
+}

@@ -1,0 +1,216 @@
+//! sluice in front of real servers from Debian packages: redis-server (with
+//! redis-benchmark through sluice) and memcached. Keys written through sluice
+//! are found on exactly the backend `sluice explain` names, and only there.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+
+use common::*;
+
+/// A server process on a free loopback port; killed when dropped.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(program: &str, args: &[String], addr: SocketAddr) -> Server {
+    let child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {program} ({e}): `make test` installs it"));
+    let server = Server { child, addr };
+    wait_until(&format!("{program} on {addr}"), || {
+        TcpStream::connect(addr).is_ok()
+    });
+    server
+}
+
+fn redis_server() -> Server {
+    let addr = free_addr(unique_loopback());
+    let args = [
+        "--bind",
+        &addr.ip().to_string(),
+        "--port",
+        &addr.port().to_string(),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--protected-mode",
+        "no",
+    ]
+    .map(String::from);
+    start("redis-server", &args, addr)
+}
+
+fn memcached() -> Server {
+    let addr = free_addr(unique_loopback());
+    let args = [
+        "-l",
+        &addr.ip().to_string(),
+        "-p",
+        &addr.port().to_string(),
+        "-U",
+        "0",
+        "-m",
+        "16",
+        "-u",
+        "root",
+    ]
+    .map(String::from);
+    start("memcached", &args, addr)
+}
+
+/// Sends one command as a RESP array and reads a one-line reply.
+fn redis(stream: &mut BufReader<TcpStream>, args: &[&str]) -> String {
+    let mut request = format!("*{}\r\n", args.len());
+    for arg in args {
+        request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+    }
+    stream.get_mut().write_all(request.as_bytes()).unwrap();
+    let mut line = String::new();
+    stream.read_line(&mut line).unwrap();
+    if let Some(len) = line.strip_prefix('$') {
+        let len: i64 = len.trim().parse().unwrap();
+        if len < 0 {
+            return "(nil)".into();
+        }
+        let mut value = vec![0u8; len as usize + 2];
+        stream.read_exact(&mut value).unwrap();
+        return String::from_utf8(value[..len as usize].to_vec()).unwrap();
+    }
+    line.trim_end().to_owned()
+}
+
+fn redis_from(client: IpAddr, to: SocketAddr) -> BufReader<TcpStream> {
+    BufReader::new(connect_from(client, to))
+}
+
+#[test]
+fn redis_behind_sluice() {
+    let servers: Vec<Server> = (0..3).map(|_| redis_server()).collect();
+    let backends: Vec<(String, SocketAddr)> = servers
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (format!("redis-{i}"), s.addr))
+        .collect();
+    let sluice = Sluice::start(&config(free_addr(unique_loopback()), &backends, ""));
+    let front = sluice.listen_addr();
+
+    // Each client writes a key through sluice; it must be on exactly the
+    // backend that `explain` names.
+    for i in 0..60 {
+        let ip = client_ip(1000 + i);
+        let key = format!("key-of-{ip}");
+        let mut conn = redis_from(ip, front);
+        assert_eq!(redis(&mut conn, &["SET", &key, &ip.to_string()]), "+OK");
+        assert_eq!(redis(&mut conn, &["GET", &key]), ip.to_string());
+        let (owner, _) = explain(sluice.config_path(), "back", &ip.to_string());
+        for (name, addr) in &backends {
+            let mut direct = BufReader::new(TcpStream::connect(addr).unwrap());
+            let found = redis(&mut direct, &["EXISTS", &key]);
+            let expected = if *name == owner { ":1" } else { ":0" };
+            assert_eq!(found, expected, "key of {ip} on {name} (owner {owner})");
+        }
+    }
+
+    // redis-benchmark through sluice: 50 connections, pipelined and not.
+    for extra in [&[][..], &["-P", "16"][..]] {
+        let out = Command::new("redis-benchmark")
+            .args([
+                "-h",
+                &front.ip().to_string(),
+                "-p",
+                &front.port().to_string(),
+            ])
+            .args(["-n", "20000", "-c", "50", "-t", "set,get", "-q"])
+            .args(extra)
+            .output()
+            .expect("redis-benchmark: `make test` installs it");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "redis-benchmark failed: {stdout}");
+        for test in ["SET", "GET"] {
+            assert!(
+                stdout
+                    .lines()
+                    .any(|l| l.contains(&format!("{test}: ")) && l.contains("requests per second")),
+                "no {test} result from redis-benchmark: {stdout}"
+            );
+        }
+    }
+}
+
+#[test]
+fn memcached_behind_sluice() {
+    let servers: Vec<Server> = (0..2).map(|_| memcached()).collect();
+    let backends: Vec<(String, SocketAddr)> = servers
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (format!("memcached-{i}"), s.addr))
+        .collect();
+    let sluice = Sluice::start(&config(free_addr(unique_loopback()), &backends, ""));
+    let front = sluice.listen_addr();
+
+    let mut owners = std::collections::HashSet::new();
+    for i in 0..40 {
+        let ip = client_ip(2000 + i);
+        let key = format!("k{i}");
+        let value = format!("value of {ip}");
+        let mut conn = BufReader::new(connect_from(ip, front));
+        write!(
+            conn.get_mut(),
+            "set {key} 0 0 {}\r\n{value}\r\n",
+            value.len()
+        )
+        .unwrap();
+        let mut reply = String::new();
+        conn.read_line(&mut reply).unwrap();
+        assert_eq!(reply, "STORED\r\n");
+
+        write!(conn.get_mut(), "get {key}\r\n").unwrap();
+        let mut lines = Vec::new();
+        for _ in 0..3 {
+            let mut line = String::new();
+            conn.read_line(&mut line).unwrap();
+            lines.push(line);
+        }
+        assert_eq!(
+            lines,
+            [
+                format!("VALUE {key} 0 {}\r\n", value.len()),
+                format!("{value}\r\n"),
+                "END\r\n".into()
+            ]
+        );
+
+        let (owner, _) = explain(sluice.config_path(), "back", &ip.to_string());
+        owners.insert(owner.clone());
+        let owner_addr = backends.iter().find(|(n, _)| *n == owner).unwrap().1;
+        let mut direct = BufReader::new(TcpStream::connect(owner_addr).unwrap());
+        write!(direct.get_mut(), "get {key}\r\n").unwrap();
+        let mut line = String::new();
+        direct.read_line(&mut line).unwrap();
+        assert!(
+            line.starts_with(&format!("VALUE {key} ")),
+            "{key} is not on {owner}: {line:?}"
+        );
+    }
+    assert_eq!(
+        owners.len(),
+        2,
+        "40 clients should use both memcached servers"
+    );
+}
