@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use sluice::balancer::key_hash;
-use sluice::balancer::maglev::{Maglev, Member};
+use sluice::balancer::maglev::{recommended_table_size, Maglev, Member};
 use sluice::config::HashKey;
 
 fn names(n: usize) -> Vec<String> {
@@ -23,20 +23,11 @@ fn members(names: &[String]) -> Vec<Member<'_>> {
         .collect()
 }
 
-/// The table size `check_table_size` asks for: a prime above 100 x backends.
-fn table_size(n: usize) -> u64 {
-    if n * 100 < 65537 {
-        65537
-    } else {
-        100_003
-    }
-}
-
 fn lookup(c: &mut Criterion) {
     let mut group = c.benchmark_group("maglev/lookup");
     for n in [3, 1000] {
         let names = names(n);
-        let table = Maglev::build(&members(&names), table_size(n));
+        let table = Maglev::build(&members(&names), recommended_table_size(n));
         let mut i: u32 = 0;
         group.bench_function(BenchmarkId::from_parameter(n), |b| {
             b.iter(|| {
@@ -68,7 +59,7 @@ fn build(c: &mut Criterion) {
         let names = names(n);
         let members = members(&names);
         group.bench_function(BenchmarkId::from_parameter(n), |b| {
-            b.iter(|| Maglev::build(black_box(&members), table_size(n)))
+            b.iter(|| Maglev::build(black_box(&members), recommended_table_size(n)))
         });
     }
     group.finish();

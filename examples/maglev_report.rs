@@ -4,7 +4,7 @@
 //!
 //!     cargo run --release --example maglev_report
 
-use sluice::balancer::maglev::{Maglev, Member};
+use sluice::balancer::maglev::{recommended_table_size, Maglev, Member};
 
 fn main() {
     println!(
@@ -17,15 +17,9 @@ fn main() {
             .iter()
             .map(|name| Member { name, weight: 1 })
             .collect();
-        let size = if n * 100 < 65537 { 65537 } else { 100_003 };
+        let size = recommended_table_size(n);
         let full = Maglev::build(&all, size);
-
-        let ideal = size as f64 / n as f64;
-        let worst = full
-            .slot_counts(n)
-            .iter()
-            .map(|&c| (c as f64 - ideal).abs() / ideal)
-            .fold(0.0, f64::max);
+        let worst = full.share_error(&all);
 
         // Remove the middle backend; count slots whose owner's name changed.
         let removed = n / 2;

@@ -9,6 +9,7 @@
 use std::io;
 use std::net::TcpListener;
 use std::rc::Rc;
+use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -31,14 +32,17 @@ pub struct BoundListener {
 /// second.
 static ACCEPT_ERROR: Throttle = Throttle::new();
 
-/// Starts worker `id` on its own thread, pinned to `cpu` if given.
+/// Starts worker `id` on its own thread, pinned to `cpu` if given, and
+/// returns once the worker is accepting on all its listeners, or with the
+/// error that kept it from starting (io_uring unavailable, say).
 pub fn spawn(
     id: usize,
     listeners: Vec<BoundListener>,
     snapshots: SharedSnapshot,
     cpu: Option<usize>,
 ) -> io::Result<JoinHandle<()>> {
-    std::thread::Builder::new()
+    let (started, outcome) = mpsc::channel::<io::Result<()>>();
+    let handle = std::thread::Builder::new()
         .name(format!("sluice-worker-{id}"))
         .spawn(move || {
             if let Some(cpu) = cpu {
@@ -46,15 +50,31 @@ pub fn spawn(
                     warn!(worker = id, cpu, "cannot pin worker to its core: {e}");
                 }
             }
-            tokio_uring::start(async move {
+            let runtime = match tokio_uring::Runtime::new(&tokio_uring::builder()) {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    let _ = started.send(Err(io::Error::new(
+                        e.kind(),
+                        format!("cannot create an io_uring runtime: {e}"),
+                    )));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
                 for listener in listeners {
                     let name: Rc<str> = listener.name.into();
                     let socket = tokio_uring::net::TcpListener::from_std(listener.socket);
                     tokio_uring::spawn(accept_loop(socket, name, snapshots));
                 }
+                let _ = started.send(Ok(()));
                 std::future::pending::<()>().await
             })
-        })
+        })?;
+    match outcome.recv() {
+        Ok(Ok(())) => Ok(handle),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(io::Error::other("the worker thread ended while starting")),
+    }
 }
 
 async fn accept_loop(

@@ -141,18 +141,7 @@ fn a_client_that_vanishes_ends_its_backend_connection() {
     let (ended, backend_saw_end) = mpsc::channel();
     let ended = std::sync::Mutex::new(ended);
     let server = TestServer::start(move |mut stream| {
-        let mut buf = [0u8; 1024];
-        // Echo until the connection ends one way or another.
-        loop {
-            match stream.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if stream.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                }
-            }
-        }
+        echo(&mut stream);
         ended.lock().unwrap().send(()).unwrap();
     });
     let sluice = Sluice::start(&config(

@@ -289,23 +289,27 @@ impl Drop for TestServer {
     }
 }
 
+/// Echoes until the connection ends, by FIN or by error.
+pub fn echo(stream: &mut TcpStream) {
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if stream.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
 /// A backend that announces its name (one line), then echoes.
 pub fn name_server(name: &str) -> TestServer {
     let line = format!("{name}\n");
     TestServer::start(move |mut stream| {
-        if stream.write_all(line.as_bytes()).is_err() {
-            return;
-        }
-        let mut buf = [0u8; 4096];
-        loop {
-            match stream.read(&mut buf) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => {
-                    if stream.write_all(&buf[..n]).is_err() {
-                        return;
-                    }
-                }
-            }
+        if stream.write_all(line.as_bytes()).is_ok() {
+            echo(&mut stream);
         }
     })
 }
