@@ -5,18 +5,23 @@
 //! configuration directly. The modules follow the path of a connection:
 //!
 //! - [`config`]: the YAML file, its validation and error messages.
+//! - [`control`]: the control plane: reloads, health verdicts, drain.
+//! - [`health`]: probes and the passive failure count.
 //! - [`snapshot`]: immutable routing state, swapped atomically.
 //! - [`balancer`]: client address → backend (Maglev).
 //! - [`worker`]: thread-per-core runtimes and accept loops.
 //! - [`relay`]: one connection: dial the backend, move the bytes.
 //! - [`net`]: socket options, listening and connecting.
-//! - [`signals`], [`logging`]: process plumbing.
+//! - [`signals`], [`systemd`], [`logging`]: process plumbing.
 
 pub mod balancer;
 pub mod config;
+pub mod control;
+pub mod health;
 pub mod logging;
 pub mod net;
 pub mod relay;
 pub mod signals;
 pub mod snapshot;
+pub mod systemd;
 pub mod worker;

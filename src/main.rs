@@ -1,23 +1,22 @@
 //! sluice: a layer-4 TCP load balancer for Linux on io_uring.
 //!
 //! `main` owns the command line (SPEC "Command line") and start-up: load the
-//! configuration, bind every listener for every worker, publish the first
-//! routing snapshot, start the workers, then wait for signals.
+//! configuration, let the control plane bind every listener for every worker
+//! and publish the first routing snapshot, start the workers, then hand the
+//! main thread to the control plane until the process stops.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use arc_swap::ArcSwap;
 use clap::error::ErrorKind;
 use clap::{CommandFactory, Parser, Subcommand};
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 use sluice::config::{self, Config, HashKey, Workers};
-use sluice::signals::{Request, Signals};
-use sluice::snapshot::{SharedSnapshot, Snapshot};
-use sluice::worker::{self, BoundListener};
-use sluice::{logging, net};
+use sluice::control::Controller;
+use sluice::snapshot::Snapshot;
+use sluice::{logging, signals, worker};
 
 #[derive(Parser)]
 #[command(
@@ -91,7 +90,7 @@ fn check(path: &Path) -> Result<(), String> {
 /// `sluice explain`: where a client goes, computed exactly as a worker does.
 fn explain(path: &Path, pool_name: &str, client: &str) -> Result<(), String> {
     let config = config::load(path).map_err(|e| e.to_string())?;
-    let snapshot = Snapshot::build(&config);
+    let snapshot = Snapshot::from_config(&config);
     let pool = snapshot.pool(pool_name).ok_or_else(|| {
         let defined: Vec<&str> = config.pools.keys().map(String::as_str).collect();
         format!(
@@ -144,41 +143,30 @@ fn run(path: &Path) -> Result<(), String> {
     let config = config::load(path).map_err(|e| e.to_string())?;
     logging::init(config.log.level, config.log.format);
     abort_on_panic();
+    // Before any thread exists, so that every thread inherits the mask and
+    // only the control plane's signalfd sees the signals.
+    signals::block().map_err(|e| format!("cannot block signals: {e}"))?;
 
     let workers = worker_count(&config);
-    let mut bound = bind_listeners(&config, workers)?;
-    let snapshots: SharedSnapshot =
-        Box::leak(Box::new(ArcSwap::from_pointee(Snapshot::build(&config))));
-    // Block before spawning, so that every thread inherits the mask.
-    let signals = Signals::block().map_err(|e| format!("cannot block signals: {e}"))?;
-
+    let pin = config.pin_workers;
+    let listeners: Vec<(String, SocketAddr, String)> = config
+        .listeners
+        .iter()
+        .map(|(name, l)| (name.clone(), l.listen.0, l.pool.clone()))
+        .collect();
+    let (mut controller, mut bound) = Controller::new(path.to_owned(), config, workers)?;
     let cpus = worker::allowed_cpus();
-    for id in 0..workers {
-        let cpu = (config.pin_workers && !cpus.is_empty()).then(|| cpus[id % cpus.len()]);
-        worker::spawn(id, std::mem::take(&mut bound[id]), snapshots, cpu)
+    for (id, sockets) in bound.drain(..).enumerate() {
+        let cpu = (pin && !cpus.is_empty()).then(|| cpus[id % cpus.len()]);
+        let (commands, added) = tokio::sync::mpsc::unbounded_channel();
+        worker::spawn(id, sockets, added, controller.shared(), cpu)
             .map_err(|e| format!("cannot start worker {id}: {e}"))?;
+        controller.add_worker(commands);
     }
-    for (name, listener) in &config.listeners {
-        info!(listener = %name, address = %listener.listen.0, pool = %listener.pool, "listening");
+    for (name, address, pool) in listeners {
+        info!(listener = %name, %address, %pool, "listening");
     }
-    info!(
-        version = env!("CARGO_PKG_VERSION"),
-        workers,
-        config = %path.display(),
-        "sluice is ready"
-    );
-
-    loop {
-        match signals.wait().map_err(|e| format!("waiting for signals: {e}"))? {
-            Request::Reload => warn!(
-                "SIGHUP received, but reloading is not supported yet: the configuration in use is unchanged"
-            ),
-            Request::Stop(signal) => {
-                info!(%signal, "stopping");
-                return Ok(());
-            }
-        }
-    }
+    controller.run()
 }
 
 fn worker_count(config: &Config) -> usize {
@@ -186,24 +174,6 @@ fn worker_count(config: &Config) -> usize {
         Workers::Count(n) => n,
         Workers::Auto => std::thread::available_parallelism().map_or(1, |n| n.get()),
     }
-}
-
-/// Binds every listener once per worker, before any worker starts, so that
-/// an address in use fails the start with a clear message.
-fn bind_listeners(config: &Config, workers: usize) -> Result<Vec<Vec<BoundListener>>, String> {
-    let mut bound: Vec<Vec<BoundListener>> = (0..workers).map(|_| Vec::new()).collect();
-    for (name, listener) in &config.listeners {
-        let addr = listener.listen.0;
-        for sockets in &mut bound {
-            let socket = net::reuseport_listener(addr, listener.backlog)
-                .map_err(|e| format!("listener {name}: cannot listen on {addr}: {e}"))?;
-            sockets.push(BoundListener {
-                name: name.clone(),
-                socket,
-            });
-        }
-    }
-    Ok(bound)
 }
 
 /// A panic in any thread ends the process: a worker that died would leave

@@ -6,18 +6,26 @@
 //! `shutdown(Write)` and the opposite direction keeps flowing until its own
 //! FIN. An error or reset on either side ends both directions at once and is
 //! passed on as a reset.
+//!
+//! Each connection also tells its backend's [`PassiveHealth`] how it went: a
+//! refused or timed-out connect, or a reset before the backend sent a byte,
+//! is a failure; anything else ends a failure streak.
 
+use std::cell::Cell;
 use std::io;
 use std::net::{Shutdown, SocketAddr};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio_uring::buf::BoundedBuf;
 use tokio_uring::net::TcpStream;
-use tracing::debug;
+use tracing::{debug, warn};
 
+use crate::control::{Event, Shared};
+use crate::health::PassiveHealth;
 use crate::logging::Throttle;
 use crate::net;
-use crate::snapshot::{Pool, SharedSnapshot};
+use crate::snapshot::Pool;
 
 /// Bytes read at once in each direction. Each direction holds one buffer
 /// while its connection is open.
@@ -26,24 +34,47 @@ const BUFFER_SIZE: usize = 16 * 1024;
 /// "No backend reachable" is logged at most once per interval, with a count.
 static NO_BACKEND: Throttle = Throttle::new();
 
+/// The backend a connection was given: what it needs once the snapshot it
+/// came from is released.
+struct Dialed {
+    stream: TcpStream,
+    name: Arc<str>,
+    passive: Arc<PassiveHealth>,
+    eject_after: Option<u32>,
+}
+
+/// Counts the connection in [`Shared::active`] while it lives.
+struct Active(&'static Shared);
+
+impl Active {
+    fn new(shared: &'static Shared) -> Active {
+        shared.active.fetch_add(1, Ordering::Relaxed);
+        Active(shared)
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Serves one accepted connection from `client_addr` on `listener`.
-pub async fn serve(
-    client: TcpStream,
-    client_addr: SocketAddr,
-    listener: &str,
-    snapshots: SharedSnapshot,
-) {
-    let (backend, backend_name) = {
-        let snapshot = snapshots.load();
+pub async fn serve(client: TcpStream, client_addr: SocketAddr, listener: &str, shared: &'static Shared) {
+    let _active = Active::new(shared);
+    let backend = {
+        // Held only while dialing: a long connection must not keep an old
+        // snapshot alive.
+        let snapshot = shared.snapshot.load();
         let Some(pool) = snapshot.pool_for(listener) else {
             // The listener was removed from the configuration since accept.
             return;
         };
-        match dial(pool, client_addr).await {
+        match dial(pool, client_addr, shared).await {
             Ok(dialed) => dialed,
             Err(error) => {
                 if let Some(suppressed) = NO_BACKEND.allow() {
-                    tracing::warn!(
+                    warn!(
                         listener,
                         pool = %pool.name,
                         client = %client_addr,
@@ -55,32 +86,57 @@ pub async fn serve(
             }
         }
     };
-    match pump(&client, &backend).await {
-        Ok((to_backend, to_client)) => debug!(
-            listener,
-            client = %client_addr,
-            backend = %backend_name,
-            to_backend,
-            to_client,
-            "connection closed"
-        ),
-        Err(error) => {
-            debug!(listener, client = %client_addr, backend = %backend_name, "connection aborted: {error}");
+
+    let to_backend = Cell::new(0u64);
+    let to_client = Cell::new(0u64);
+    let outcome = tokio::try_join!(
+        copy(&client, &backend.stream, &to_backend, Side::Client),
+        copy(&backend.stream, &client, &to_client, Side::Backend),
+    );
+    let (to_backend, to_client) = (to_backend.get(), to_client.get());
+    match outcome {
+        Ok(_) => {
+            backend.passive.record_success();
+            debug!(listener, client = %client_addr, backend = %backend.name, to_backend, to_client, "connection closed");
+        }
+        Err(failure) => {
+            debug!(
+                listener, client = %client_addr, backend = %backend.name, to_backend, to_client,
+                "connection aborted by the {}: {}", failure.side, failure.error
+            );
+            // A backend that resets before saying anything is failing, the
+            // same as one that refuses the connection.
+            let backend_failed = failure.side == Side::Backend
+                && failure.error.kind() == io::ErrorKind::ConnectionReset
+                && to_client == 0;
+            if backend_failed {
+                report_failure(&backend.passive, backend.eject_after, shared);
+            } else {
+                backend.passive.record_success();
+            }
             net::abort(&client);
-            net::abort(&backend);
+            net::abort(&backend.stream);
         }
     }
 }
 
 /// Connects to the first reachable backend in the client's preference
 /// order, trying at most `retries` more after the first.
-async fn dial(pool: &Pool, client_addr: SocketAddr) -> io::Result<(TcpStream, Arc<str>)> {
+async fn dial(pool: &Pool, client_addr: SocketAddr, shared: &'static Shared) -> io::Result<Dialed> {
     let mut last_error = None;
     for backend in pool.candidates(client_addr) {
         match net::connect(backend.addr, pool.connect_timeout).await {
-            Ok(stream) => return Ok((TcpStream::from_std(stream), backend.name.clone())),
+            Ok(stream) => {
+                return Ok(Dialed {
+                    stream: TcpStream::from_std(stream),
+                    name: backend.name.clone(),
+                    passive: backend.passive.clone(),
+                    eject_after: pool.eject_after,
+                })
+            }
             Err(error) => {
                 debug!(backend = %backend.name, client = %client_addr, "connect failed: {error}");
+                report_failure(&backend.passive, pool.eject_after, shared);
                 last_error = Some(io::Error::new(
                     error.kind(),
                     format!("{} ({}): {error}", backend.name, backend.addr),
@@ -96,30 +152,60 @@ async fn dial(pool: &Pool, client_addr: SocketAddr) -> io::Result<(TcpStream, Ar
     }))
 }
 
-/// Relays both directions until both have ended; returns the bytes sent to
-/// the backend and to the client.
-async fn pump(client: &TcpStream, backend: &TcpStream) -> io::Result<(u64, u64)> {
-    tokio::try_join!(copy(client, backend), copy(backend, client))
+/// Counts a failed connection; the one that completes a streak of
+/// `eject_after` asks the control plane to take the backend out.
+fn report_failure(passive: &PassiveHealth, eject_after: Option<u32>, shared: &'static Shared) {
+    if let Some(threshold) = eject_after {
+        if passive.record_failure(threshold) {
+            let _ = shared.events.send(Event::Ejected { id: passive.id });
+        }
+    }
+}
+
+/// Which peer a relay error came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Client,
+    Backend,
+}
+
+impl std::fmt::Display for Side {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(match self {
+            Side::Client => "client",
+            Side::Backend => "backend",
+        })
+    }
+}
+
+struct Failure {
+    side: Side,
+    error: io::Error,
 }
 
 /// Copies `from` → `to` until `from` sends FIN, then passes the FIN on.
-async fn copy(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
+/// `from_side` names `from`; `copied` counts the bytes as they go.
+async fn copy(from: &TcpStream, to: &TcpStream, copied: &Cell<u64>, from_side: Side) -> Result<(), Failure> {
+    let to_side = match from_side {
+        Side::Client => Side::Backend,
+        Side::Backend => Side::Client,
+    };
+    let fail = |side, error| Failure { side, error };
     let mut buf = Vec::with_capacity(BUFFER_SIZE);
-    let mut total = 0u64;
     loop {
         let (read, returned) = from.read(buf).await;
         buf = returned;
-        let n = read?;
+        let n = read.map_err(|e| fail(from_side, e))?;
         if n == 0 {
             // The peer may already be gone; the other direction will see it.
-            match to.shutdown(Shutdown::Write) {
-                Err(e) if e.kind() != io::ErrorKind::NotConnected => return Err(e),
-                _ => return Ok(total),
-            }
+            return match to.shutdown(Shutdown::Write) {
+                Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(fail(to_side, e)),
+                _ => Ok(()),
+            };
         }
         let (written, slice) = to.write_all(buf.slice(..n)).await;
         buf = slice.into_inner();
-        written?;
-        total += n as u64;
+        written.map_err(|e| fail(to_side, e))?;
+        copied.set(copied.get() + n as u64);
     }
 }

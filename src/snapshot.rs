@@ -2,31 +2,29 @@
 //! `ArcSwap`.
 //!
 //! A snapshot holds everything needed to route a new connection: which pool
-//! each listener feeds, the pools' backends and their Maglev tables. It is
-//! built off the data path from a validated configuration and published with
-//! one atomic swap; a worker loads the current one per connection without a
-//! lock. A connection that has picked its backend keeps it, whatever is
-//! published afterwards.
+//! each listener feeds, the pools' backends with their health, and the Maglev
+//! tables built from the backends that are up. The control plane builds a new
+//! snapshot off the data path (on reload, re-resolution or a health change)
+//! and publishes it with one atomic swap; a worker loads the current one per
+//! connection without a lock. Pools are shared between snapshots, so a health
+//! change rebuilds only its own pool's table. A connection that has picked its
+//! backend keeps it, whatever is published afterwards.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
-
 use crate::balancer::key_hash;
-use crate::balancer::maglev::{Maglev, Member, Preference};
-use crate::config::{Config, HashKey};
+use crate::balancer::maglev::{Maglev, Member};
+use crate::config::{self, Config, HashKey};
+use crate::health::PassiveHealth;
 
-/// The snapshot shared by all workers. It lives as long as the process, so
-/// it is leaked once at start-up and handed out as a plain reference.
-pub type SharedSnapshot = &'static ArcSwap<Snapshot>;
-
+#[derive(Clone)]
 pub struct Snapshot {
     /// Listener name → index into `pools`.
     routes: HashMap<String, usize>,
-    pools: Vec<Pool>,
+    pools: Vec<Arc<Pool>>,
 }
 
 pub struct Pool {
@@ -34,81 +32,135 @@ pub struct Pool {
     pub hash_key: HashKey,
     pub connect_timeout: Duration,
     pub retries: u32,
+    /// Every endpoint of the pool, up or down, in file order.
     pub backends: Vec<Backend>,
+    /// No backend with a weight is up, so the table routes over all of them
+    /// rather than refuse every client (Envoy's panic threshold at 0%).
+    pub panic: bool,
+    /// Consecutive failed connections on the data path that take a backend
+    /// out before the next probe; `None` when probes are off, since nothing
+    /// would bring it back.
+    pub eject_after: Option<u32>,
     maglev: Maglev,
 }
 
 pub struct Backend {
     pub name: Arc<str>,
     pub addr: SocketAddr,
+    pub weight: u32,
+    pub up: bool,
+    /// Shared with the control plane; survives rebuilds and reloads.
+    pub passive: Arc<PassiveHealth>,
 }
 
 impl Snapshot {
-    pub fn build(config: &Config) -> Snapshot {
-        let pools: Vec<Pool> = config
+    pub fn new(routes: HashMap<String, usize>, pools: Vec<Arc<Pool>>) -> Snapshot {
+        Snapshot { routes, pools }
+    }
+
+    /// The snapshot of `config` with every backend up: what a fresh process
+    /// routes by, and what `sluice explain` shows.
+    pub fn from_config(config: &Config) -> Snapshot {
+        let pools = config
             .pools
             .iter()
             .map(|(name, pool)| {
-                let members: Vec<Member> = pool
-                    .backends
-                    .iter()
-                    .map(|b| Member {
-                        name: b.name(),
-                        weight: b.weight,
-                    })
+                let backends = pool
+                    .endpoints()
+                    .into_iter()
+                    .map(|e| Backend::new(&e, true, Arc::new(PassiveHealth::new(0))))
                     .collect();
-                Pool {
-                    name: name.clone(),
-                    hash_key: pool.hash_key,
-                    connect_timeout: pool.connect_timeout,
-                    retries: pool.retries,
-                    maglev: Maglev::build(&members, pool.table_size),
-                    backends: pool
-                        .backends
-                        .iter()
-                        .map(|b| Backend {
-                            name: b.name().into(),
-                            addr: b.socket_addr,
-                        })
-                        .collect(),
-                }
+                Arc::new(Pool::build(name, pool, backends))
             })
             .collect();
-        let routes = config
-            .listeners
-            .iter()
-            .map(|(name, listener)| {
-                let pool = pools
-                    .iter()
-                    .position(|p| p.name == listener.pool)
-                    .expect("validation checked that every listener's pool exists");
-                (name.clone(), pool)
-            })
-            .collect();
-        Snapshot { routes, pools }
+        Snapshot::new(routes(config), pools)
+    }
+
+    /// This snapshot with the pool at `index` replaced.
+    pub fn with_pool(&self, index: usize, pool: Arc<Pool>) -> Snapshot {
+        let mut next = self.clone();
+        next.pools[index] = pool;
+        next
     }
 
     /// The pool that connections accepted by `listener` go to.
     pub fn pool_for(&self, listener: &str) -> Option<&Pool> {
-        self.routes.get(listener).map(|&i| &self.pools[i])
+        self.routes.get(listener).map(|&i| &*self.pools[i])
     }
 
     pub fn pool(&self, name: &str) -> Option<&Pool> {
-        self.pools.iter().find(|p| p.name == name)
+        self.pools.iter().find(|p| p.name == name).map(|p| &**p)
+    }
+
+    pub fn pools(&self) -> &[Arc<Pool>] {
+        &self.pools
     }
 }
 
+/// Listener name → index of its pool in `config.pools` (a `BTreeMap`, so
+/// pools are indexed in name order wherever snapshots are built).
+pub fn routes(config: &Config) -> HashMap<String, usize> {
+    config
+        .listeners
+        .iter()
+        .map(|(name, listener)| {
+            let pool = config
+                .pools
+                .keys()
+                .position(|p| *p == listener.pool)
+                .expect("validation checked that every listener's pool exists");
+            (name.clone(), pool)
+        })
+        .collect()
+}
+
 impl Pool {
+    /// Builds the pool's table from the backends that are up and have a
+    /// weight, or from all of them if none is.
+    pub fn build(name: &str, config: &config::Pool, backends: Vec<Backend>) -> Pool {
+        let panic = !backends.iter().any(|b| b.up && b.weight > 0);
+        let members: Vec<Member> = backends
+            .iter()
+            .map(|b| Member {
+                name: &b.name,
+                weight: if b.up || panic { b.weight } else { 0 },
+            })
+            .collect();
+        let maglev = Maglev::build(&members, config.table_size);
+        Pool {
+            name: name.to_owned(),
+            hash_key: config.hash_key,
+            connect_timeout: config.connect_timeout,
+            retries: config.retries,
+            panic,
+            eject_after: config.health.probe().map(|probe| probe.fall),
+            backends,
+            maglev,
+        }
+    }
+
     /// The backends to try for `client`, best first: the first choice and up
     /// to `retries` more, each at most once.
     pub fn candidates(&self, client: SocketAddr) -> impl Iterator<Item = &Backend> {
-        let order: Preference<'_> = self.maglev.preference(key_hash(self.hash_key, client));
-        order
+        self.maglev
+            .preference(key_hash(self.hash_key, client))
             .take(self.retries as usize + 1)
             .map(|i| &self.backends[i])
     }
 
     pub fn table_size(&self) -> usize {
         self.maglev.slots()
+    }
+}
+
+impl Backend {
+    pub fn new(endpoint: &config::Endpoint, up: bool, passive: Arc<PassiveHealth>) -> Backend {
+        Backend {
+            name: endpoint.name.as_str().into(),
+            addr: endpoint.addr,
+            weight: endpoint.weight,
+            up,
+            passive,
+        }
     }
 }

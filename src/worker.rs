@@ -4,7 +4,10 @@
 //!
 //! A worker accepts, then runs each connection as a task on its own runtime
 //! ([`relay::serve`]). The only state shared between workers is the routing
-//! [`Snapshot`](crate::snapshot::Snapshot), read without a lock.
+//! [`Snapshot`](crate::snapshot::Snapshot), read without a lock, and a few
+//! counters ([`Shared`]). Listeners added by a reload arrive over a channel
+//! from the control plane; a listener is removed by shutting its socket
+//! down, which ends its accept loop.
 
 use std::io;
 use std::net::TcpListener;
@@ -16,11 +19,12 @@ use std::time::Duration;
 use nix::errno::Errno;
 use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
 use nix::unistd::Pid;
-use tracing::{error, warn};
+use tokio::sync::mpsc::UnboundedReceiver;
+use tracing::{debug, error, warn};
 
 use crate::logging::Throttle;
 use crate::relay;
-use crate::snapshot::SharedSnapshot;
+use crate::control::Shared;
 
 /// A listening socket bound for one worker.
 pub struct BoundListener {
@@ -38,7 +42,8 @@ static ACCEPT_ERROR: Throttle = Throttle::new();
 pub fn spawn(
     id: usize,
     listeners: Vec<BoundListener>,
-    snapshots: SharedSnapshot,
+    mut added: UnboundedReceiver<BoundListener>,
+    shared: &'static Shared,
     cpu: Option<usize>,
 ) -> io::Result<JoinHandle<()>> {
     let (started, outcome) = mpsc::channel::<io::Result<()>>();
@@ -62,11 +67,13 @@ pub fn spawn(
             };
             runtime.block_on(async move {
                 for listener in listeners {
-                    let name: Rc<str> = listener.name.into();
-                    let socket = tokio_uring::net::TcpListener::from_std(listener.socket);
-                    tokio_uring::spawn(accept_loop(socket, name, snapshots));
+                    tokio_uring::spawn(accept_loop(listener, shared));
                 }
                 let _ = started.send(Ok(()));
+                while let Some(listener) = added.recv().await {
+                    tokio_uring::spawn(accept_loop(listener, shared));
+                }
+                // The control plane is gone: the process is exiting.
                 std::future::pending::<()>().await
             })
         })?;
@@ -77,27 +84,33 @@ pub fn spawn(
     }
 }
 
-async fn accept_loop(
-    listener: tokio_uring::net::TcpListener,
-    name: Rc<str>,
-    snapshots: SharedSnapshot,
-) {
+/// Accepts until the control plane shuts the listening socket down.
+async fn accept_loop(listener: BoundListener, shared: &'static Shared) {
+    let name: Rc<str> = listener.name.into();
+    let listener = tokio_uring::net::TcpListener::from_std(listener.socket);
     loop {
         match listener.accept().await {
             Ok((client, client_addr)) => {
                 if let Err(e) = client.set_nodelay(true) {
                     // The client is already gone; serving it will notice.
-                    tracing::debug!(listener = %name, "TCP_NODELAY on a new client: {e}");
+                    debug!(listener = %name, "TCP_NODELAY on a new client: {e}");
                 }
                 let name = name.clone();
                 tokio_uring::spawn(async move {
-                    relay::serve(client, client_addr, &name, snapshots).await;
+                    relay::serve(client, client_addr, &name, shared).await;
                 });
             }
             Err(e) => {
                 let errno = e.raw_os_error().map(Errno::from_raw);
-                if errno == Some(Errno::ECONNABORTED) {
-                    continue;
+                match errno {
+                    Some(Errno::ECONNABORTED) => continue,
+                    // shutdown() by the control plane: a reload removed the
+                    // listener, or sluice is stopping.
+                    Some(Errno::EINVAL) => {
+                        debug!(listener = %name, "listener stopped");
+                        return;
+                    }
+                    _ => {}
                 }
                 if let Some(suppressed) = ACCEPT_ERROR.allow() {
                     error!(listener = %name, suppressed, "cannot accept connections: {e}");

@@ -237,6 +237,24 @@ fn zero_workers_and_bad_durations() {
 }
 
 #[test]
+fn health_settings() {
+    let probe = |settings: &str| with("health: off", &format!("health:\n      {settings}"));
+    assert_eq!(
+        rejected(&probe("interval: 1s\n      timeout: 2s")),
+        "sluice: sluice.yaml:9:16: pools.redis.health.timeout: must be above 0 and at most the interval (1s)"
+    );
+    assert_eq!(
+        rejected(&probe("fall: 0")),
+        "sluice: sluice.yaml:8:13: pools.redis.health.fall: 0 is out of range: use 1 to 100"
+    );
+    assert_eq!(
+        rejected(&probe("intervall: 1s")),
+        "sluice: sluice.yaml:8:7: pools.redis.health: unknown field `intervall`, expected one of `interval`, `timeout`, `rise`, `fall`, `send`, `expect`, `preset`"
+    );
+    assert!(check(&probe("send: \"PING\\r\\n\"\n      expect: \"+PONG\"")).status.success());
+}
+
+#[test]
 fn unknown_values() {
     assert_eq!(
         rejected(&with("health: off", "balance: fastest")),
@@ -257,8 +275,8 @@ fn features_not_built_yet_are_refused() {
         "sluice: sluice.yaml:7:14: pools.redis.balance: not supported yet in this version of sluice: a balance other than maglev"
     );
     assert_eq!(
-        rejected(&with("health: off", "health:\n      interval: 1s")),
-        "sluice: sluice.yaml:8:7: pools.redis.health: not supported yet in this version of sluice: health probes (write `health: off` for now)"
+        rejected(&with("health: off", "health:\n      preset: redis")),
+        "sluice: sluice.yaml:8:15: pools.redis.health.preset: not supported yet in this version of sluice: probe presets (write `send` and `expect`)"
     );
     assert_eq!(
         rejected(&format!("admin:\n  listen: 127.0.0.1:9137\n{VALID}")),

@@ -194,7 +194,7 @@ pub enum SendProxy {
 
 /// `health: off`, or a mapping of probe settings. Absent means probes with
 /// the defaults.
-#[derive(Debug, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub enum Health {
     Off,
     #[default]
@@ -202,7 +202,7 @@ pub enum Health {
     Probe(HealthProbe),
 }
 
-#[derive(Debug, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct HealthProbe {
     #[serde(default = "defaults::health_interval", with = "duration")]
@@ -230,15 +230,79 @@ pub struct Backend {
     pub max_connections: u32,
     /// The backend's identity for hashing; defaults to `address`.
     pub name: Option<String>,
-    /// What `address` resolved to: filled in by validation.
-    #[serde(skip, default = "defaults::unresolved")]
-    pub socket_addr: SocketAddr,
+    /// What `address` resolved to, sorted: filled in by validation, and
+    /// again whenever host names are re-resolved.
+    #[serde(skip)]
+    pub resolved: Vec<SocketAddr>,
 }
 
 impl Backend {
     /// The name the backend is known by: in the Maglev table, logs and metrics.
     pub fn name(&self) -> &str {
         self.name.as_deref().unwrap_or(&self.address)
+    }
+
+    /// Whether `address` is a host name (resolved through DNS) rather than
+    /// an IP literal.
+    pub fn has_host_name(&self) -> bool {
+        self.address.parse::<SocketAddr>().is_err()
+    }
+}
+
+/// One address to connect to, as a backend entry expands: an entry whose
+/// host name resolves to several addresses becomes one endpoint per address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    /// The entry's name, or `NAME/IP` when the entry has several addresses.
+    pub name: String,
+    pub addr: SocketAddr,
+    pub weight: u32,
+}
+
+impl Pool {
+    /// Every endpoint of the pool, in file order.
+    pub fn endpoints(&self) -> Vec<Endpoint> {
+        let mut endpoints = Vec::new();
+        for backend in &self.backends {
+            for &addr in &backend.resolved {
+                let name = if backend.resolved.len() == 1 {
+                    backend.name().to_owned()
+                } else {
+                    format!("{}/{}", backend.name(), addr.ip())
+                };
+                endpoints.push(Endpoint {
+                    name,
+                    addr,
+                    weight: backend.weight,
+                });
+            }
+        }
+        endpoints
+    }
+}
+
+impl Health {
+    /// The probe settings, or `None` with `health: off`.
+    pub fn probe(&self) -> Option<HealthProbe> {
+        match self {
+            Health::Off => None,
+            Health::Defaults => Some(HealthProbe::default()),
+            Health::Probe(probe) => Some(probe.clone()),
+        }
+    }
+}
+
+impl Default for HealthProbe {
+    fn default() -> Self {
+        HealthProbe {
+            interval: defaults::health_interval(),
+            timeout: defaults::health_timeout(),
+            rise: defaults::rise(),
+            fall: defaults::fall(),
+            send: None,
+            expect: None,
+            preset: None,
+        }
     }
 }
 
@@ -248,12 +312,8 @@ impl Backend {
 pub struct ListenAddr(pub SocketAddr);
 
 mod defaults {
-    use std::net::{Ipv4Addr, SocketAddr};
     use std::time::Duration;
 
-    pub fn unresolved() -> SocketAddr {
-        SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
-    }
     pub fn shutdown_timeout() -> Duration {
         Duration::from_secs(30)
     }

@@ -5,13 +5,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::{SocketAddr, ToSocketAddrs};
 
-use super::schema::{Balance, Config, Engine, Health, Listener, Pool, SendProxy};
+use super::schema::{Balance, Config, Engine, Health, HealthProbe, Listener, Pool, SendProxy};
 use super::Problem;
 use crate::balancer::maglev;
 
 /// Further backends a connection may try after the first; more than this
 /// only delays the error a client sees.
-pub const MAX_RETRIES: u32 = 15;
+pub const MAX_RETRIES: u32 = maglev::MAX_ATTEMPTS as u32 - 1;
 /// Largest backend weight. Weights are relative, and Maglev gives a backend a
 /// share of table slots in proportion to its weight.
 pub const MAX_WEIGHT: u32 = 1000;
@@ -112,11 +112,10 @@ fn check_pool(name: &str, pool: &mut Pool) -> Result<(), Problem> {
             format!("{} is more than the limit of {MAX_RETRIES}", pool.retries),
         ));
     }
-    maglev::check_table_size(pool.table_size, pool.backends.len())
-        .map_err(|message| Problem::new(field("table_size"), message))?;
+
+    check_health(name, &pool.health)?;
 
     let mut names: HashMap<String, usize> = HashMap::new();
-    let mut addresses: HashMap<SocketAddr, usize> = HashMap::new();
     for (i, backend) in pool.backends.iter_mut().enumerate() {
         let here = |key: &str| format!("pools.{name}.backends[{i}].{key}");
         if backend.weight > MAX_WEIGHT {
@@ -125,10 +124,10 @@ fn check_pool(name: &str, pool: &mut Pool) -> Result<(), Problem> {
                 format!("{} is more than the limit of {MAX_WEIGHT}", backend.weight),
             ));
         }
-        if backend.name().is_empty() {
+        if backend.name().is_empty() || backend.name().contains('/') {
             return Err(Problem::new(
                 here("name"),
-                "a backend name may not be empty",
+                "a backend name may not be empty nor contain `/`",
             ));
         }
         if let Some(first) = names.insert(backend.name().to_owned(), i) {
@@ -140,29 +139,64 @@ fn check_pool(name: &str, pool: &mut Pool) -> Result<(), Problem> {
                 ),
             ));
         }
-        backend.socket_addr =
+        backend.resolved =
             resolve(&backend.address).map_err(|m| Problem::new(here("address"), m))?;
-        if let Some(first) = addresses.insert(backend.socket_addr, i) {
-            return Err(Problem::new(
-                here("address"),
-                format!(
-                    "{} is also the address of backends[{first}]",
-                    backend.socket_addr
-                ),
-            ));
+    }
+    // Two entries may not lead to one address (a host name and an IP, say).
+    let mut owners: HashMap<SocketAddr, usize> = HashMap::new();
+    for (i, backend) in pool.backends.iter().enumerate() {
+        for addr in &backend.resolved {
+            if let Some(first) = owners.insert(*addr, i).filter(|&first| first != i) {
+                return Err(Problem::new(
+                    format!("pools.{name}.backends[{i}].address"),
+                    format!("{addr} is also the address of backends[{first}]"),
+                ));
+            }
         }
+    }
+    let endpoints = pool.backends.iter().map(|b| b.resolved.len()).sum();
+    maglev::check_table_size(pool.table_size, endpoints)
+        .map_err(|message| Problem::new(field("table_size"), message))?;
+    Ok(())
+}
+
+fn check_health(pool: &str, health: &Health) -> Result<(), Problem> {
+    let Health::Probe(probe) = health else {
+        return Ok(());
+    };
+    let field = |key: &str| format!("pools.{pool}.health.{key}");
+    if probe.interval.is_zero() {
+        return Err(Problem::new(field("interval"), "must be above 0 (write `health: off` to disable probes)"));
+    }
+    if probe.timeout.is_zero() || probe.timeout > probe.interval {
+        return Err(Problem::new(
+            field("timeout"),
+            format!(
+                "must be above 0 and at most the interval ({})",
+                humantime::format_duration(probe.interval)
+            ),
+        ));
+    }
+    for (key, value) in [("rise", probe.rise), ("fall", probe.fall)] {
+        if !(1..=100).contains(&value) {
+            return Err(Problem::new(field(key), format!("{value} is out of range: use 1 to 100")));
+        }
+    }
+    if probe.expect.as_deref() == Some("") {
+        return Err(Problem::new(field("expect"), "an empty reply prefix matches anything: omit `expect` instead"));
     }
     Ok(())
 }
 
-/// Resolves `ip:port`, `[ipv6]:port` or `host:port`. A host name with several
-/// addresses uses the first the resolver returns.
-fn resolve(address: &str) -> Result<SocketAddr, String> {
+/// Resolves `ip:port`, `[ipv6]:port` or `host:port` to its addresses,
+/// sorted and without duplicates, so that the same answer in another order
+/// changes nothing.
+pub fn resolve(address: &str) -> Result<Vec<SocketAddr>, String> {
     let invalid = || {
         format!("invalid socket address {address:?} (expected ip:port, [ipv6]:port or host:port)")
     };
-    let addr = match address.parse::<SocketAddr>() {
-        Ok(addr) => addr,
+    let mut addrs = match address.parse::<SocketAddr>() {
+        Ok(addr) => vec![addr],
         Err(_) => {
             let (host, port) = address.rsplit_once(':').ok_or_else(invalid)?;
             let port: u16 = port.parse().map_err(|_| {
@@ -174,16 +208,20 @@ fn resolve(address: &str) -> Result<SocketAddr, String> {
             (host, port)
                 .to_socket_addrs()
                 .map_err(|e| format!("cannot resolve host {host:?}: {e}"))?
-                .next()
-                .ok_or_else(|| format!("host {host:?} has no addresses"))?
+                .collect()
         }
     };
-    if addr.port() == 0 {
+    if addrs.is_empty() {
+        return Err(format!("host of {address:?} has no addresses"));
+    }
+    if addrs[0].port() == 0 {
         return Err(format!(
             "invalid socket address {address:?}: port 0 is not allowed"
         ));
     }
-    Ok(addr)
+    addrs.sort();
+    addrs.dedup();
+    Ok(addrs)
 }
 
 /// Settings of the schema whose feature is not built yet are accepted at
@@ -196,9 +234,6 @@ fn reject_unsupported(config: &Config) -> Result<(), Problem> {
             format!("not supported yet in this version of sluice: {what}"),
         ))
     };
-    if config.shutdown_timeout != std::time::Duration::from_secs(30) {
-        return unsupported("shutdown_timeout".into(), "a graceful drain on SIGTERM");
-    }
     if config.admin.is_some() {
         return unsupported("admin".into(), "the admin endpoint (Prometheus metrics)");
     }
@@ -234,13 +269,13 @@ fn reject_unsupported(config: &Config) -> Result<(), Problem> {
         if pool.send_proxy != SendProxy::Off {
             return unsupported(field("send_proxy"), "the PROXY protocol");
         }
-        if !pool.resolve_interval.is_zero() {
-            return unsupported(field("resolve_interval"), "periodic re-resolution");
-        }
-        if let Health::Probe(_) = pool.health {
+        if let Health::Probe(HealthProbe {
+            preset: Some(_), ..
+        }) = pool.health
+        {
             return unsupported(
-                field("health"),
-                "health probes (write `health: off` for now)",
+                field("health.preset"),
+                "probe presets (write `send` and `expect`)",
             );
         }
         for (i, backend) in pool.backends.iter().enumerate() {

@@ -1,0 +1,649 @@
+//! The control plane: everything that changes routing, on one thread.
+//!
+//! The [`Controller`] owns the configuration in use, the health verdict of
+//! every backend, the listening sockets and the probes. It runs on the main
+//! thread, in its own io_uring runtime, and reacts to four kinds of input:
+//! signals (SIGHUP reloads, SIGTERM/SIGINT drain and stop), probe outcomes,
+//! passive-ejection reports from the workers, and the periodic re-resolution
+//! of host names. Each change ends in a new [`Snapshot`] published to the
+//! workers with one atomic swap; the workers never wait for the control
+//! plane, and it never touches a connection.
+
+use std::collections::hash_map::RandomState;
+use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasher;
+use std::net::{Shutdown, SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use socket2::SockRef;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use tokio::task::JoinHandle;
+use tracing::{error, info, warn};
+
+use crate::config::{self, Config, HealthProbe};
+use crate::health::{self, PassiveHealth, ProbeFailure, Verdict};
+use crate::net;
+use crate::signals::{Request, Signals};
+use crate::snapshot::{self, Backend, Pool, Snapshot};
+use crate::systemd;
+use crate::worker::BoundListener;
+
+/// What the control plane shares with the workers. Lives as long as the
+/// process, so it is leaked once and handed out as `&'static`.
+pub struct Shared {
+    pub snapshot: ArcSwap<Snapshot>,
+    /// Reports from the workers to the control plane.
+    pub events: UnboundedSender<Event>,
+    /// Connections being served, all workers together.
+    pub active: AtomicUsize,
+}
+
+/// An input of the control plane other than a signal.
+#[derive(Debug)]
+pub enum Event {
+    /// A probe of backend `id` ended.
+    Probe {
+        id: u64,
+        outcome: Result<(), ProbeFailure>,
+    },
+    /// Backend `id` failed its pool's `fall` connections in a row.
+    Ejected { id: u64 },
+    /// Fresh DNS answers for the host-name entries of `pool`: (index of the
+    /// backend entry, its addresses or the resolver's error).
+    Resolved {
+        pool: String,
+        answers: Vec<(usize, Result<Vec<SocketAddr>, String>)>,
+    },
+}
+
+/// A backend is known by its pool, name and address: a backend whose
+/// address changes under the same name is a new server with a fresh verdict.
+type BackendKey = (String, String, SocketAddr);
+
+struct Tracked {
+    passive: Arc<PassiveHealth>,
+    verdict: Verdict,
+    /// The running probe task and the settings it runs with.
+    prober: Option<(HealthProbe, JoinHandle<()>)>,
+}
+
+/// The sockets of one listener: a duplicate of each worker's socket, kept to
+/// change the backlog or stop the listener.
+struct ActiveListener {
+    addr: SocketAddr,
+    backlog: u32,
+    sockets: Vec<TcpListener>,
+}
+
+impl ActiveListener {
+    /// Stops accepting: each worker's accept fails and its loop ends,
+    /// closing the socket.
+    fn stop(&self) {
+        for socket in &self.sockets {
+            let _ = SockRef::from(socket).shutdown(Shutdown::Both);
+        }
+    }
+}
+
+pub struct Controller {
+    path: PathBuf,
+    config: Config,
+    shared: &'static Shared,
+    events: UnboundedReceiver<Event>,
+    /// Where to send each worker new listening sockets.
+    workers: Vec<UnboundedSender<BoundListener>>,
+    listeners: HashMap<String, ActiveListener>,
+    backends: HashMap<BackendKey, Tracked>,
+    ids: HashMap<u64, BackendKey>,
+    next_id: u64,
+    resolvers: Vec<JoinHandle<()>>,
+    /// Pools routing over all backends because none is up.
+    panicking: HashSet<String>,
+    reloads: (u64, u64),
+}
+
+impl Controller {
+    /// Binds every listener once per worker and builds the first snapshot.
+    /// Nothing runs yet: [`Controller::start_workers`] and
+    /// [`Controller::run`] follow.
+    pub fn new(
+        path: PathBuf,
+        config: Config,
+        workers: usize,
+    ) -> Result<(Controller, Vec<Vec<BoundListener>>), String> {
+        let mut bound: Vec<Vec<BoundListener>> = (0..workers).map(|_| Vec::new()).collect();
+        let mut listeners = HashMap::new();
+        for (name, listener) in &config.listeners {
+            let (active, sockets) = bind(name, listener, workers)?;
+            for (worker, socket) in bound.iter_mut().zip(sockets) {
+                worker.push(socket);
+            }
+            listeners.insert(name.clone(), active);
+        }
+        let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
+        let shared: &'static Shared = Box::leak(Box::new(Shared {
+            snapshot: ArcSwap::from_pointee(Snapshot::from_config(&config)),
+            events: events_tx,
+            active: AtomicUsize::new(0),
+        }));
+        let mut controller = Controller {
+            path,
+            config,
+            shared,
+            events,
+            workers: Vec::new(),
+            listeners,
+            backends: HashMap::new(),
+            ids: HashMap::new(),
+            next_id: 1,
+            resolvers: Vec::new(),
+            panicking: HashSet::new(),
+            reloads: (0, 0),
+        };
+        controller.track_backends(false);
+        controller.publish_all();
+        Ok((controller, bound))
+    }
+
+    pub fn shared(&self) -> &'static Shared {
+        self.shared
+    }
+
+    /// Registers the channel over which worker `i` receives listeners added
+    /// by a reload.
+    pub fn add_worker(&mut self, commands: UnboundedSender<BoundListener>) {
+        self.workers.push(commands);
+    }
+
+    /// Runs until the process should exit, on an io_uring runtime of the
+    /// calling thread.
+    pub fn run(mut self) -> Result<(), String> {
+        tokio_uring::start(async move {
+            let signals = Signals::open().map_err(|e| format!("cannot read signals: {e}"))?;
+            self.start_tasks();
+            info!(
+                version = env!("CARGO_PKG_VERSION"),
+                workers = self.workers.len(),
+                config = %self.path.display(),
+                "sluice is ready"
+            );
+            systemd::ready(&self.status());
+            loop {
+                tokio::select! {
+                    request = signals.next() => {
+                        match request.map_err(|e| format!("reading signals: {e}"))? {
+                            Request::Reload => self.reload(),
+                            Request::Stop(signal) => {
+                                self.drain(signal, &signals).await;
+                                return Ok(());
+                            }
+                        }
+                    }
+                    Some(event) = self.events.recv() => self.handle(event),
+                }
+            }
+        })
+    }
+
+    /// Starts the probes of every backend and the periodic resolvers.
+    fn start_tasks(&mut self) {
+        self.track_backends(true);
+        self.start_resolvers();
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Probe { id, outcome } => self.on_probe(id, outcome),
+            Event::Ejected { id } => self.on_ejected(id),
+            Event::Resolved { pool, answers } => self.on_resolved(&pool, answers),
+        }
+    }
+
+    fn on_probe(&mut self, id: u64, outcome: Result<(), ProbeFailure>) {
+        // A probe of a backend that a reload just removed.
+        let Some(key) = self.ids.get(&id).cloned() else {
+            return;
+        };
+        let Some(probe) = self.config.pools[&key.0].health.probe() else {
+            return;
+        };
+        let tracked = self.backends.get_mut(&key).expect("ids and backends agree");
+        if !tracked.verdict.observe(outcome.is_ok(), probe.rise, probe.fall) {
+            return;
+        }
+        let (pool, name, addr) = &key;
+        match &outcome {
+            Ok(()) => {
+                tracked.passive.record_success();
+                info!(pool, backend = %name, address = %addr, "backend is up: {} probes in a row succeeded", probe.rise);
+            }
+            Err(failure) => {
+                info!(pool, backend = %name, address = %addr, "backend is down: {failure} ({} probes in a row failed)", probe.fall);
+            }
+        }
+        self.publish_pool(&key.0);
+    }
+
+    fn on_ejected(&mut self, id: u64) {
+        let Some(key) = self.ids.get(&id).cloned() else {
+            return;
+        };
+        let Some(tracked) = self.backends.get_mut(&key) else {
+            return;
+        };
+        if !tracked.verdict.eject() {
+            return;
+        }
+        let (pool, name, addr) = &key;
+        let fall = self.config.pools[pool].health.probe().map_or(0, |p| p.fall);
+        info!(
+            pool, backend = %name, address = %addr,
+            "backend is down: {fall} connections in a row failed; probes will bring it back"
+        );
+        self.publish_pool(pool);
+    }
+
+    /// Applies fresh DNS answers for one pool; keeps the old addresses of an
+    /// entry whose lookup failed.
+    fn on_resolved(&mut self, pool_name: &str, answers: Vec<(usize, Result<Vec<SocketAddr>, String>)>) {
+        let Some(pool) = self.config.pools.get_mut(pool_name) else {
+            return;
+        };
+        let mut changed = false;
+        for (index, answer) in answers {
+            let Some(backend) = pool.backends.get_mut(index) else {
+                continue;
+            };
+            match answer {
+                Ok(addrs) if addrs != backend.resolved => {
+                    info!(
+                        pool = pool_name,
+                        backend = %backend.name(),
+                        "{} now resolves to {}",
+                        backend.address,
+                        addrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+                    );
+                    backend.resolved = addrs;
+                    changed = true;
+                }
+                Ok(_) => {}
+                Err(e) => warn!(
+                    pool = pool_name,
+                    backend = %backend.name(),
+                    "cannot re-resolve {}, keeping its addresses: {e}",
+                    backend.address
+                ),
+            }
+        }
+        if changed {
+            self.track_backends(true);
+            self.publish_all();
+        }
+    }
+
+    /// SIGHUP: read the file again; if it is valid, apply it, otherwise keep
+    /// everything as it is.
+    fn reload(&mut self) {
+        systemd::reloading();
+        let outcome = config::load(&self.path)
+            .map_err(|e| e.to_string())
+            .and_then(|config| self.apply(config));
+        match outcome {
+            Ok(()) => {
+                self.reloads.0 += 1;
+                info!(config = %self.path.display(), "configuration reloaded");
+            }
+            Err(e) => {
+                self.reloads.1 += 1;
+                error!("reload failed, the configuration in use is unchanged: {e}");
+            }
+        }
+        systemd::ready(&self.status());
+    }
+
+    /// Switches to `config`. Everything that can fail (binding new
+    /// listeners) happens before anything changes.
+    fn apply(&mut self, config: Config) -> Result<(), String> {
+        let workers = self.workers.len();
+        let mut added = Vec::new();
+        for (name, listener) in &config.listeners {
+            let unchanged = self
+                .listeners
+                .get(name)
+                .is_some_and(|active| active.addr == listener.listen.0);
+            if !unchanged {
+                added.push((name.clone(), bind(name, listener, workers)?));
+            }
+        }
+        let restart_only = [
+            ("workers", config.workers != self.config.workers),
+            ("pin_workers", config.pin_workers != self.config.pin_workers),
+            ("log.level", config.log.level != self.config.log.level),
+            ("log.format", config.log.format != self.config.log.format),
+        ];
+        for (key, changed) in restart_only {
+            if changed {
+                warn!("{key} changed: it takes effect when sluice restarts");
+            }
+        }
+
+        // Stop the listeners that go away or move, before the new routes
+        // are published: a connection they still accept finds no route and
+        // is closed.
+        let removed: Vec<String> = self
+            .listeners
+            .keys()
+            .filter(|name| {
+                config
+                    .listeners
+                    .get(*name)
+                    .is_none_or(|l| l.listen.0 != self.listeners[*name].addr)
+            })
+            .cloned()
+            .collect();
+        for name in removed {
+            let active = self.listeners.remove(&name).expect("listed above");
+            active.stop();
+            info!(listener = %name, address = %active.addr, "listener stopped");
+        }
+        for (name, listener) in &config.listeners {
+            if let Some(active) = self.listeners.get_mut(name) {
+                if active.backlog != listener.backlog {
+                    // listen() on a listening socket only changes its backlog.
+                    for socket in &active.sockets {
+                        let _ = SockRef::from(socket).listen(listener.backlog as i32);
+                    }
+                    active.backlog = listener.backlog;
+                }
+            }
+        }
+
+        self.config = config;
+        self.track_backends(true);
+        self.start_resolvers();
+        self.publish_all();
+
+        for (name, (active, sockets)) in added {
+            for (worker, socket) in self.workers.iter().zip(sockets) {
+                // A worker that is gone has taken the process with it.
+                let _ = worker.send(socket);
+            }
+            info!(listener = %name, address = %active.addr, pool = %self.config.listeners[&name].pool, "listening");
+            self.listeners.insert(name, active);
+        }
+        Ok(())
+    }
+
+    /// Makes the tracked backends match the configuration: new ones start
+    /// up, removed ones are forgotten, and (with `probes`) each gets a probe
+    /// task running its pool's current settings.
+    fn track_backends(&mut self, probes: bool) {
+        let mut present = HashSet::new();
+        for (pool_name, pool) in &self.config.pools {
+            let settings = pool.health.probe();
+            for endpoint in pool.endpoints() {
+                let key = (pool_name.clone(), endpoint.name.clone(), endpoint.addr);
+                present.insert(key.clone());
+                let tracked = self.backends.entry(key.clone()).or_insert_with(|| {
+                    let id = self.next_id;
+                    self.next_id += 1;
+                    self.ids.insert(id, key.clone());
+                    Tracked {
+                        passive: Arc::new(PassiveHealth::new(id)),
+                        verdict: Verdict::up(),
+                        prober: None,
+                    }
+                });
+                if !probes {
+                    continue;
+                }
+                let current = tracked.prober.as_ref().map(|(settings, _)| settings);
+                if current != settings.as_ref() {
+                    if let Some((_, task)) = tracked.prober.take() {
+                        task.abort();
+                    }
+                    tracked.prober = settings.clone().map(|settings| {
+                        let task = start_prober(
+                            tracked.passive.id,
+                            endpoint.addr,
+                            settings.clone(),
+                            self.shared.events.clone(),
+                        );
+                        (settings, task)
+                    });
+                    if tracked.prober.is_none() && !tracked.verdict.up {
+                        // Probes were turned off: nothing would bring it back.
+                        tracked.verdict = Verdict::up();
+                    }
+                }
+            }
+        }
+        let gone: Vec<BackendKey> = self
+            .backends
+            .keys()
+            .filter(|key| !present.contains(*key))
+            .cloned()
+            .collect();
+        for key in gone {
+            let tracked = self.backends.remove(&key).expect("listed above");
+            if let Some((_, task)) = tracked.prober {
+                task.abort();
+            }
+            self.ids.remove(&tracked.passive.id);
+        }
+    }
+
+    /// One task per pool that has host names and a `resolve_interval`.
+    fn start_resolvers(&mut self) {
+        for task in self.resolvers.drain(..) {
+            task.abort();
+        }
+        for (name, pool) in &self.config.pools {
+            let entries: Vec<(usize, String)> = pool
+                .backends
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| b.has_host_name())
+                .map(|(i, b)| (i, b.address.clone()))
+                .collect();
+            if pool.resolve_interval.is_zero() || entries.is_empty() {
+                continue;
+            }
+            let (pool, every, events) = (name.clone(), pool.resolve_interval, self.shared.events.clone());
+            self.resolvers.push(tokio::task::spawn_local(async move {
+                let start = tokio::time::Instant::now() + every;
+                let mut ticker = tokio::time::interval_at(start, every);
+                loop {
+                    ticker.tick().await;
+                    let entries = entries.clone();
+                    // getaddrinfo blocks: keep it off the control loop.
+                    let Ok(answers) = tokio::task::spawn_blocking(move || {
+                        entries
+                            .into_iter()
+                            .map(|(i, address)| (i, config::resolve(&address)))
+                            .collect()
+                    })
+                    .await
+                    else {
+                        return;
+                    };
+                    let event = Event::Resolved {
+                        pool: pool.clone(),
+                        answers,
+                    };
+                    if events.send(event).is_err() {
+                        return;
+                    }
+                }
+            }));
+        }
+    }
+
+    fn build_pool(&mut self, name: &str) -> Arc<Pool> {
+        let config = &self.config.pools[name];
+        let backends = config
+            .endpoints()
+            .iter()
+            .map(|endpoint| {
+                let tracked = &self.backends[&(name.to_owned(), endpoint.name.clone(), endpoint.addr)];
+                Backend::new(endpoint, tracked.verdict.up, tracked.passive.clone())
+            })
+            .collect();
+        let pool = Pool::build(name, config, backends);
+        if pool.panic && self.panicking.insert(name.to_owned()) {
+            warn!(pool = name, "every backend is down: routing over all of them until one is back");
+        } else if !pool.panic && self.panicking.remove(name) {
+            info!(pool = name, "a backend is up again: no longer routing over down backends");
+        }
+        Arc::new(pool)
+    }
+
+    /// Rebuilds every pool (after a reload or re-resolution).
+    fn publish_all(&mut self) {
+        let names: Vec<String> = self.config.pools.keys().cloned().collect();
+        let pools = names.iter().map(|name| self.build_pool(name)).collect();
+        self.panicking.retain(|name| self.config.pools.contains_key(name));
+        let snapshot = Snapshot::new(snapshot::routes(&self.config), pools);
+        self.shared.snapshot.store(Arc::new(snapshot));
+        systemd::status(&self.status());
+    }
+
+    /// Rebuilds one pool's table (after a health change), sharing the rest.
+    fn publish_pool(&mut self, name: &str) {
+        let index = self
+            .config
+            .pools
+            .keys()
+            .position(|p| p == name)
+            .expect("the pool is configured");
+        let pool = self.build_pool(name);
+        let snapshot = self.shared.snapshot.load().with_pool(index, pool);
+        self.shared.snapshot.store(Arc::new(snapshot));
+        systemd::status(&self.status());
+    }
+
+    /// SIGTERM/SIGINT: stop accepting, let open connections finish for up
+    /// to `shutdown_timeout` (0: no limit); a second signal ends it at once.
+    async fn drain(&mut self, signal: nix::sys::signal::Signal, signals: &Signals) {
+        for active in self.listeners.values() {
+            active.stop();
+        }
+        let open = self.shared.active.load(Ordering::Relaxed);
+        let timeout = self.config.shutdown_timeout;
+        info!(%signal, open, "stopping: no new connections; waiting for open ones to finish");
+        systemd::stopping(&format!("draining {open} connections"));
+        let deadline = async {
+            if timeout.is_zero() {
+                std::future::pending::<()>().await
+            } else {
+                tokio::time::sleep(timeout).await
+            }
+        };
+        tokio::pin!(deadline);
+        let mut poll = tokio::time::interval(Duration::from_millis(20));
+        loop {
+            tokio::select! {
+                _ = poll.tick() => {
+                    if self.shared.active.load(Ordering::Relaxed) == 0 {
+                        info!("all connections finished; exiting");
+                        return;
+                    }
+                }
+                _ = &mut deadline => {
+                    warn!(
+                        open = self.shared.active.load(Ordering::Relaxed),
+                        "shutdown_timeout of {} reached; closing the remaining connections",
+                        humantime::format_duration(timeout)
+                    );
+                    return;
+                }
+                _ = signals.next() => {
+                    warn!(
+                        open = self.shared.active.load(Ordering::Relaxed),
+                        "second signal: exiting now"
+                    );
+                    return;
+                }
+            }
+        }
+    }
+
+    /// One line for systemd's STATUS.
+    fn status(&self) -> String {
+        let up = self.backends.values().filter(|t| t.verdict.up).count();
+        let mut status = format!(
+            "{} listeners, {up}/{} backends up, {} connections, reloads {} ok {} failed",
+            self.listeners.len(),
+            self.backends.len(),
+            self.shared.active.load(Ordering::Relaxed),
+            self.reloads.0,
+            self.reloads.1
+        );
+        if !self.panicking.is_empty() {
+            let mut pools: Vec<&str> = self.panicking.iter().map(String::as_str).collect();
+            pools.sort();
+            status.push_str(&format!(", all backends down in: {}", pools.join(", ")));
+        }
+        status
+    }
+}
+
+/// Binds `listener` once per worker.
+fn bind(
+    name: &str,
+    listener: &config::schema::Listener,
+    workers: usize,
+) -> Result<(ActiveListener, Vec<BoundListener>), String> {
+    let addr = listener.listen.0;
+    let mut sockets = Vec::with_capacity(workers);
+    let mut kept = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let socket = net::reuseport_listener(addr, listener.backlog)
+            .map_err(|e| format!("listener {name}: cannot listen on {addr}: {e}"))?;
+        kept.push(
+            socket
+                .try_clone()
+                .map_err(|e| format!("listener {name}: {e}"))?,
+        );
+        sockets.push(BoundListener {
+            name: name.to_owned(),
+            socket,
+        });
+    }
+    let active = ActiveListener {
+        addr,
+        backlog: listener.backlog,
+        sockets: kept,
+    };
+    Ok((active, sockets))
+}
+
+/// Probes `addr` every `settings.interval`, starting at a random point of
+/// the first interval so that the probes of many backends do not fire
+/// together. The interval itself is not jittered, which keeps the detection
+/// time within `fall` x `interval` + `timeout`.
+fn start_prober(
+    id: u64,
+    addr: SocketAddr,
+    settings: HealthProbe,
+    events: UnboundedSender<Event>,
+) -> JoinHandle<()> {
+    tokio::task::spawn_local(async move {
+        let interval = settings.interval;
+        let phase = RandomState::new().hash_one(id) % (interval.as_millis() as u64).max(1);
+        let start = tokio::time::Instant::now() + Duration::from_millis(phase);
+        let mut ticker = tokio::time::interval_at(start, interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let outcome = health::probe(addr, &settings).await;
+            if events.send(Event::Probe { id, outcome }).is_err() {
+                return;
+            }
+        }
+    })
+}
