@@ -212,20 +212,28 @@ impl Controller {
             return;
         };
         let tracked = self.backends.get_mut(&key).expect("ids and backends agree");
-        if !tracked.verdict.observe(outcome.is_ok(), probe.rise, probe.fall) {
+        if !tracked
+            .verdict
+            .observe(outcome.is_ok(), probe.rise, probe.fall)
+        {
             return;
         }
+        if outcome.is_ok() {
+            tracked.passive.record_success();
+        }
+        // Publish first: once the line is logged, routing already agrees.
+        self.publish_pool(&key.0);
         let (pool, name, addr) = &key;
         match &outcome {
-            Ok(()) => {
-                tracked.passive.record_success();
-                info!(pool, backend = %name, address = %addr, "backend is up: {} probes in a row succeeded", probe.rise);
-            }
-            Err(failure) => {
-                info!(pool, backend = %name, address = %addr, "backend is down: {failure} ({} probes in a row failed)", probe.fall);
-            }
+            Ok(()) => info!(
+                pool, backend = %name, address = %addr,
+                "backend is up: {} probes in a row succeeded", probe.rise
+            ),
+            Err(failure) => info!(
+                pool, backend = %name, address = %addr,
+                "backend is down: {failure} ({} probes in a row failed)", probe.fall
+            ),
         }
-        self.publish_pool(&key.0);
     }
 
     fn on_ejected(&mut self, id: u64) {
@@ -238,18 +246,22 @@ impl Controller {
         if !tracked.verdict.eject() {
             return;
         }
+        self.publish_pool(&key.0);
         let (pool, name, addr) = &key;
         let fall = self.config.pools[pool].health.probe().map_or(0, |p| p.fall);
         info!(
             pool, backend = %name, address = %addr,
             "backend is down: {fall} connections in a row failed; probes will bring it back"
         );
-        self.publish_pool(pool);
     }
 
     /// Applies fresh DNS answers for one pool; keeps the old addresses of an
     /// entry whose lookup failed.
-    fn on_resolved(&mut self, pool_name: &str, answers: Vec<(usize, Result<Vec<SocketAddr>, String>)>) {
+    fn on_resolved(
+        &mut self,
+        pool_name: &str,
+        answers: Vec<(usize, Result<Vec<SocketAddr>, String>)>,
+    ) {
         let Some(pool) = self.config.pools.get_mut(pool_name) else {
             return;
         };
@@ -295,7 +307,8 @@ impl Controller {
         match outcome {
             Ok(()) => {
                 self.reloads.0 += 1;
-                info!(config = %self.path.display(), "configuration reloaded");
+                let (up, backends) = self.backends_up();
+                info!(config = %self.path.display(), up, backends, "configuration reloaded");
             }
             Err(e) => {
                 self.reloads.1 += 1;
@@ -453,7 +466,11 @@ impl Controller {
             if pool.resolve_interval.is_zero() || entries.is_empty() {
                 continue;
             }
-            let (pool, every, events) = (name.clone(), pool.resolve_interval, self.shared.events.clone());
+            let (pool, every, events) = (
+                name.clone(),
+                pool.resolve_interval,
+                self.shared.events.clone(),
+            );
             self.resolvers.push(tokio::task::spawn_local(async move {
                 let start = tokio::time::Instant::now() + every;
                 let mut ticker = tokio::time::interval_at(start, every);
@@ -489,15 +506,22 @@ impl Controller {
             .endpoints()
             .iter()
             .map(|endpoint| {
-                let tracked = &self.backends[&(name.to_owned(), endpoint.name.clone(), endpoint.addr)];
+                let tracked =
+                    &self.backends[&(name.to_owned(), endpoint.name.clone(), endpoint.addr)];
                 Backend::new(endpoint, tracked.verdict.up, tracked.passive.clone())
             })
             .collect();
         let pool = Pool::build(name, config, backends);
         if pool.panic && self.panicking.insert(name.to_owned()) {
-            warn!(pool = name, "every backend is down: routing over all of them until one is back");
+            warn!(
+                pool = name,
+                "every backend is down: routing over all of them until one is back"
+            );
         } else if !pool.panic && self.panicking.remove(name) {
-            info!(pool = name, "a backend is up again: no longer routing over down backends");
+            info!(
+                pool = name,
+                "a backend is up again: no longer routing over down backends"
+            );
         }
         Arc::new(pool)
     }
@@ -506,7 +530,8 @@ impl Controller {
     fn publish_all(&mut self) {
         let names: Vec<String> = self.config.pools.keys().cloned().collect();
         let pools = names.iter().map(|name| self.build_pool(name)).collect();
-        self.panicking.retain(|name| self.config.pools.contains_key(name));
+        self.panicking
+            .retain(|name| self.config.pools.contains_key(name));
         let snapshot = Snapshot::new(snapshot::routes(&self.config), pools);
         self.shared.snapshot.store(Arc::new(snapshot));
         systemd::status(&self.status());
@@ -572,13 +597,18 @@ impl Controller {
         }
     }
 
+    /// (backends up, all backends), over every pool.
+    fn backends_up(&self) -> (usize, usize) {
+        let up = self.backends.values().filter(|t| t.verdict.up).count();
+        (up, self.backends.len())
+    }
+
     /// One line for systemd's STATUS.
     fn status(&self) -> String {
-        let up = self.backends.values().filter(|t| t.verdict.up).count();
+        let (up, backends) = self.backends_up();
         let mut status = format!(
-            "{} listeners, {up}/{} backends up, {} connections, reloads {} ok {} failed",
+            "{} listeners, {up}/{backends} backends up, {} connections, reloads {} ok {} failed",
             self.listeners.len(),
-            self.backends.len(),
             self.shared.active.load(Ordering::Relaxed),
             self.reloads.0,
             self.reloads.1

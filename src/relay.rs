@@ -60,7 +60,12 @@ impl Drop for Active {
 }
 
 /// Serves one accepted connection from `client_addr` on `listener`.
-pub async fn serve(client: TcpStream, client_addr: SocketAddr, listener: &str, shared: &'static Shared) {
+pub async fn serve(
+    client: TcpStream,
+    client_addr: SocketAddr,
+    listener: &str,
+    shared: &'static Shared,
+) {
     let _active = Active::new(shared);
     let backend = {
         // Held only while dialing: a long connection must not keep an old
@@ -185,7 +190,12 @@ struct Failure {
 
 /// Copies `from` → `to` until `from` sends FIN, then passes the FIN on.
 /// `from_side` names `from`; `copied` counts the bytes as they go.
-async fn copy(from: &TcpStream, to: &TcpStream, copied: &Cell<u64>, from_side: Side) -> Result<(), Failure> {
+async fn copy(
+    from: &TcpStream,
+    to: &TcpStream,
+    copied: &Cell<u64>,
+    from_side: Side,
+) -> Result<(), Failure> {
     let to_side = match from_side {
         Side::Client => Side::Backend,
         Side::Backend => Side::Client,

@@ -22,9 +22,9 @@ use nix::unistd::Pid;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tracing::{debug, error, warn};
 
+use crate::control::Shared;
 use crate::logging::Throttle;
 use crate::relay;
-use crate::control::Shared;
 
 /// A listening socket bound for one worker.
 pub struct BoundListener {

@@ -251,7 +251,11 @@ fn health_settings() {
         rejected(&probe("intervall: 1s")),
         "sluice: sluice.yaml:8:7: pools.redis.health: unknown field `intervall`, expected one of `interval`, `timeout`, `rise`, `fall`, `send`, `expect`, `preset`"
     );
-    assert!(check(&probe("send: \"PING\\r\\n\"\n      expect: \"+PONG\"")).status.success());
+    assert!(
+        check(&probe("send: \"PING\\r\\n\"\n      expect: \"+PONG\""))
+            .status
+            .success()
+    );
 }
 
 #[test]

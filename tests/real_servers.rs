@@ -6,73 +6,9 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 use common::*;
-
-/// A server process on a free loopback port; killed when dropped.
-struct Server {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(program: &str, args: &[String], addr: SocketAddr) -> Server {
-    let child = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {program} ({e}): `make test` installs it"));
-    let server = Server { child, addr };
-    wait_until(&format!("{program} on {addr}"), || {
-        TcpStream::connect(addr).is_ok()
-    });
-    server
-}
-
-fn redis_server() -> Server {
-    let addr = free_addr(unique_loopback());
-    let args = [
-        "--bind",
-        &addr.ip().to_string(),
-        "--port",
-        &addr.port().to_string(),
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--protected-mode",
-        "no",
-    ]
-    .map(String::from);
-    start("redis-server", &args, addr)
-}
-
-fn memcached() -> Server {
-    let addr = free_addr(unique_loopback());
-    let args = [
-        "-l",
-        &addr.ip().to_string(),
-        "-p",
-        &addr.port().to_string(),
-        "-U",
-        "0",
-        "-m",
-        "16",
-        "-u",
-        "root",
-    ]
-    .map(String::from);
-    start("memcached", &args, addr)
-}
 
 /// Sends one command as a RESP array and reads a one-line reply.
 fn redis(stream: &mut BufReader<TcpStream>, args: &[&str]) -> String {

@@ -166,7 +166,10 @@ fn check_health(pool: &str, health: &Health) -> Result<(), Problem> {
     };
     let field = |key: &str| format!("pools.{pool}.health.{key}");
     if probe.interval.is_zero() {
-        return Err(Problem::new(field("interval"), "must be above 0 (write `health: off` to disable probes)"));
+        return Err(Problem::new(
+            field("interval"),
+            "must be above 0 (write `health: off` to disable probes)",
+        ));
     }
     if probe.timeout.is_zero() || probe.timeout > probe.interval {
         return Err(Problem::new(
@@ -179,11 +182,17 @@ fn check_health(pool: &str, health: &Health) -> Result<(), Problem> {
     }
     for (key, value) in [("rise", probe.rise), ("fall", probe.fall)] {
         if !(1..=100).contains(&value) {
-            return Err(Problem::new(field(key), format!("{value} is out of range: use 1 to 100")));
+            return Err(Problem::new(
+                field(key),
+                format!("{value} is out of range: use 1 to 100"),
+            ));
         }
     }
     if probe.expect.as_deref() == Some("") {
-        return Err(Problem::new(field("expect"), "an empty reply prefix matches anything: omit `expect` instead"));
+        return Err(Problem::new(
+            field("expect"),
+            "an empty reply prefix matches anything: omit `expect` instead",
+        ));
     }
     Ok(())
 }

@@ -112,8 +112,14 @@ impl Sluice {
 
     /// Starts sluice without waiting for anything.
     pub fn spawn(config: &str) -> Sluice {
+        Sluice::spawn_with_env(config, &[])
+    }
+
+    /// Starts sluice with extra environment variables.
+    pub fn spawn_with_env(config: &str, env: &[(&str, &str)]) -> Sluice {
         let file = temp_file("sluice.yaml", config);
         let mut child = Command::new(SLUICE)
+            .envs(env.iter().copied())
             .arg("-c")
             .arg(&file.path)
             .stdin(Stdio::null())
@@ -174,18 +180,82 @@ impl Sluice {
         }
     }
 
+    /// Waits until `needle` has appeared in at least `count` log lines;
+    /// returns the last of them.
+    pub fn wait_for_log_count(&self, needle: &str, count: usize) -> String {
+        let (lines, changed) = &*self.log;
+        let deadline = Instant::now() + DEADLINE;
+        let mut guard = lines.lock().unwrap();
+        loop {
+            let matching: Vec<&String> = guard.iter().filter(|l| l.contains(needle)).collect();
+            if matching.len() >= count {
+                return matching[count - 1].clone();
+            }
+            let now = Instant::now();
+            assert!(
+                now < deadline,
+                "fewer than {count} log lines with {needle:?}; log:\n{}",
+                guard.join("\n")
+            );
+            guard = changed.wait_timeout(guard, deadline - now).unwrap().0;
+        }
+    }
+
+    /// How many log lines so far contain `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// Writes `config` over the configuration file and sends SIGHUP; waits
+    /// for the outcome and returns its log line.
+    pub fn reload(&self, config: &str) -> String {
+        let done = self.log_count("configuration reloaded") + self.log_count("reload failed");
+        std::fs::write(self.config_path(), config).unwrap();
+        self.signal(nix::sys::signal::Signal::SIGHUP);
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let lines = self.log_lines();
+            let outcomes: Vec<&String> = lines
+                .iter()
+                .filter(|l| l.contains("configuration reloaded") || l.contains("reload failed"))
+                .collect();
+            if outcomes.len() > done {
+                return outcomes[done].clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no reload outcome; log:\n{}",
+                lines.join("\n")
+            );
+            self.wait_for_log_change();
+        }
+    }
+
+    fn wait_for_log_change(&self) {
+        let (lines, changed) = &*self.log;
+        let guard = lines.lock().unwrap();
+        let seen = guard.len();
+        let _ = changed
+            .wait_timeout_while(guard, Duration::from_millis(500), |l| l.len() == seen)
+            .unwrap();
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal).unwrap();
+    }
+
     pub fn log_lines(&self) -> Vec<String> {
         self.log.0.lock().unwrap().clone()
     }
 
     pub fn pid(&self) -> u32 {
         self.child.id()
-    }
-
-    /// Sends `signal` and waits for the process to exit; returns its status.
-    pub fn stop_with(mut self, signal: nix::sys::signal::Signal) -> std::process::ExitStatus {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal).unwrap();
-        wait_with_deadline(&mut self.child)
     }
 
     /// Waits for a process that is expected to exit by itself.
@@ -213,10 +283,16 @@ impl Drop for Sluice {
 }
 
 /// A minimal configuration: one listener on `listen` in front of one pool
-/// of `backends` (name, address), health probes off.
+/// of `backends` (name, address). `extra_pool` adds pool settings, indented
+/// by four spaces; unless it sets `health`, probes are off.
 pub fn config(listen: SocketAddr, backends: &[(String, SocketAddr)], extra_pool: &str) -> String {
+    let health = if extra_pool.contains("health:") {
+        ""
+    } else {
+        "    health: off\n"
+    };
     let mut text = format!(
-        "workers: 2\nlisteners:\n  front:\n    listen: {}\n    pool: back\npools:\n  back:\n    health: off\n{extra_pool}    backends:\n",
+        "workers: 2\nlisteners:\n  front:\n    listen: {}\n    pool: back\npools:\n  back:\n{health}{extra_pool}    backends:\n",
         fmt_addr(listen)
     );
     for (name, addr) in backends {
@@ -250,7 +326,15 @@ impl TestServer {
     where
         F: Fn(TcpStream) + Send + Sync + 'static,
     {
-        let listener = TcpListener::bind((unique_loopback(), 0)).unwrap();
+        TestServer::start_on(SocketAddr::new(unique_loopback(), 0), handle)
+    }
+
+    /// Like `start`, on a given address: to bring a stopped server back.
+    pub fn start_on<F>(addr: SocketAddr, handle: F) -> TestServer
+    where
+        F: Fn(TcpStream) + Send + Sync + 'static,
+    {
+        let listener = TcpListener::bind(addr).unwrap();
         let addr = listener.local_addr().unwrap();
         let stopping = Arc::new(AtomicBool::new(false));
         let handle = Arc::new(handle);
@@ -306,8 +390,12 @@ pub fn echo(stream: &mut TcpStream) {
 
 /// A backend that announces its name (one line), then echoes.
 pub fn name_server(name: &str) -> TestServer {
+    name_server_on(name, SocketAddr::new(unique_loopback(), 0))
+}
+
+pub fn name_server_on(name: &str, addr: SocketAddr) -> TestServer {
     let line = format!("{name}\n");
-    TestServer::start(move |mut stream| {
+    TestServer::start_on(addr, move |mut stream| {
         if stream.write_all(line.as_bytes()).is_ok() {
             echo(&mut stream);
         }
@@ -432,4 +520,69 @@ pub fn drain(from: &mut impl Read, chunk: usize, pause: Option<Duration>) -> (us
             thread::sleep(pause);
         }
     }
+}
+
+/// A server process from a Debian package on a free loopback port; killed
+/// when dropped.
+pub struct Server {
+    child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_server(program: &str, args: &[String], addr: SocketAddr) -> Server {
+    let child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {program} ({e}): `make test` installs it"));
+    let server = Server { child, addr };
+    wait_until(&format!("{program} on {addr}"), || {
+        TcpStream::connect(addr).is_ok()
+    });
+    server
+}
+
+pub fn redis_server() -> Server {
+    let addr = free_addr(unique_loopback());
+    let args = [
+        "--bind",
+        &addr.ip().to_string(),
+        "--port",
+        &addr.port().to_string(),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--protected-mode",
+        "no",
+    ]
+    .map(String::from);
+    start_server("redis-server", &args, addr)
+}
+
+pub fn memcached() -> Server {
+    let addr = free_addr(unique_loopback());
+    let args = [
+        "-l",
+        &addr.ip().to_string(),
+        "-p",
+        &addr.port().to_string(),
+        "-U",
+        "0",
+        "-m",
+        "16",
+        "-u",
+        "root",
+    ]
+    .map(String::from);
+    start_server("memcached", &args, addr)
 }
