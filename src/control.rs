@@ -265,22 +265,20 @@ impl Controller {
         let Some(pool) = self.config.pools.get_mut(pool_name) else {
             return;
         };
-        let mut changed = false;
+        let mut changes = Vec::new();
         for (index, answer) in answers {
             let Some(backend) = pool.backends.get_mut(index) else {
                 continue;
             };
             match answer {
                 Ok(addrs) if addrs != backend.resolved => {
-                    info!(
-                        pool = pool_name,
-                        backend = %backend.name(),
-                        "{} now resolves to {}",
-                        backend.address,
-                        addrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
-                    );
+                    let list: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+                    changes.push((
+                        backend.name().to_owned(),
+                        backend.address.clone(),
+                        list.join(", "),
+                    ));
                     backend.resolved = addrs;
-                    changed = true;
                 }
                 Ok(_) => {}
                 Err(e) => warn!(
@@ -291,9 +289,13 @@ impl Controller {
                 ),
             }
         }
-        if changed {
-            self.track_backends(true);
-            self.publish_all();
+        if changes.is_empty() {
+            return;
+        }
+        self.track_backends(true);
+        self.publish_all();
+        for (name, address, addrs) in changes {
+            info!(pool = pool_name, backend = %name, "{address} now resolves to {addrs}");
         }
     }
 
