@@ -4,13 +4,16 @@
 #   make run       three local redis-server backends and sluice in front of them
 #   make bench     redis-benchmark through sluice next to a direct connection
 #   make install   PREFIX=/usr/local DESTDIR= : binary, unit and /etc/sluice/sluice.yaml
+#                  (BIN=path installs an already built binary instead of building)
 
 PREFIX  ?= /usr/local
 DESTDIR ?=
 CARGO   ?= cargo
+BIN     ?= target/release/sluice
 
-# Debian packages the tests and the demo talk to.
-TEST_PACKAGES := redis-server redis-tools memcached
+# Debian packages the tests talk to or use: the servers behind sluice, and
+# systemd-analyze to verify the unit file.
+TEST_PACKAGES := redis-server redis-tools memcached systemd
 
 .PHONY: all build test deps run bench install lint clean
 
@@ -37,8 +40,9 @@ bench: build
 	@scripts/apt-install redis-server redis-tools
 	benches/redis-compare
 
-install: build
-	install -D -m 0755 target/release/sluice $(DESTDIR)$(PREFIX)/bin/sluice
+# The default BIN is built first; another BIN is installed as it is.
+install: $(if $(filter target/release/sluice,$(BIN)),build)
+	install -D -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/sluice
 	install -D -m 0644 systemd/sluice.service $(DESTDIR)/lib/systemd/system/sluice.service
 	sed -i 's|/usr/local/bin/sluice|$(PREFIX)/bin/sluice|' $(DESTDIR)/lib/systemd/system/sluice.service
 	@# Never overwrite an operator's configuration.
