@@ -6,10 +6,10 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
@@ -82,15 +82,27 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<std::net
     Ok(socket.into())
 }
 
-/// Makes the next close of `socket` send a reset instead of a FIN, and wakes
-/// any operation pending on it, so that an error on one side of a relay is
-/// passed on to the other side as an error, not as a clean end of stream.
+/// Resets the connection of `socket` now, and wakes any io_uring operation
+/// pending on it, so that an error on one side of a relay reaches the other
+/// side as an error (RST), never as a clean end of stream.
+///
+/// `connect()` with `AF_UNSPEC` disconnects a TCP socket the way a close with
+/// a zero linger does (RST), but at once: a close would wait until every
+/// pending io_uring operation on the descriptor completed, and tokio-uring
+/// cannot cancel them.
 pub fn abort(socket: &impl AsRawFd) {
-    // SAFETY: the descriptor belongs to `socket`, which is borrowed for the
-    // whole of this function, so it stays open.
-    let fd = unsafe { BorrowedFd::borrow_raw(socket.as_raw_fd()) };
-    let socket = SockRef::from(&fd);
-    // Both may fail on a socket the peer already reset; nothing to do then.
-    let _ = socket.set_linger(Some(Duration::ZERO));
-    let _ = socket.shutdown(std::net::Shutdown::Both);
+    let unspec = libc::sockaddr {
+        sa_family: libc::AF_UNSPEC as libc::sa_family_t,
+        sa_data: [0; 14],
+    };
+    // SAFETY: `unspec` is a valid sockaddr of the length given, and the
+    // descriptor stays open while `socket` is borrowed. The result is
+    // ignored: a socket the peer already reset has nothing left to reset.
+    unsafe {
+        libc::connect(
+            socket.as_raw_fd(),
+            &unspec,
+            std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
+        );
+    }
 }
