@@ -38,8 +38,12 @@ pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
     /// Reports from the workers to the control plane.
     pub events: UnboundedSender<Event>,
-    /// Connections being served, all workers together.
+    /// Connections being served, all workers together; counted from the
+    /// moment a worker accepts them.
     pub active: AtomicUsize,
+    /// Accept loops running, all workers together: a drain waits for them
+    /// to end, so that no connection accepted at the last moment is missed.
+    pub accepting: AtomicUsize,
 }
 
 /// An input of the control plane other than a signal.
@@ -53,10 +57,12 @@ pub enum Event {
     /// Backend `id` failed its pool's `fall` connections in a row.
     Ejected { id: u64 },
     /// Fresh DNS answers for the host-name entries of `pool`: (index of the
-    /// backend entry, its addresses or the resolver's error).
+    /// backend entry, the address looked up, its addresses or the
+    /// resolver's error). The address guards against an answer that was
+    /// under way while a reload changed the entries.
     Resolved {
         pool: String,
-        answers: Vec<(usize, Result<Vec<SocketAddr>, String>)>,
+        answers: Vec<(usize, String, Result<Vec<SocketAddr>, String>)>,
     },
 }
 
@@ -129,6 +135,7 @@ impl Controller {
             snapshot: ArcSwap::from_pointee(Snapshot::from_config(&config)),
             events: events_tx,
             active: AtomicUsize::new(0),
+            accepting: AtomicUsize::new(0),
         }));
         let mut controller = Controller {
             path,
@@ -176,7 +183,7 @@ impl Controller {
                 tokio::select! {
                     request = signals.next() => {
                         match request.map_err(|e| format!("reading signals: {e}"))? {
-                            Request::Reload => self.reload(),
+                            Request::Reload => self.reload().await,
                             Request::Stop(signal) => {
                                 self.drain(signal, &signals).await;
                                 return Ok(());
@@ -240,9 +247,16 @@ impl Controller {
         let Some(key) = self.ids.get(&id).cloned() else {
             return;
         };
+        // Probes may have been turned off since the report was sent: then
+        // nothing would bring the backend back.
+        if self.config.pools[&key.0].health.probe().is_none() {
+            return;
+        }
         let Some(tracked) = self.backends.get_mut(&key) else {
             return;
         };
+        // The next streak starts from zero.
+        tracked.passive.record_success();
         if !tracked.verdict.eject() {
             return;
         }
@@ -260,14 +274,18 @@ impl Controller {
     fn on_resolved(
         &mut self,
         pool_name: &str,
-        answers: Vec<(usize, Result<Vec<SocketAddr>, String>)>,
+        answers: Vec<(usize, String, Result<Vec<SocketAddr>, String>)>,
     ) {
         let Some(pool) = self.config.pools.get_mut(pool_name) else {
             return;
         };
         let mut changes = Vec::new();
-        for (index, answer) in answers {
-            let Some(backend) = pool.backends.get_mut(index) else {
+        for (index, address, answer) in answers {
+            let Some(backend) = pool
+                .backends
+                .get_mut(index)
+                .filter(|b| b.address == address)
+            else {
                 continue;
             };
             match answer {
@@ -301,11 +319,17 @@ impl Controller {
 
     /// SIGHUP: read the file again; if it is valid, apply it, otherwise keep
     /// everything as it is.
-    fn reload(&mut self) {
+    async fn reload(&mut self) {
         systemd::reloading();
-        let outcome = config::load(&self.path)
-            .map_err(|e| e.to_string())
-            .and_then(|config| self.apply(config));
+        // Loading resolves host names, which may block for seconds: it runs
+        // off this thread, so probes keep running meanwhile (their outcomes
+        // wait in the channel until the reload is done).
+        let path = self.path.clone();
+        let loaded = tokio::task::spawn_blocking(move || config::load(&path))
+            .await
+            .map_err(|e| format!("loading the configuration: {e}"))
+            .and_then(|loaded| loaded.map_err(|e| e.to_string()));
+        let outcome = loaded.and_then(|config| self.apply(config));
         match outcome {
             Ok(()) => {
                 self.reloads.0 += 1;
@@ -421,6 +445,9 @@ impl Controller {
                     if let Some((_, task)) = tracked.prober.take() {
                         task.abort();
                     }
+                    // A streak counted against other settings (another
+                    // `fall`) starts again.
+                    tracked.passive.record_success();
                     tracked.prober = settings.clone().map(|settings| {
                         let task = start_prober(
                             tracked.passive.id,
@@ -483,7 +510,10 @@ impl Controller {
                     let Ok(answers) = tokio::task::spawn_blocking(move || {
                         entries
                             .into_iter()
-                            .map(|(i, address)| (i, config::resolve(&address)))
+                            .map(|(i, address)| {
+                                let answer = config::resolve(&address);
+                                (i, address, answer)
+                            })
                             .collect()
                     })
                     .await
@@ -575,7 +605,10 @@ impl Controller {
         loop {
             tokio::select! {
                 _ = poll.tick() => {
-                    if self.shared.active.load(Ordering::Relaxed) == 0 {
+                    // Accept loops count what they accept before they end,
+                    // so once none runs, `active` misses no connection.
+                    let accepting = self.shared.accepting.load(Ordering::Acquire);
+                    if accepting == 0 && self.shared.active.load(Ordering::Acquire) == 0 {
                         info!("all connections finished; exiting");
                         return;
                     }
@@ -588,13 +621,16 @@ impl Controller {
                     );
                     return;
                 }
-                _ = signals.next() => {
-                    warn!(
-                        open = self.shared.active.load(Ordering::Relaxed),
-                        "second signal: exiting now"
-                    );
-                    return;
-                }
+                request = signals.next() => match request {
+                    Ok(Request::Reload) => info!("SIGHUP while stopping: ignored"),
+                    Ok(Request::Stop(_)) | Err(_) => {
+                        warn!(
+                            open = self.shared.active.load(Ordering::Relaxed),
+                            "second signal: exiting now"
+                        );
+                        return;
+                    }
+                },
             }
         }
     }

@@ -43,11 +43,12 @@ struct Dialed {
     eject_after: Option<u32>,
 }
 
-/// Counts the connection in [`Shared::active`] while it lives.
-struct Active(&'static Shared);
+/// Counts a connection in [`Shared::active`] while it lives; taken by the
+/// accept loop before the connection's task is spawned.
+pub struct Active(&'static Shared);
 
 impl Active {
-    fn new(shared: &'static Shared) -> Active {
+    pub fn new(shared: &'static Shared) -> Active {
         shared.active.fetch_add(1, Ordering::Relaxed);
         Active(shared)
     }
@@ -60,13 +61,8 @@ impl Drop for Active {
 }
 
 /// Serves one accepted connection from `client_addr` on `listener`.
-pub async fn serve(
-    client: TcpStream,
-    client_addr: SocketAddr,
-    listener: &str,
-    shared: &'static Shared,
-) {
-    let _active = Active::new(shared);
+pub async fn serve(client: TcpStream, client_addr: SocketAddr, listener: &str, active: Active) {
+    let shared = active.0;
     let backend = {
         // Held only while dialing: a long connection must not keep an old
         // snapshot alive.
@@ -110,14 +106,16 @@ pub async fn serve(
                 "connection aborted by the {}: {}", failure.side, failure.error
             );
             // A backend that resets before saying anything is failing, the
-            // same as one that refuses the connection.
-            let backend_failed = failure.side == Side::Backend
-                && failure.error.kind() == io::ErrorKind::ConnectionReset
-                && to_client == 0;
-            if backend_failed {
-                report_failure(&backend.passive, backend.eject_after, shared);
-            } else {
+            // same as one that refuses the connection; one that answered
+            // worked. A client that leaves early says nothing either way.
+            let reset = matches!(
+                failure.error.kind(),
+                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+            );
+            if to_client > 0 {
                 backend.passive.record_success();
+            } else if failure.side == Side::Backend && reset {
+                report_failure(&backend.passive, backend.eject_after, shared);
             }
             net::abort(&client);
             net::abort(&backend.stream);

@@ -34,8 +34,10 @@ pub struct Pool {
     pub retries: u32,
     /// Every endpoint of the pool, up or down, in file order.
     pub backends: Vec<Backend>,
-    /// No backend with a weight is up, so the table routes over all of them
-    /// rather than refuse every client (Envoy's panic threshold at 0%).
+    /// Backends with a weight exist but none is up, so the table routes
+    /// over all of them rather than refuse every client (Envoy's panic
+    /// threshold at 0%). A pool whose backends all have weight 0 is drained,
+    /// not in panic: it routes nowhere.
     pub panic: bool,
     /// Consecutive failed connections on the data path that take a backend
     /// out before the next probe; `None` when probes are off, since nothing
@@ -118,7 +120,8 @@ impl Pool {
     /// Builds the pool's table from the backends that are up and have a
     /// weight, or from all of them if none is.
     pub fn build(name: &str, config: &config::Pool, backends: Vec<Backend>) -> Pool {
-        let panic = !backends.iter().any(|b| b.up && b.weight > 0);
+        let weighted = backends.iter().filter(|b| b.weight > 0);
+        let panic = weighted.clone().next().is_some() && !weighted.clone().any(|b| b.up);
         let members: Vec<Member> = backends
             .iter()
             .map(|b| Member {

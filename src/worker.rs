@@ -12,6 +12,7 @@
 use std::io;
 use std::net::TcpListener;
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -19,6 +20,7 @@ use std::time::Duration;
 use nix::errno::Errno;
 use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
 use nix::unistd::Pid;
+use socket2::SockRef;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tracing::{debug, error, warn};
 
@@ -86,8 +88,17 @@ pub fn spawn(
 
 /// Accepts until the control plane shuts the listening socket down.
 async fn accept_loop(listener: BoundListener, shared: &'static Shared) {
+    shared.accepting.fetch_add(1, Ordering::AcqRel);
+    accept_until_stopped(listener, shared).await;
+    shared.accepting.fetch_sub(1, Ordering::AcqRel);
+}
+
+async fn accept_until_stopped(listener: BoundListener, shared: &'static Shared) {
     let name: Rc<str> = listener.name.into();
-    let listener = tokio_uring::net::TcpListener::from_std(listener.socket);
+    let socket = listener.socket;
+    let stopped = |socket: &TcpListener| !SockRef::from(socket).is_listener().unwrap_or(false);
+    let raw = socket.try_clone().ok();
+    let listener = tokio_uring::net::TcpListener::from_std(socket);
     loop {
         match listener.accept().await {
             Ok((client, client_addr)) => {
@@ -95,18 +106,21 @@ async fn accept_loop(listener: BoundListener, shared: &'static Shared) {
                     // The client is already gone; serving it will notice.
                     debug!(listener = %name, "TCP_NODELAY on a new client: {e}");
                 }
+                // Counted before this loop can end: see `Shared::accepting`.
+                let active = relay::Active::new(shared);
                 let name = name.clone();
                 tokio_uring::spawn(async move {
-                    relay::serve(client, client_addr, &name, shared).await;
+                    relay::serve(client, client_addr, &name, active).await;
                 });
             }
             Err(e) => {
                 let errno = e.raw_os_error().map(Errno::from_raw);
                 match errno {
                     Some(Errno::ECONNABORTED) => continue,
-                    // shutdown() by the control plane: a reload removed the
-                    // listener, or sluice is stopping.
-                    Some(Errno::EINVAL) => {
+                    // shutdown() by the control plane (a reload removed the
+                    // listener, or sluice is stopping) leaves the socket no
+                    // longer listening; any other EINVAL is an error.
+                    Some(Errno::EINVAL) if raw.as_ref().is_none_or(stopped) => {
                         debug!(listener = %name, "listener stopped");
                         return;
                     }
@@ -119,7 +133,13 @@ async fn accept_loop(listener: BoundListener, shared: &'static Shared) {
                 // leaving new clients in the kernel's backlog meanwhile.
                 if matches!(
                     errno,
-                    Some(Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM)
+                    Some(
+                        Errno::EMFILE
+                            | Errno::ENFILE
+                            | Errno::ENOBUFS
+                            | Errno::ENOMEM
+                            | Errno::EINVAL
+                    )
                 ) {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }

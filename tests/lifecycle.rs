@@ -56,6 +56,22 @@ fn sigterm_refuses_new_connections_and_lets_open_ones_finish() {
 }
 
 #[test]
+fn sighup_during_a_drain_does_not_end_it() {
+    let (sluice, _server) = echo_sluice("");
+    let mut open = connect_from(client_ip(5), sluice.listen_addr());
+    echoes(&mut open, b"hello");
+    sluice.signal(Signal::SIGTERM);
+    sluice.wait_for_log("stopping");
+    // logrotate or `systemctl reload` must not cut the open connections.
+    sluice.signal(Signal::SIGHUP);
+    sluice.wait_for_log("SIGHUP while stopping: ignored");
+    echoes(&mut open, b"still draining");
+    drop(open);
+    sluice.wait_for_log("all connections finished");
+    assert_eq!(sluice.wait_exit().code(), Some(0));
+}
+
+#[test]
 fn a_second_signal_exits_at_once() {
     let (sluice, _server) = echo_sluice("");
     let mut open = connect_from(client_ip(2), sluice.listen_addr());

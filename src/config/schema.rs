@@ -436,6 +436,9 @@ impl<'de> Deserialize<'de> for Health {
 pub mod duration {
     use super::*;
 
+    /// Longer durations are mistakes, and would overflow timer arithmetic.
+    const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
         struct DurationVisitor;
         impl Visitor<'_> for DurationVisitor {
@@ -444,11 +447,17 @@ pub mod duration {
                 f.write_str("a duration such as `500ms`, `2s` or `1h`, or 0")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Duration, E> {
-                humantime::parse_duration(v).map_err(|e| {
+                let duration = humantime::parse_duration(v).map_err(|e| {
                     E::custom(format!(
                         "invalid duration {v:?}: {e} (write e.g. `500ms`, `2s`, `1h`)"
                     ))
-                })
+                })?;
+                if duration > MAX_DURATION {
+                    return Err(E::custom(format!(
+                        "duration {v:?} is longer than the limit of 365 days"
+                    )));
+                }
+                Ok(duration)
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Duration, E> {
                 match v {
