@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use metrics_exporter_prometheus::PrometheusHandle;
 use socket2::SockRef;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tokio::task::JoinHandle;
@@ -26,6 +27,7 @@ use tracing::{error, info, warn};
 
 use crate::config::{self, Config, HealthProbe};
 use crate::health::{self, PassiveHealth, ProbeFailure, Verdict};
+use crate::metrics::{self, BackendStats};
 use crate::net;
 use crate::signals::{Request, Signals};
 use crate::snapshot::{self, Backend, Pool, Snapshot};
@@ -72,6 +74,9 @@ type BackendKey = (String, String, SocketAddr);
 
 struct Tracked {
     passive: Arc<PassiveHealth>,
+    /// Its metric handles; made again on reload, since the listeners that
+    /// feed its pool may change.
+    stats: Arc<BackendStats>,
     verdict: Verdict,
     /// The running probe task and the settings it runs with.
     prober: Option<(HealthProbe, JoinHandle<()>)>,
@@ -109,6 +114,8 @@ pub struct Controller {
     resolvers: Vec<JoinHandle<()>>,
     /// Pools routing over all backends because none is up.
     panicking: HashSet<String>,
+    /// The admin endpoint's socket and the metrics it serves, until `run`.
+    admin: Option<(TcpListener, PrometheusHandle)>,
     reloads: (u64, u64),
 }
 
@@ -121,6 +128,17 @@ impl Controller {
         config: Config,
         workers: usize,
     ) -> Result<(Controller, Vec<Vec<BoundListener>>), String> {
+        // Before any snapshot: metric handles register with the recorder.
+        let admin = match config.admin.as_ref().and_then(|a| a.listen) {
+            Some(addr) => {
+                let handle = metrics::install()?;
+                let socket = TcpListener::bind(addr.0)
+                    .and_then(|s| s.set_nonblocking(true).map(|()| s))
+                    .map_err(|e| format!("admin: cannot listen on {}: {e}", addr.0))?;
+                Some((socket, handle))
+            }
+            None => None,
+        };
         let mut bound: Vec<Vec<BoundListener>> = (0..workers).map(|_| Vec::new()).collect();
         let mut listeners = HashMap::new();
         for (name, listener) in &config.listeners {
@@ -149,6 +167,7 @@ impl Controller {
             next_id: 1,
             resolvers: Vec::new(),
             panicking: HashSet::new(),
+            admin,
             reloads: (0, 0),
         };
         controller.track_backends(false);
@@ -171,6 +190,13 @@ impl Controller {
     pub fn run(mut self) -> Result<(), String> {
         tokio_uring::start(async move {
             let signals = Signals::open().map_err(|e| format!("cannot read signals: {e}"))?;
+            if let Some((socket, handle)) = self.admin.take() {
+                let address = socket.local_addr().map_err(|e| format!("admin: {e}"))?;
+                let socket =
+                    tokio::net::TcpListener::from_std(socket).map_err(|e| format!("admin: {e}"))?;
+                tokio::task::spawn_local(metrics::serve(socket, handle));
+                info!(%address, "metrics at http://{address}/metrics");
+            }
             self.start_tasks();
             info!(
                 version = env!("CARGO_PKG_VERSION"),
@@ -218,6 +244,12 @@ impl Controller {
         let Some(probe) = self.config.pools[&key.0].health.probe() else {
             return;
         };
+        let result = match &outcome {
+            Ok(()) => "ok",
+            Err(ProbeFailure::Timeout(_)) => "timeout",
+            Err(_) => "fail",
+        };
+        metrics::health_check(&key.0, &key.1, result);
         let tracked = self.backends.get_mut(&key).expect("ids and backends agree");
         if !tracked
             .verdict
@@ -332,11 +364,13 @@ impl Controller {
         let outcome = loaded.and_then(|config| self.apply(config));
         match outcome {
             Ok(()) => {
+                metrics::reload(true);
                 self.reloads.0 += 1;
                 let (up, backends) = self.backends_up();
                 info!(config = %self.path.display(), up, backends, "configuration reloaded");
             }
             Err(e) => {
+                metrics::reload(false);
                 self.reloads.1 += 1;
                 error!("reload failed, the configuration in use is unchanged: {e}");
             }
@@ -363,6 +397,11 @@ impl Controller {
             ("pin_workers", config.pin_workers != self.config.pin_workers),
             ("log.level", config.log.level != self.config.log.level),
             ("log.format", config.log.format != self.config.log.format),
+            (
+                "admin.listen",
+                config.admin.as_ref().map(|a| a.listen)
+                    != self.config.admin.as_ref().map(|a| a.listen),
+            ),
         ];
         for (key, changed) in restart_only {
             if changed {
@@ -424,7 +463,9 @@ impl Controller {
         let mut present = HashSet::new();
         for (pool_name, pool) in &self.config.pools {
             let settings = pool.health.probe();
+            let listeners = snapshot::listeners_of(&self.config, pool_name);
             for endpoint in pool.endpoints() {
+                let stats = Arc::new(BackendStats::new(&endpoint.name, &listeners));
                 let key = (pool_name.clone(), endpoint.name.clone(), endpoint.addr);
                 present.insert(key.clone());
                 let tracked = self.backends.entry(key.clone()).or_insert_with(|| {
@@ -433,10 +474,12 @@ impl Controller {
                     self.ids.insert(id, key.clone());
                     Tracked {
                         passive: Arc::new(PassiveHealth::new(id)),
+                        stats: stats.clone(),
                         verdict: Verdict::up(),
                         prober: None,
                     }
                 });
+                tracked.stats = stats;
                 if !probes {
                     continue;
                 }
@@ -540,7 +583,13 @@ impl Controller {
             .map(|endpoint| {
                 let tracked =
                     &self.backends[&(name.to_owned(), endpoint.name.clone(), endpoint.addr)];
-                Backend::new(endpoint, tracked.verdict.up, tracked.passive.clone())
+                metrics::backend_up(name, &endpoint.name, tracked.verdict.up);
+                Backend::new(
+                    endpoint,
+                    tracked.verdict.up,
+                    tracked.passive.clone(),
+                    tracked.stats.clone(),
+                )
             })
             .collect();
         let pool = Pool::build(name, config, backends);

@@ -12,6 +12,7 @@
 //! - [`worker`]: thread-per-core runtimes and accept loops.
 //! - [`relay`]: one connection: dial the backend, move the bytes.
 //! - [`net`]: socket options, listening and connecting.
+//! - [`metrics`]: Prometheus metrics and the admin endpoint.
 //! - [`signals`], [`systemd`], [`logging`]: process plumbing.
 
 pub mod balancer;
@@ -19,6 +20,7 @@ pub mod config;
 pub mod control;
 pub mod health;
 pub mod logging;
+pub mod metrics;
 pub mod net;
 pub mod relay;
 pub mod signals;

@@ -16,7 +16,9 @@ use std::io;
 use std::net::{Shutdown, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Instant;
 
+use metrics::Counter;
 use tokio_uring::buf::BoundedBuf;
 use tokio_uring::net::TcpStream;
 use tracing::{debug, warn};
@@ -24,6 +26,7 @@ use tracing::{debug, warn};
 use crate::control::{Event, Shared};
 use crate::health::PassiveHealth;
 use crate::logging::Throttle;
+use crate::metrics::{BackendStats, ErrorReason, ListenerStats};
 use crate::net;
 use crate::snapshot::Pool;
 
@@ -40,6 +43,7 @@ struct Dialed {
     stream: TcpStream,
     name: Arc<str>,
     passive: Arc<PassiveHealth>,
+    stats: Arc<BackendStats>,
     eject_after: Option<u32>,
 }
 
@@ -67,13 +71,14 @@ pub async fn serve(client: TcpStream, client_addr: SocketAddr, listener: &str, a
         // Held only while dialing: a long connection must not keep an old
         // snapshot alive.
         let snapshot = shared.snapshot.load();
-        let Some(pool) = snapshot.pool_for(listener) else {
+        let Some((pool, listener_stats)) = snapshot.pool_for(listener) else {
             // The listener was removed from the configuration since accept.
             return;
         };
-        match dial(pool, client_addr, shared).await {
+        match dial(pool, client_addr, listener_stats, shared).await {
             Ok(dialed) => dialed,
             Err(error) => {
+                listener_stats.error(ErrorReason::NoBackend);
                 if let Some(suppressed) = NO_BACKEND.allow() {
                     warn!(
                         listener,
@@ -88,13 +93,21 @@ pub async fn serve(client: TcpStream, client_addr: SocketAddr, listener: &str, a
         }
     };
 
-    let to_backend = Cell::new(0u64);
-    let to_client = Cell::new(0u64);
+    let route = backend.stats.route(listener);
+    if let Some(route) = route {
+        route.connections.increment(1);
+        route.active.increment(1.0);
+    }
+    let to_backend = Bytes::new(route.map(|r| &r.to_backend));
+    let to_client = Bytes::new(route.map(|r| &r.to_client));
     let outcome = tokio::try_join!(
         copy(&client, &backend.stream, &to_backend, Side::Client),
         copy(&backend.stream, &client, &to_client, Side::Backend),
     );
-    let (to_backend, to_client) = (to_backend.get(), to_client.get());
+    if let Some(route) = route {
+        route.active.decrement(1.0);
+    }
+    let (to_backend, to_client) = (to_backend.total.get(), to_client.total.get());
     match outcome {
         Ok(_) => {
             backend.passive.record_success();
@@ -125,20 +138,36 @@ pub async fn serve(client: TcpStream, client_addr: SocketAddr, listener: &str, a
 
 /// Connects to the first reachable backend in the client's preference
 /// order, trying at most `retries` more after the first.
-async fn dial(pool: &Pool, client_addr: SocketAddr, shared: &'static Shared) -> io::Result<Dialed> {
+async fn dial(
+    pool: &Pool,
+    client_addr: SocketAddr,
+    listener_stats: &ListenerStats,
+    shared: &'static Shared,
+) -> io::Result<Dialed> {
     let mut last_error = None;
     for backend in pool.candidates(client_addr) {
+        let started = Instant::now();
         match net::connect(backend.addr, pool.connect_timeout).await {
             Ok(stream) => {
+                backend
+                    .stats
+                    .connect_seconds
+                    .record(started.elapsed().as_secs_f64());
                 return Ok(Dialed {
                     stream: TcpStream::from_std(stream),
                     name: backend.name.clone(),
                     passive: backend.passive.clone(),
+                    stats: backend.stats.clone(),
                     eject_after: pool.eject_after,
-                })
+                });
             }
             Err(error) => {
                 debug!(backend = %backend.name, client = %client_addr, "connect failed: {error}");
+                listener_stats.error(if error.kind() == io::ErrorKind::TimedOut {
+                    ErrorReason::ConnectTimeout
+                } else {
+                    ErrorReason::ConnectRefused
+                });
                 report_failure(&backend.passive, pool.eject_after, shared);
                 last_error = Some(io::Error::new(
                     error.kind(),
@@ -186,12 +215,35 @@ struct Failure {
     error: io::Error,
 }
 
+/// Bytes moved in one direction: a local total for the end of the
+/// connection, and the Prometheus counter, which moves as they go.
+struct Bytes<'a> {
+    total: Cell<u64>,
+    counter: Option<&'a Counter>,
+}
+
+impl<'a> Bytes<'a> {
+    fn new(counter: Option<&'a Counter>) -> Bytes<'a> {
+        Bytes {
+            total: Cell::new(0),
+            counter,
+        }
+    }
+
+    fn add(&self, n: u64) {
+        self.total.set(self.total.get() + n);
+        if let Some(counter) = self.counter {
+            counter.increment(n);
+        }
+    }
+}
+
 /// Copies `from` → `to` until `from` sends FIN, then passes the FIN on.
 /// `from_side` names `from`; `copied` counts the bytes as they go.
 async fn copy(
     from: &TcpStream,
     to: &TcpStream,
-    copied: &Cell<u64>,
+    copied: &Bytes<'_>,
     from_side: Side,
 ) -> Result<(), Failure> {
     let to_side = match from_side {
@@ -214,6 +266,6 @@ async fn copy(
         let (written, slice) = to.write_all(buf.slice(..n)).await;
         buf = slice.into_inner();
         written.map_err(|e| fail(to_side, e))?;
-        copied.set(copied.get() + n as u64);
+        copied.add(n as u64);
     }
 }

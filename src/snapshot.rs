@@ -19,12 +19,20 @@ use crate::balancer::key_hash;
 use crate::balancer::maglev::{Maglev, Member};
 use crate::config::{self, Config, HashKey};
 use crate::health::PassiveHealth;
+use crate::metrics::{BackendStats, ListenerStats};
 
 #[derive(Clone)]
 pub struct Snapshot {
-    /// Listener name → index into `pools`.
-    routes: HashMap<String, usize>,
+    routes: HashMap<String, Route>,
     pools: Vec<Arc<Pool>>,
+}
+
+/// Where a listener's connections go, and its metric handles.
+#[derive(Clone)]
+pub struct Route {
+    /// Index into `Snapshot::pools`.
+    pool: usize,
+    pub stats: Arc<ListenerStats>,
 }
 
 pub struct Pool {
@@ -53,10 +61,11 @@ pub struct Backend {
     pub up: bool,
     /// Shared with the control plane; survives rebuilds and reloads.
     pub passive: Arc<PassiveHealth>,
+    pub stats: Arc<BackendStats>,
 }
 
 impl Snapshot {
-    pub fn new(routes: HashMap<String, usize>, pools: Vec<Arc<Pool>>) -> Snapshot {
+    pub fn new(routes: HashMap<String, Route>, pools: Vec<Arc<Pool>>) -> Snapshot {
         Snapshot { routes, pools }
     }
 
@@ -67,10 +76,14 @@ impl Snapshot {
             .pools
             .iter()
             .map(|(name, pool)| {
+                let listeners = listeners_of(config, name);
                 let backends = pool
                     .endpoints()
                     .into_iter()
-                    .map(|e| Backend::new(&e, true, Arc::new(PassiveHealth::new(0))))
+                    .map(|e| {
+                        let stats = Arc::new(BackendStats::new(&e.name, &listeners));
+                        Backend::new(&e, true, Arc::new(PassiveHealth::new(0)), stats)
+                    })
                     .collect();
                 Arc::new(Pool::build(name, pool, backends))
             })
@@ -85,9 +98,12 @@ impl Snapshot {
         next
     }
 
-    /// The pool that connections accepted by `listener` go to.
-    pub fn pool_for(&self, listener: &str) -> Option<&Pool> {
-        self.routes.get(listener).map(|&i| &*self.pools[i])
+    /// The pool that connections accepted by `listener` go to, and the
+    /// listener's metric handles.
+    pub fn pool_for(&self, listener: &str) -> Option<(&Pool, &ListenerStats)> {
+        self.routes
+            .get(listener)
+            .map(|route| (&*self.pools[route.pool], &*route.stats))
     }
 
     pub fn pool(&self, name: &str) -> Option<&Pool> {
@@ -99,9 +115,10 @@ impl Snapshot {
     }
 }
 
-/// Listener name → index of its pool in `config.pools` (a `BTreeMap`, so
-/// pools are indexed in name order wherever snapshots are built).
-pub fn routes(config: &Config) -> HashMap<String, usize> {
+/// Every listener's route: its pool's index in `config.pools` (a
+/// `BTreeMap`, so pools are indexed in name order wherever snapshots are
+/// built) and its metric handles.
+pub fn routes(config: &Config) -> HashMap<String, Route> {
     config
         .listeners
         .iter()
@@ -111,8 +128,19 @@ pub fn routes(config: &Config) -> HashMap<String, usize> {
                 .keys()
                 .position(|p| *p == listener.pool)
                 .expect("validation checked that every listener's pool exists");
-            (name.clone(), pool)
+            let stats = Arc::new(ListenerStats::new(name));
+            (name.clone(), Route { pool, stats })
         })
+        .collect()
+}
+
+/// The listeners whose connections go to `pool`.
+pub fn listeners_of<'a>(config: &'a Config, pool: &str) -> Vec<&'a str> {
+    config
+        .listeners
+        .iter()
+        .filter(|(_, l)| l.pool == pool)
+        .map(|(name, _)| name.as_str())
         .collect()
 }
 
@@ -157,13 +185,19 @@ impl Pool {
 }
 
 impl Backend {
-    pub fn new(endpoint: &config::Endpoint, up: bool, passive: Arc<PassiveHealth>) -> Backend {
+    pub fn new(
+        endpoint: &config::Endpoint,
+        up: bool,
+        passive: Arc<PassiveHealth>,
+        stats: Arc<BackendStats>,
+    ) -> Backend {
         Backend {
             name: endpoint.name.as_str().into(),
             addr: endpoint.addr,
             weight: endpoint.weight,
             up,
             passive,
+            stats,
         }
     }
 }

@@ -283,10 +283,6 @@ fn features_not_built_yet_are_refused() {
         "sluice: sluice.yaml:8:15: pools.redis.health.preset: not supported yet in this version of sluice: probe presets (write `send` and `expect`)"
     );
     assert_eq!(
-        rejected(&format!("admin:\n  listen: 127.0.0.1:9137\n{VALID}")),
-        "sluice: sluice.yaml:2:3: admin: not supported yet in this version of sluice: the admin endpoint (Prometheus metrics)"
-    );
-    assert_eq!(
         rejected(&with("pool: redis", "pool: redis\n    accept_proxy: true")),
         "sluice: sluice.yaml:5:19: listeners.redis.accept_proxy: not supported yet in this version of sluice: the PROXY protocol"
     );

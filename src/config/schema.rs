@@ -43,7 +43,7 @@ pub enum Workers {
     Count(usize),
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Admin {
     pub listen: Option<ListenAddr>,

@@ -243,9 +243,6 @@ fn reject_unsupported(config: &Config) -> Result<(), Problem> {
             format!("not supported yet in this version of sluice: {what}"),
         ))
     };
-    if config.admin.is_some() {
-        return unsupported("admin".into(), "the admin endpoint (Prometheus metrics)");
-    }
     if config.log.connections {
         return unsupported("log.connections".into(), "logging every connection");
     }

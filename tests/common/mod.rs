@@ -145,11 +145,12 @@ impl Sluice {
         }
     }
 
-    /// The first listen address in the configuration.
+    /// The first listener's address in the configuration.
     pub fn listen_addr(&self) -> SocketAddr {
         let text = std::fs::read_to_string(self.config_path()).unwrap();
         let line = text
             .lines()
+            .skip_while(|l| !l.starts_with("listeners:"))
             .find(|l| l.trim_start().starts_with("listen:"))
             .expect("a listener in the configuration");
         let value = line.split_once(':').unwrap().1.trim();

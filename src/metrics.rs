@@ -1,0 +1,257 @@
+//! Prometheus metrics (SPEC "Metrics") and the admin endpoint that serves
+//! them at `admin.listen` `/metrics`.
+//!
+//! The data path never formats a label nor looks a metric up: every handle
+//! it touches ([`ListenerStats`], [`BackendStats`]) is registered when a
+//! snapshot is built, by the control plane, and reaches the workers inside
+//! the snapshot. Each handle is one shared atomic. Without `admin.listen` no
+//! recorder is installed and the handles do nothing.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics::{Counter, Gauge, Histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::{debug, warn};
+
+/// Why a connection failed, as the `reason` label of
+/// `sluice_connection_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorReason {
+    /// The client was turned away: no backend could be reached.
+    NoBackend,
+    /// One connect attempt timed out.
+    ConnectTimeout,
+    /// One connect attempt was refused (or failed otherwise).
+    ConnectRefused,
+}
+
+const REASONS: [(ErrorReason, &str); 3] = [
+    (ErrorReason::NoBackend, "no_backend"),
+    (ErrorReason::ConnectTimeout, "connect_timeout"),
+    (ErrorReason::ConnectRefused, "connect_refused"),
+];
+
+/// Handles of one listener.
+pub struct ListenerStats {
+    errors: [Counter; REASONS.len()],
+}
+
+impl ListenerStats {
+    pub fn new(listener: &str) -> ListenerStats {
+        ListenerStats {
+            errors: REASONS.map(|(_, reason)| {
+                counter!("sluice_connection_errors_total", "listener" => listener.to_owned(), "reason" => reason)
+            }),
+        }
+    }
+
+    pub fn error(&self, reason: ErrorReason) {
+        let index = REASONS
+            .iter()
+            .position(|(r, _)| *r == reason)
+            .expect("every reason is listed");
+        self.errors[index].increment(1);
+    }
+}
+
+/// Handles of one backend: its connect latency, and per listener that
+/// feeds its pool, its connections and bytes.
+pub struct BackendStats {
+    pub connect_seconds: Histogram,
+    routes: Vec<(Arc<str>, RouteStats)>,
+}
+
+/// Handles of one (listener, backend) pair.
+#[derive(Clone)]
+pub struct RouteStats {
+    pub connections: Counter,
+    pub active: Gauge,
+    pub to_backend: Counter,
+    pub to_client: Counter,
+}
+
+impl BackendStats {
+    pub fn new(backend: &str, listeners: &[&str]) -> BackendStats {
+        let routes = listeners
+            .iter()
+            .map(|&listener| {
+                let labels = [
+                    ("listener", listener.to_owned()),
+                    ("backend", backend.to_owned()),
+                ];
+                let bytes = |direction: &'static str| {
+                    let mut labels = labels.to_vec();
+                    labels.push(("direction", direction.to_owned()));
+                    counter!("sluice_bytes_total", &labels)
+                };
+                let stats = RouteStats {
+                    connections: counter!("sluice_connections_total", &labels),
+                    active: gauge!("sluice_connections_active", &labels),
+                    to_backend: bytes("to_backend"),
+                    to_client: bytes("to_client"),
+                };
+                (Arc::from(listener), stats)
+            })
+            .collect();
+        BackendStats {
+            connect_seconds: histogram!("sluice_backend_connect_seconds", "backend" => backend.to_owned()),
+            routes,
+        }
+    }
+
+    /// The handles for connections from `listener` (one of the few that
+    /// feed this pool: a short scan, once per connection).
+    pub fn route(&self, listener: &str) -> Option<&RouteStats> {
+        self.routes
+            .iter()
+            .find(|(name, _)| &**name == listener)
+            .map(|(_, stats)| stats)
+    }
+}
+
+/// Control-plane metrics: set where they happen, off the data path.
+pub fn backend_up(pool: &str, backend: &str, up: bool) {
+    gauge!("sluice_backend_up", "pool" => pool.to_owned(), "backend" => backend.to_owned())
+        .set(if up { 1.0 } else { 0.0 });
+}
+
+pub fn health_check(pool: &str, backend: &str, result: &'static str) {
+    counter!("sluice_health_checks_total", "pool" => pool.to_owned(), "backend" => backend.to_owned(), "result" => result)
+        .increment(1);
+}
+
+pub fn reload(ok: bool) {
+    counter!("sluice_config_reloads_total", "result" => if ok { "ok" } else { "fail" })
+        .increment(1);
+}
+
+/// Connect latency buckets, in seconds: loopback to cross-region.
+const CONNECT_BUCKETS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// Installs the process-wide Prometheus recorder; call once, before any
+/// snapshot is built.
+pub fn install() -> Result<PrometheusHandle, String> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full("sluice_backend_connect_seconds".into()),
+            &CONNECT_BUCKETS,
+        )
+        .map_err(|e| format!("metrics: {e}"))?
+        .install_recorder()
+        .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
+    describe_counter!(
+        "sluice_connections_total",
+        "Connections relayed to a backend."
+    );
+    describe_gauge!("sluice_connections_active", "Connections open now.");
+    describe_counter!(
+        "sluice_connection_errors_total",
+        "Failed connect attempts (connect_*) and clients turned away (no_backend)."
+    );
+    describe_counter!(
+        "sluice_bytes_total",
+        Unit::Bytes,
+        "Bytes relayed, counted as they move."
+    );
+    describe_histogram!(
+        "sluice_backend_connect_seconds",
+        Unit::Seconds,
+        "Time to establish a backend connection."
+    );
+    describe_gauge!(
+        "sluice_backend_up",
+        "1 if the backend is in rotation, 0 if not."
+    );
+    describe_counter!("sluice_health_checks_total", "Active probes by result.");
+    describe_counter!(
+        "sluice_config_reloads_total",
+        "Configuration reloads by result."
+    );
+    describe_gauge!("sluice_build_info", "Always 1; the version is a label.");
+    gauge!("sluice_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    Ok(handle)
+}
+
+/// Largest request head the admin endpoint reads.
+const MAX_REQUEST: usize = 8192;
+
+/// Serves `GET /metrics` on `listener` until the process ends. Runs on the
+/// control plane's runtime; each scrape is a task of its own.
+pub async fn serve(listener: tokio::net::TcpListener, handle: PrometheusHandle) {
+    let handle = Arc::new(handle);
+    // Histograms keep samples until rendered: drain them even when nobody
+    // scrapes.
+    let upkeep = handle.clone();
+    tokio::task::spawn_local(async move {
+        let mut ticker = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            ticker.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let handle = handle.clone();
+                tokio::task::spawn_local(async move {
+                    let answered =
+                        tokio::time::timeout(Duration::from_secs(10), answer(stream, &handle))
+                            .await;
+                    if !matches!(answered, Ok(Ok(()))) {
+                        debug!(%peer, "admin request failed or timed out");
+                    }
+                });
+            }
+            Err(e) => {
+                warn!("admin endpoint: cannot accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// One HTTP/1.x exchange: reads the request head, answers, closes.
+async fn answer(
+    mut stream: tokio::net::TcpStream,
+    handle: &PrometheusHandle,
+) -> std::io::Result<()> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let request_line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+    let mut parts = request_line.split(|&b| b == b' ');
+    let (method, path) = (
+        parts.next().unwrap_or_default(),
+        parts.next().unwrap_or_default(),
+    );
+    let (status, content_type, body) = match (method, path) {
+        (b"GET", b"/metrics") => ("200 OK", "text/plain; version=0.0.4", handle.render()),
+        (b"GET", _) => (
+            "404 Not Found",
+            "text/plain",
+            "not found: try /metrics\n".to_owned(),
+        ),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "only GET\n".to_owned(),
+        ),
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}

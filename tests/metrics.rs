@@ -1,0 +1,220 @@
+//! The Prometheus endpoint, scraped during a run: every SPEC family is
+//! there with its labels; bytes move while a connection is open; the active
+//! gauge follows open connections; backend_up follows a backend going down;
+//! reloads are counted.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+
+use common::*;
+
+/// GETs `path` from the admin endpoint: (status line, body).
+fn get(admin: SocketAddr, path: &str) -> (String, String) {
+    let mut stream = TcpStream::connect(admin).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: sluice\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_owned(), body.to_owned())
+}
+
+/// The value of the sample of `family` whose labels contain every one of
+/// `labels` (`key="value"`), if there is one.
+fn sample(body: &str, family: &str, labels: &[&str]) -> Option<f64> {
+    body.lines()
+        .filter(|l| l.starts_with(&format!("{family}{{")) || l.starts_with(&format!("{family} ")))
+        .find(|l| labels.iter().all(|label| l.contains(label)))
+        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+}
+
+fn scrape(admin: SocketAddr) -> String {
+    let (status, body) = get(admin, "/metrics");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    body
+}
+
+#[test]
+fn every_family_moves_with_the_traffic() {
+    let (mut servers, backends) = name_servers(2);
+    let admin = free_addr(unique_loopback());
+    let text = format!(
+        "admin:\n  listen: {admin}\n{}",
+        config(
+            free_addr(unique_loopback()),
+            &backends,
+            "    health: { interval: 100ms, timeout: 50ms, fall: 1, rise: 1 }\n"
+        )
+    );
+    let sluice = Sluice::start(&text);
+    let front = sluice.listen_addr();
+
+    // A connection that stays open: bytes show before it closes.
+    let mut open = connect_from(client_ip(1), front);
+    let mut name = [0u8; 10];
+    open.read_exact(&mut name).unwrap();
+    let backend = String::from_utf8_lossy(&name[..9]).into_owned();
+    let route = [r#"listener="front""#, &format!(r#"backend="{backend}""#)];
+    open.write_all(&[b'x'; 1000]).unwrap();
+    let mut echo = [0u8; 1000];
+    open.read_exact(&mut echo).unwrap();
+    let bytes = |body: &str, direction: &str| {
+        let mut labels = route.to_vec();
+        let direction = format!(r#"direction="{direction}""#);
+        labels.push(&direction);
+        sample(body, "sluice_bytes_total", &labels).unwrap_or(0.0)
+    };
+    // Counted once each write completes, which the client may see first.
+    wait_until("bytes counted while the connection is open", || {
+        let body = scrape(admin);
+        bytes(&body, "to_backend") == 1000.0 && bytes(&body, "to_client") == 1010.0
+    });
+    let body = scrape(admin);
+    assert_eq!(
+        sample(&body, "sluice_connections_active", &route),
+        Some(1.0)
+    );
+    assert_eq!(sample(&body, "sluice_connections_total", &route), Some(1.0));
+
+    drop(open);
+    wait_until("the active gauge to drop", || {
+        sample(&scrape(admin), "sluice_connections_active", &route) == Some(0.0)
+    });
+
+    // A backend going down shows in backend_up, in the health checks and,
+    // for a connect that races the probe, in the errors.
+    let up = |body: &str| {
+        sample(
+            body,
+            "sluice_backend_up",
+            &[r#"pool="back""#, r#"backend="backend-1""#],
+        )
+    };
+    assert_eq!(up(&scrape(admin)), Some(1.0));
+    wait_until("a successful probe of backend-1", || {
+        let body = scrape(admin);
+        sample(
+            &body,
+            "sluice_health_checks_total",
+            &[r#"backend="backend-1""#, r#"result="ok""#],
+        )
+        .is_some()
+    });
+    servers[1].stop();
+    sluice.wait_for_log("backend is down");
+    let body = scrape(admin);
+    assert_eq!(up(&body), Some(0.0));
+    let checks = |result: &str| {
+        sample(
+            &body,
+            "sluice_health_checks_total",
+            &[r#"backend="backend-1""#, &format!(r#"result="{result}""#)],
+        )
+    };
+    assert!(checks("ok").unwrap() >= 1.0);
+    assert!(checks("fail").unwrap() >= 1.0);
+
+    // Reloads, good and bad.
+    assert!(sluice.reload(&text).contains("configuration reloaded"));
+    assert!(sluice.reload("listeners: [").contains("reload failed"));
+    let body = scrape(admin);
+    assert_eq!(
+        sample(&body, "sluice_config_reloads_total", &[r#"result="ok""#]),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&body, "sluice_config_reloads_total", &[r#"result="fail""#]),
+        Some(1.0)
+    );
+
+    // The remaining families, with their labels.
+    assert!(
+        sample(
+            &body,
+            "sluice_backend_connect_seconds_bucket",
+            &[&format!(r#"backend="{backend}""#), r#"le="0.001""#]
+        )
+        .is_some(),
+        "{body}"
+    );
+    assert!(sample(
+        &body,
+        "sluice_connection_errors_total",
+        &[r#"listener="front""#, r#"reason="no_backend""#]
+    )
+    .is_some());
+    assert_eq!(
+        sample(
+            &body,
+            "sluice_build_info",
+            &[&format!(r#"version="{}""#, env!("CARGO_PKG_VERSION"))]
+        ),
+        Some(1.0)
+    );
+    for family in [
+        "sluice_connections_total counter",
+        "sluice_connections_active gauge",
+        "sluice_connection_errors_total counter",
+        "sluice_bytes_total counter",
+        "sluice_backend_connect_seconds histogram",
+        "sluice_backend_up gauge",
+        "sluice_health_checks_total counter",
+        "sluice_config_reloads_total counter",
+        "sluice_build_info gauge",
+    ] {
+        assert!(
+            body.contains(&format!("# TYPE {family}")),
+            "no {family} in\n{body}"
+        );
+    }
+}
+
+#[test]
+fn clients_turned_away_are_counted_by_reason() {
+    let dead = [("dead".to_owned(), free_addr(unique_loopback()))];
+    let admin = free_addr(unique_loopback());
+    let text = format!(
+        "admin:\n  listen: {admin}\n{}",
+        config(free_addr(unique_loopback()), &dead, "    retries: 0\n")
+    );
+    let sluice = Sluice::start(&text);
+    for i in 0..3 {
+        let mut stream = connect_from(client_ip(i), sluice.listen_addr());
+        let mut buf = [0u8; 1];
+        assert!(matches!(stream.read(&mut buf), Ok(0) | Err(_)));
+    }
+    wait_until("three clients counted", || {
+        sample(
+            &scrape(admin),
+            "sluice_connection_errors_total",
+            &[r#"reason="no_backend""#],
+        ) == Some(3.0)
+    });
+    let body = scrape(admin);
+    assert_eq!(
+        sample(
+            &body,
+            "sluice_connection_errors_total",
+            &[r#"reason="connect_refused""#]
+        ),
+        Some(3.0)
+    );
+}
+
+#[test]
+fn the_admin_endpoint_answers_only_get_metrics() {
+    let (_servers, backends) = name_servers(1);
+    let admin = free_addr(unique_loopback());
+    let sluice = Sluice::start(&format!(
+        "admin:\n  listen: {admin}\n{}",
+        config(free_addr(unique_loopback()), &backends, "")
+    ));
+    assert_eq!(get(admin, "/").0, "HTTP/1.1 404 Not Found");
+    let mut stream = TcpStream::connect(admin).unwrap();
+    stream.write_all(b"POST /metrics HTTP/1.1\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 405"), "{response}");
+    drop(sluice);
+}
