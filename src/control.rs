@@ -398,6 +398,10 @@ impl Controller {
             ("log.level", config.log.level != self.config.log.level),
             ("log.format", config.log.format != self.config.log.format),
             (
+                "log.connections",
+                config.log.connections != self.config.log.connections,
+            ),
+            (
                 "admin.listen",
                 config.admin.as_ref().map(|a| a.listen)
                     != self.config.admin.as_ref().map(|a| a.listen),

@@ -6,7 +6,7 @@
 //! [`Throttle`] so that a dead pool cannot flood the log.
 
 use std::io::IsTerminal;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -14,8 +14,16 @@ use tracing_subscriber::filter::LevelFilter;
 
 use crate::config::{LogFormat, LogLevel};
 
+/// `log.connections`: one line per closed connection. Set once at start.
+static CONNECTIONS: AtomicBool = AtomicBool::new(false);
+
+pub fn log_connections() -> bool {
+    CONNECTIONS.load(Ordering::Relaxed)
+}
+
 /// Installs the global subscriber. Called once, before any worker starts.
-pub fn init(level: LogLevel, format: LogFormat) {
+pub fn init(level: LogLevel, format: LogFormat, connections: bool) {
+    CONNECTIONS.store(connections, Ordering::Relaxed);
     let level = match level {
         LogLevel::Error => LevelFilter::ERROR,
         LogLevel::Warn => LevelFilter::WARN,

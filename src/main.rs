@@ -141,7 +141,7 @@ fn explain(path: &Path, pool_name: &str, client: &str) -> Result<(), String> {
 /// Runs the balancer until SIGTERM or SIGINT.
 fn run(path: &Path) -> Result<(), String> {
     let config = config::load(path).map_err(|e| e.to_string())?;
-    logging::init(config.log.level, config.log.format);
+    logging::init(config.log.level, config.log.format, config.log.connections);
     abort_on_panic();
     // Before any thread exists, so that every thread inherits the mask and
     // only the control plane's signalfd sees the signals.

@@ -21,11 +21,11 @@ use std::time::Instant;
 use metrics::Counter;
 use tokio_uring::buf::BoundedBuf;
 use tokio_uring::net::TcpStream;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::control::{Event, Shared};
 use crate::health::PassiveHealth;
-use crate::logging::Throttle;
+use crate::logging::{self, Throttle};
 use crate::metrics::{BackendStats, ErrorReason, ListenerStats};
 use crate::net;
 use crate::snapshot::Pool;
@@ -67,6 +67,7 @@ impl Drop for Active {
 /// Serves one accepted connection from `client_addr` on `listener`.
 pub async fn serve(client: TcpStream, client_addr: SocketAddr, listener: &str, active: Active) {
     let shared = active.0;
+    let accepted = Instant::now();
     let backend = {
         // Held only while dialing: a long connection must not keep an old
         // snapshot alive.
@@ -88,6 +89,7 @@ pub async fn serve(client: TcpStream, client_addr: SocketAddr, listener: &str, a
                         "no backend reachable, closing the client: {error}"
                     );
                 }
+                log_closed(listener, client_addr, "-", (0, 0), accepted, "no backend");
                 return;
             }
         }
@@ -100,24 +102,38 @@ pub async fn serve(client: TcpStream, client_addr: SocketAddr, listener: &str, a
     }
     let to_backend = Bytes::new(route.map(|r| &r.to_backend));
     let to_client = Bytes::new(route.map(|r| &r.to_client));
+    let first_fin = Cell::new(None);
     let outcome = tokio::try_join!(
-        copy(&client, &backend.stream, &to_backend, Side::Client),
-        copy(&backend.stream, &client, &to_client, Side::Backend),
+        copy(
+            &client,
+            &backend.stream,
+            &to_backend,
+            Side::Client,
+            &first_fin
+        ),
+        copy(
+            &backend.stream,
+            &client,
+            &to_client,
+            Side::Backend,
+            &first_fin
+        ),
     );
     if let Some(route) = route {
         route.active.decrement(1.0);
     }
     let (to_backend, to_client) = (to_backend.total.get(), to_client.total.get());
+    let bytes = (to_backend, to_client);
     match outcome {
         Ok(_) => {
             backend.passive.record_success();
-            debug!(listener, client = %client_addr, backend = %backend.name, to_backend, to_client, "connection closed");
+            let close = match first_fin.get() {
+                Some(Side::Backend) => "backend FIN",
+                _ => "client FIN",
+            };
+            log_closed(listener, client_addr, &backend.name, bytes, accepted, close);
         }
         Err(failure) => {
-            debug!(
-                listener, client = %client_addr, backend = %backend.name, to_backend, to_client,
-                "connection aborted by the {}: {}", failure.side, failure.error
-            );
             // A backend that resets before saying anything is failing, the
             // same as one that refuses the connection; one that answered
             // worked. A client that leaves early says nothing either way.
@@ -132,7 +148,43 @@ pub async fn serve(client: TcpStream, client_addr: SocketAddr, listener: &str, a
             }
             net::abort(&client);
             net::abort(&backend.stream);
+            let close = if reset {
+                format!("{} reset", failure.side)
+            } else {
+                format!("{} error: {}", failure.side, failure.error)
+            };
+            log_closed(
+                listener,
+                client_addr,
+                &backend.name,
+                bytes,
+                accepted,
+                &close,
+            );
         }
+    }
+}
+
+/// With `log.connections`, one line per closed connection.
+fn log_closed(
+    listener: &str,
+    client: SocketAddr,
+    backend: &str,
+    (to_backend, to_client): (u64, u64),
+    accepted: Instant,
+    close: &str,
+) {
+    if logging::log_connections() {
+        info!(
+            listener,
+            %client,
+            backend,
+            to_backend,
+            to_client,
+            duration_ms = accepted.elapsed().as_millis() as u64,
+            close,
+            "connection closed"
+        );
     }
 }
 
@@ -245,6 +297,7 @@ async fn copy(
     to: &TcpStream,
     copied: &Bytes<'_>,
     from_side: Side,
+    first_fin: &Cell<Option<Side>>,
 ) -> Result<(), Failure> {
     let to_side = match from_side {
         Side::Client => Side::Backend,
@@ -257,6 +310,9 @@ async fn copy(
         buf = returned;
         let n = read.map_err(|e| fail(from_side, e))?;
         if n == 0 {
+            if first_fin.get().is_none() {
+                first_fin.set(Some(from_side));
+            }
             // The peer may already be gone; the other direction will see it.
             return match to.shutdown(Shutdown::Write) {
                 Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(fail(to_side, e)),

@@ -243,9 +243,6 @@ fn reject_unsupported(config: &Config) -> Result<(), Problem> {
             format!("not supported yet in this version of sluice: {what}"),
         ))
     };
-    if config.log.connections {
-        return unsupported("log.connections".into(), "logging every connection");
-    }
     for (name, listener) in &config.listeners {
         let field = |key: &str| format!("listeners.{name}.{key}");
         if listener.accept_proxy {
