@@ -645,6 +645,14 @@ impl Controller {
         let open = self.shared.active.load(Ordering::Relaxed);
         let timeout = self.config.shutdown_timeout;
         info!(%signal, open, "stopping: no new connections; waiting for open ones to finish");
+        if std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req")
+            .is_ok_and(|v| v.trim() == "0")
+        {
+            info!(
+                "net.ipv4.tcp_migrate_req is 0: connections waiting to be accepted at this moment are reset; \
+                 set it to 1 so that another process on the same ports takes them over"
+            );
+        }
         systemd::stopping(&format!("draining {open} connections"));
         let deadline = async {
             if timeout.is_zero() {
