@@ -7,9 +7,6 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::thread;
 
 use common::*;
 
@@ -33,37 +30,6 @@ fn two_listener_config(
         ));
     }
     text
-}
-
-/// Connects from `client`, reads the backend's name, checks an echo.
-fn round_trip(client: IpAddr, to: SocketAddr) -> Result<String, String> {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket.bind(&SocketAddr::new(client, 0).into()).unwrap();
-    socket
-        .connect_timeout(&to.into(), DEADLINE)
-        .map_err(|e| format!("connect: {e}"))?;
-    let stream: TcpStream = socket.into();
-    stream.set_read_timeout(Some(DEADLINE)).unwrap();
-    let mut reader = BufReader::new(stream);
-    let mut name = String::new();
-    reader
-        .read_line(&mut name)
-        .map_err(|e| format!("name: {e}"))?;
-    if !name.ends_with('\n') {
-        return Err(format!("no name, got {name:?}"));
-    }
-    reader
-        .get_mut()
-        .write_all(b"ping")
-        .map_err(|e| format!("write: {e}"))?;
-    let mut echo = [0u8; 4];
-    reader
-        .read_exact(&mut echo)
-        .map_err(|e| format!("echo: {e}"))?;
-    if &echo != b"ping" {
-        return Err(format!("echo {echo:?}"));
-    }
-    Ok(name.trim_end().to_owned())
 }
 
 #[test]
@@ -120,25 +86,7 @@ fn twenty_reloads_under_load_fail_and_cut_no_connection() {
         "no held connection on b0"
     );
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let served = Arc::new(AtomicUsize::new(0));
-    let load = {
-        let (stop, served) = (stop.clone(), served.clone());
-        thread::spawn(move || {
-            let mut failures = Vec::new();
-            let mut i = 0;
-            while !stop.load(Ordering::Relaxed) {
-                match round_trip(client_ip(i % 300), main) {
-                    Ok(_) => {
-                        served.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => failures.push(format!("client {}: {e}", client_ip(i % 300))),
-                }
-                i += 1;
-            }
-            failures
-        })
-    };
+    let clients = ClientLoops::start(1, main);
 
     for step in 1..=20 {
         let outcome = sluice.reload(&step_config(step));
@@ -157,15 +105,12 @@ fn twenty_reloads_under_load_fail_and_cut_no_connection() {
             });
         }
         // Let the client loop run through this configuration.
-        let target = served.load(Ordering::Relaxed) + 20;
-        wait_until("connections through the new configuration", || {
-            served.load(Ordering::Relaxed) >= target
-        });
+        clients.wait_for(20);
     }
-    stop.store(true, Ordering::Relaxed);
-    let failures = load.join().unwrap();
+    let served = clients.served();
+    let failures = clients.stop();
     assert!(failures.is_empty(), "failed connections: {failures:?}");
-    assert!(served.load(Ordering::Relaxed) >= 400);
+    assert!(served >= 400);
 
     for (mut reader, name) in held {
         reader.get_mut().write_all(b"still here").unwrap();

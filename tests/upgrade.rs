@@ -11,40 +11,12 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::thread;
 
 use nix::sys::signal::Signal;
 
 use common::*;
 
 const CLIENT_LOOPS: u32 = 8;
-
-fn round_trip(client: IpAddr, to: SocketAddr) -> Result<(), String> {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket.bind(&SocketAddr::new(client, 0).into()).unwrap();
-    socket
-        .connect_timeout(&to.into(), DEADLINE)
-        .map_err(|e| format!("connect: {e}"))?;
-    let stream: TcpStream = socket.into();
-    stream.set_read_timeout(Some(DEADLINE)).unwrap();
-    let mut reader = BufReader::new(stream);
-    let mut name = String::new();
-    reader
-        .read_line(&mut name)
-        .map_err(|e| format!("name: {e}"))?;
-    reader
-        .get_mut()
-        .write_all(b"ping")
-        .map_err(|e| format!("write: {e}"))?;
-    let mut echo = [0u8; 4];
-    reader
-        .read_exact(&mut echo)
-        .map_err(|e| format!("echo: {e}"))?;
-    Ok(())
-}
 
 /// Sets `net.ipv4.tcp_migrate_req` to 1 for the life of the guard (it is
 /// per network namespace), then puts the old value back.
@@ -78,40 +50,16 @@ fn a_new_process_takes_over_without_losing_a_connection() {
     let mut name = String::new();
     held.read_line(&mut name).unwrap();
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let served = Arc::new(AtomicUsize::new(0));
     // Eight clients at once, so that connections wait in the accept queues
     // when the old process stops listening.
-    let loads: Vec<_> = (0..CLIENT_LOOPS)
-        .map(|loop_id| {
-            let (stop, served) = (stop.clone(), served.clone());
-            thread::spawn(move || {
-                let mut failures = Vec::new();
-                let mut i = loop_id;
-                while !stop.load(Ordering::Relaxed) {
-                    match round_trip(client_ip(i % 400), front) {
-                        Ok(()) => {
-                            served.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(e) => failures.push(e),
-                    }
-                    i += CLIENT_LOOPS;
-                }
-                failures
-            })
-        })
-        .collect();
-    let wait_for_traffic = |n: usize| {
-        let target = served.load(Ordering::Relaxed) + n;
-        wait_until("traffic", || served.load(Ordering::Relaxed) >= target);
-    };
-    wait_for_traffic(100);
+    let clients = ClientLoops::start(CLIENT_LOOPS, front);
+    clients.wait_for(100);
 
     let new = Sluice::start(&text);
-    wait_for_traffic(100);
+    clients.wait_for(100);
     old.signal(Signal::SIGTERM);
     old.wait_for_log("stopping: no new connections");
-    wait_for_traffic(100);
+    clients.wait_for(100);
 
     // The connection open on the old process still works, and when it
     // ends the old process exits.
@@ -122,9 +70,8 @@ fn a_new_process_takes_over_without_losing_a_connection() {
     drop(held);
     assert_eq!(old.wait_exit().code(), Some(0));
 
-    wait_for_traffic(100);
-    stop.store(true, Ordering::Relaxed);
-    let failures: Vec<String> = loads.into_iter().flat_map(|l| l.join().unwrap()).collect();
+    clients.wait_for(100);
+    let failures = clients.stop();
     assert!(
         failures.is_empty(),
         "{} connections lost: {failures:?}",

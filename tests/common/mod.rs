@@ -11,7 +11,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -586,4 +586,98 @@ pub fn memcached() -> Server {
     ]
     .map(String::from);
     start_server("memcached", &args, addr)
+}
+
+/// Connects from `client`, reads the backend's name line, checks an echo;
+/// returns the name. Every failure is an `Err`, never a panic, so that
+/// client loops can count them.
+pub fn round_trip(client: IpAddr, to: SocketAddr) -> Result<String, String> {
+    let socket = Socket::new(Domain::for_address(to), Type::STREAM, None).unwrap();
+    socket.bind(&SocketAddr::new(client, 0).into()).unwrap();
+    socket
+        .connect_timeout(&to.into(), DEADLINE)
+        .map_err(|e| format!("connect: {e}"))?;
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut name = String::new();
+    reader
+        .read_line(&mut name)
+        .map_err(|e| format!("name: {e}"))?;
+    if !name.ends_with('\n') {
+        return Err(format!("no name, got {name:?}"));
+    }
+    reader
+        .get_mut()
+        .write_all(b"ping")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut echo = [0u8; 4];
+    reader
+        .read_exact(&mut echo)
+        .map_err(|e| format!("echo: {e}"))?;
+    if &echo != b"ping" {
+        return Err(format!("echo {echo:?}"));
+    }
+    Ok(name.trim_end().to_owned())
+}
+
+/// Threads that run [`round_trip`] against one address until stopped,
+/// each from its own rotating client addresses, counting successes and
+/// keeping every failure.
+pub struct ClientLoops {
+    stop: Arc<AtomicBool>,
+    served: Arc<AtomicUsize>,
+    threads: Vec<thread::JoinHandle<Vec<String>>>,
+}
+
+impl ClientLoops {
+    pub fn start(loops: u32, to: SocketAddr) -> ClientLoops {
+        let stop = Arc::new(AtomicBool::new(false));
+        let served = Arc::new(AtomicUsize::new(0));
+        let threads = (0..loops)
+            .map(|first| {
+                let (stop, served) = (stop.clone(), served.clone());
+                thread::spawn(move || {
+                    let mut failures = Vec::new();
+                    let mut i = first;
+                    while !stop.load(Ordering::Relaxed) {
+                        match round_trip(client_ip(i % 400), to) {
+                            Ok(_) => {
+                                served.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => failures.push(format!("client {}: {e}", client_ip(i % 400))),
+                        }
+                        i += loops;
+                    }
+                    failures
+                })
+            })
+            .collect();
+        ClientLoops {
+            stop,
+            served,
+            threads,
+        }
+    }
+
+    /// Waits until `n` more round trips have succeeded.
+    pub fn wait_for(&self, n: usize) {
+        let target = self.served.load(Ordering::Relaxed) + n;
+        wait_until("round trips", || {
+            self.served.load(Ordering::Relaxed) >= target
+        });
+    }
+
+    pub fn served(&self) -> usize {
+        self.served.load(Ordering::Relaxed)
+    }
+
+    /// Stops the loops; returns every failure they saw.
+    pub fn stop(self) -> Vec<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect()
+    }
 }
