@@ -32,7 +32,7 @@ use crate::net;
 use crate::signals::{Request, Signals};
 use crate::snapshot::{self, Backend, Pool, Snapshot};
 use crate::systemd;
-use crate::worker::BoundListener;
+use crate::worker::{BoundListener, Command};
 
 /// What the control plane shares with the workers. Lives as long as the
 /// process, so it is leaked once and handed out as `&'static`.
@@ -106,7 +106,7 @@ pub struct Controller {
     shared: &'static Shared,
     events: UnboundedReceiver<Event>,
     /// Where to send each worker new listening sockets.
-    workers: Vec<UnboundedSender<BoundListener>>,
+    workers: Vec<UnboundedSender<Command>>,
     listeners: HashMap<String, ActiveListener>,
     backends: HashMap<BackendKey, Tracked>,
     ids: HashMap<u64, BackendKey>,
@@ -181,7 +181,7 @@ impl Controller {
 
     /// Registers the channel over which worker `i` receives listeners added
     /// by a reload.
-    pub fn add_worker(&mut self, commands: UnboundedSender<BoundListener>) {
+    pub fn add_worker(&mut self, commands: UnboundedSender<Command>) {
         self.workers.push(commands);
     }
 
@@ -452,7 +452,7 @@ impl Controller {
         for (name, (active, sockets)) in added {
             for (worker, socket) in self.workers.iter().zip(sockets) {
                 // A worker that is gone has taken the process with it.
-                let _ = worker.send(socket);
+                let _ = worker.send(Command::Listen(socket));
             }
             info!(listener = %name, address = %active.addr, pool = %self.config.listeners[&name].pool, "listening");
             self.listeners.insert(name, active);
@@ -680,6 +680,7 @@ impl Controller {
                         "shutdown_timeout of {} reached; closing the remaining connections",
                         humantime::format_duration(timeout)
                     );
+                    self.close_all().await;
                     return;
                 }
                 request = signals.next() => match request {
@@ -700,6 +701,20 @@ impl Controller {
     fn backends_up(&self) -> (usize, usize) {
         let up = self.backends.values().filter(|t| t.verdict.up).count();
         (up, self.backends.len())
+    }
+
+    /// Has every worker reset its open connections (each logs its own end),
+    /// and waits a moment for them to finish doing so.
+    async fn close_all(&self) {
+        for worker in &self.workers {
+            let _ = worker.send(Command::CloseAll);
+        }
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(1);
+        while self.shared.active.load(Ordering::Acquire) > 0
+            && tokio::time::Instant::now() < give_up
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// One line for systemd's STATUS.

@@ -158,8 +158,8 @@ fn run(path: &Path) -> Result<(), String> {
     let cpus = worker::allowed_cpus();
     for (id, sockets) in bound.drain(..).enumerate() {
         let cpu = (pin && !cpus.is_empty()).then(|| cpus[id % cpus.len()]);
-        let (commands, added) = tokio::sync::mpsc::unbounded_channel();
-        worker::spawn(id, sockets, added, controller.shared(), cpu)
+        let (commands, received) = tokio::sync::mpsc::unbounded_channel();
+        worker::spawn(id, sockets, received, controller.shared(), cpu)
             .map_err(|e| format!("cannot start worker {id}: {e}"))?;
         controller.add_worker(commands);
     }

@@ -14,11 +14,13 @@
 use std::cell::Cell;
 use std::io;
 use std::net::{Shutdown, SocketAddr};
+use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
 use metrics::Counter;
+use tokio::sync::Notify;
 use tokio_uring::buf::BoundedBuf;
 use tokio_uring::net::TcpStream;
 use tracing::{debug, info, warn};
@@ -36,6 +38,16 @@ const BUFFER_SIZE: usize = 16 * 1024;
 
 /// "No backend reachable" is logged at most once per interval, with a count.
 static NO_BACKEND: Throttle = Throttle::new();
+
+thread_local! {
+    /// Wakes every connection of this worker when a drain runs out of time.
+    static CLOSING: Rc<Notify> = Rc::new(Notify::new());
+}
+
+/// Closes every connection of the calling worker (each logs `shutdown`).
+pub fn close_all() {
+    CLOSING.with(|closing| closing.notify_waiters());
+}
 
 /// The backend a connection was given: what it needs once the snapshot it
 /// came from is released.
@@ -103,27 +115,47 @@ pub async fn serve(client: TcpStream, client_addr: SocketAddr, listener: &str, a
     let to_backend = Bytes::new(route.map(|r| &r.to_backend));
     let to_client = Bytes::new(route.map(|r| &r.to_client));
     let first_fin = Cell::new(None);
-    let outcome = tokio::try_join!(
-        copy(
-            &client,
-            &backend.stream,
-            &to_backend,
-            Side::Client,
-            &first_fin
-        ),
-        copy(
-            &backend.stream,
-            &client,
-            &to_client,
-            Side::Backend,
-            &first_fin
-        ),
-    );
+    let closing = CLOSING.with(Rc::clone);
+    let relayed = async {
+        tokio::try_join!(
+            copy(
+                &client,
+                &backend.stream,
+                &to_backend,
+                Side::Client,
+                &first_fin
+            ),
+            copy(
+                &backend.stream,
+                &client,
+                &to_client,
+                Side::Backend,
+                &first_fin
+            ),
+        )
+    };
+    let outcome = tokio::select! {
+        outcome = relayed => Some(outcome),
+        () = closing.notified() => None,
+    };
     if let Some(route) = route {
         route.active.decrement(1.0);
     }
     let (to_backend, to_client) = (to_backend.total.get(), to_client.total.get());
     let bytes = (to_backend, to_client);
+    let Some(outcome) = outcome else {
+        net::abort(&client);
+        net::abort(&backend.stream);
+        log_closed(
+            listener,
+            client_addr,
+            &backend.name,
+            bytes,
+            accepted,
+            "shutdown",
+        );
+        return;
+    };
     match outcome {
         Ok(_) => {
             backend.passive.record_success();

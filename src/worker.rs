@@ -5,8 +5,9 @@
 //! A worker accepts, then runs each connection as a task on its own runtime
 //! ([`relay::serve`]). The only state shared between workers is the routing
 //! [`Snapshot`](crate::snapshot::Snapshot), read without a lock, and a few
-//! counters ([`Shared`]). Listeners added by a reload arrive over a channel
-//! from the control plane; a listener is removed by shutting its socket
+//! counters ([`Shared`]). Listeners added by a reload (and the order to
+//! close what is left at the end of a drain) arrive over a channel from the
+//! control plane; a listener is removed by shutting its socket
 //! down, which ends its accept loop.
 
 use std::io;
@@ -28,6 +29,14 @@ use crate::control::Shared;
 use crate::logging::Throttle;
 use crate::relay;
 
+/// What the control plane asks of a running worker.
+pub enum Command {
+    /// Start accepting on a listener a reload added.
+    Listen(BoundListener),
+    /// `shutdown_timeout` is over: close every connection still open.
+    CloseAll,
+}
+
 /// A listening socket bound for one worker.
 pub struct BoundListener {
     pub name: String,
@@ -44,7 +53,7 @@ static ACCEPT_ERROR: Throttle = Throttle::new();
 pub fn spawn(
     id: usize,
     listeners: Vec<BoundListener>,
-    mut added: UnboundedReceiver<BoundListener>,
+    mut commands: UnboundedReceiver<Command>,
     shared: &'static Shared,
     cpu: Option<usize>,
 ) -> io::Result<JoinHandle<()>> {
@@ -72,8 +81,13 @@ pub fn spawn(
                     tokio_uring::spawn(accept_loop(listener, shared));
                 }
                 let _ = started.send(Ok(()));
-                while let Some(listener) = added.recv().await {
-                    tokio_uring::spawn(accept_loop(listener, shared));
+                while let Some(command) = commands.recv().await {
+                    match command {
+                        Command::Listen(listener) => {
+                            tokio_uring::spawn(accept_loop(listener, shared));
+                        }
+                        Command::CloseAll => relay::close_all(),
+                    }
                 }
                 // The control plane is gone: the process is exiting.
                 std::future::pending::<()>().await

@@ -85,18 +85,27 @@ fn a_second_signal_exits_at_once() {
 
 #[test]
 fn shutdown_timeout_bounds_the_drain() {
-    let (sluice, _server) = echo_sluice("shutdown_timeout: 300ms\n");
+    let (sluice, _server) = echo_sluice("shutdown_timeout: 300ms\nlog:\n  connections: true\n");
     let mut open = connect_from(client_ip(3), sluice.listen_addr());
     echoes(&mut open, b"hello");
     let stopped_at = Instant::now();
     sluice.signal(Signal::SIGTERM);
     let line = sluice.wait_for_log("shutdown_timeout of 300ms reached");
     assert!(line.contains("open=1"), "{line}");
+    // The connection cut by the timeout says so in its log line.
+    let line = sluice.wait_for_log("connection closed");
+    assert!(
+        line.contains(r#"close="shutdown""#) && line.contains("to_client=5"),
+        "{line}"
+    );
     assert_eq!(sluice.wait_exit().code(), Some(0));
     assert!(stopped_at.elapsed() >= Duration::from_millis(300));
-    // The connection was closed with the process.
+    // The client sees a reset.
     let mut buf = [0u8; 1];
-    assert!(matches!(open.read(&mut buf), Ok(0) | Err(_)));
+    assert_eq!(
+        open.read(&mut buf).unwrap_err().kind(),
+        std::io::ErrorKind::ConnectionReset
+    );
 }
 
 /// Reads notify datagrams until one has the line `state`; returns that
