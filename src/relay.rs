@@ -11,6 +11,7 @@
 //! refused or timed-out connect, or a reset before the backend sent a byte,
 //! is a failure; anything else ends a failure streak.
 
+use std::borrow::Cow;
 use std::cell::Cell;
 use std::io;
 use std::net::{Shutdown, SocketAddr};
@@ -142,30 +143,23 @@ pub async fn serve(client: TcpStream, client_addr: SocketAddr, listener: &str, a
         route.active.decrement(1.0);
     }
     let (to_backend, to_client) = (to_backend.total.get(), to_client.total.get());
-    let bytes = (to_backend, to_client);
-    let Some(outcome) = outcome else {
+    let abort_both = || {
         net::abort(&client);
         net::abort(&backend.stream);
-        log_closed(
-            listener,
-            client_addr,
-            &backend.name,
-            bytes,
-            accepted,
-            "shutdown",
-        );
-        return;
     };
-    match outcome {
-        Ok(_) => {
-            backend.passive.record_success();
-            let close = match first_fin.get() {
-                Some(Side::Backend) => "backend FIN",
-                _ => "client FIN",
-            };
-            log_closed(listener, client_addr, &backend.name, bytes, accepted, close);
+    let close: Cow<'static, str> = match outcome {
+        None => {
+            abort_both();
+            "shutdown".into()
         }
-        Err(failure) => {
+        Some(Ok(_)) => {
+            backend.passive.record_success();
+            match first_fin.get() {
+                Some(Side::Backend) => "backend FIN".into(),
+                _ => "client FIN".into(),
+            }
+        }
+        Some(Err(failure)) => {
             // A backend that resets before saying anything is failing, the
             // same as one that refuses the connection; one that answered
             // worked. A client that leaves early says nothing either way.
@@ -178,23 +172,23 @@ pub async fn serve(client: TcpStream, client_addr: SocketAddr, listener: &str, a
             } else if failure.side == Side::Backend && reset {
                 report_failure(&backend.passive, backend.eject_after, shared);
             }
-            net::abort(&client);
-            net::abort(&backend.stream);
-            let close = if reset {
-                format!("{} reset", failure.side)
+            abort_both();
+            if reset {
+                format!("{} reset", failure.side).into()
             } else {
-                format!("{} error: {}", failure.side, failure.error)
-            };
-            log_closed(
-                listener,
-                client_addr,
-                &backend.name,
-                bytes,
-                accepted,
-                &close,
-            );
+                format!("{} error: {}", failure.side, failure.error).into()
+            }
         }
-    }
+    };
+    let bytes = (to_backend, to_client);
+    log_closed(
+        listener,
+        client_addr,
+        &backend.name,
+        bytes,
+        accepted,
+        &close,
+    );
 }
 
 /// With `log.connections`, one line per closed connection.
