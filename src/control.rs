@@ -197,7 +197,11 @@ impl Controller {
                 tokio::task::spawn_local(metrics::serve(socket, handle));
                 info!(%address, "metrics at http://{address}/metrics");
             }
-            self.start_tasks();
+            self.track_backends(true);
+            self.start_resolvers();
+            for (name, listener) in &self.config.listeners {
+                info!(listener = %name, address = %listener.listen.0, pool = %listener.pool, "listening");
+            }
             info!(
                 version = env!("CARGO_PKG_VERSION"),
                 workers = self.workers.len(),
@@ -220,12 +224,6 @@ impl Controller {
                 }
             }
         })
-    }
-
-    /// Starts the probes of every backend and the periodic resolvers.
-    fn start_tasks(&mut self) {
-        self.track_backends(true);
-        self.start_resolvers();
     }
 
     fn handle(&mut self, event: Event) {
@@ -281,9 +279,9 @@ impl Controller {
         };
         // Probes may have been turned off since the report was sent: then
         // nothing would bring the backend back.
-        if self.config.pools[&key.0].health.probe().is_none() {
+        let Some(probe) = self.config.pools[&key.0].health.probe() else {
             return;
-        }
+        };
         let Some(tracked) = self.backends.get_mut(&key) else {
             return;
         };
@@ -294,10 +292,9 @@ impl Controller {
         }
         self.publish_pool(&key.0);
         let (pool, name, addr) = &key;
-        let fall = self.config.pools[pool].health.probe().map_or(0, |p| p.fall);
         info!(
             pool, backend = %name, address = %addr,
-            "backend is down: {fall} connections in a row failed; probes will bring it back"
+            "backend is down: {} connections in a row failed; probes will bring it back", probe.fall
         );
     }
 

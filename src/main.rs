@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 use clap::error::ErrorKind;
 use clap::{CommandFactory, Parser, Subcommand};
-use tracing::{error, info};
+use tracing::error;
 
 use sluice::config::{self, Config, HashKey, Workers};
 use sluice::control::Controller;
@@ -149,11 +149,6 @@ fn run(path: &Path) -> Result<(), String> {
 
     let workers = worker_count(&config);
     let pin = config.pin_workers;
-    let listeners: Vec<(String, SocketAddr, String)> = config
-        .listeners
-        .iter()
-        .map(|(name, l)| (name.clone(), l.listen.0, l.pool.clone()))
-        .collect();
     let (mut controller, mut bound) = Controller::new(path.to_owned(), config, workers)?;
     let cpus = worker::allowed_cpus();
     for (id, sockets) in bound.drain(..).enumerate() {
@@ -162,9 +157,6 @@ fn run(path: &Path) -> Result<(), String> {
         worker::spawn(id, sockets, received, controller.shared(), cpu)
             .map_err(|e| format!("cannot start worker {id}: {e}"))?;
         controller.add_worker(commands);
-    }
-    for (name, address, pool) in listeners {
-        info!(listener = %name, %address, %pool, "listening");
     }
     controller.run()
 }

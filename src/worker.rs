@@ -12,6 +12,7 @@
 
 use std::io;
 use std::net::TcpListener;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
@@ -109,10 +110,11 @@ async fn accept_loop(listener: BoundListener, shared: &'static Shared) {
 
 async fn accept_until_stopped(listener: BoundListener, shared: &'static Shared) {
     let name: Rc<str> = listener.name.into();
-    let socket = listener.socket;
-    let stopped = |socket: &TcpListener| !SockRef::from(socket).is_listener().unwrap_or(false);
-    let raw = socket.try_clone().ok();
-    let listener = tokio_uring::net::TcpListener::from_std(socket);
+    let listener = tokio_uring::net::TcpListener::from_std(listener.socket);
+    // SAFETY: the descriptor belongs to `listener`, which outlives every use
+    // of `fd` in this function.
+    let fd = unsafe { BorrowedFd::borrow_raw(listener.as_raw_fd()) };
+    let stopped = || !SockRef::from(&fd).is_listener().unwrap_or(false);
     loop {
         match listener.accept().await {
             Ok((client, client_addr)) => {
@@ -134,7 +136,7 @@ async fn accept_until_stopped(listener: BoundListener, shared: &'static Shared) 
                     // shutdown() by the control plane (a reload removed the
                     // listener, or sluice is stopping) leaves the socket no
                     // longer listening; any other EINVAL is an error.
-                    Some(Errno::EINVAL) if raw.as_ref().is_none_or(stopped) => {
+                    Some(Errno::EINVAL) if stopped() => {
                         debug!(listener = %name, "listener stopped");
                         return;
                     }
