@@ -92,11 +92,8 @@ pub async fn probe(addr: SocketAddr, settings: &HealthProbe) -> Result<(), Probe
         if settings.send.is_none() && settings.expect.is_none() {
             return Ok(());
         }
-        stream
-            .set_nonblocking(true)
+        let mut stream = tokio::net::TcpStream::from_std(stream.into_inner())
             .map_err(|e| ProbeFailure::Io(e.to_string()))?;
-        let mut stream =
-            tokio::net::TcpStream::from_std(stream).map_err(|e| ProbeFailure::Io(e.to_string()))?;
         if let Some(send) = &settings.send {
             stream
                 .write_all(send.as_bytes())

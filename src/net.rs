@@ -2,16 +2,17 @@
 //! through SO_REUSEPORT, and backend connections with a deadline.
 //!
 //! Sockets are made with socket2 so that every option is set before the
-//! socket is used, then handed to tokio-uring, which does the I/O.
+//! socket is used. They are non-blocking and driven by readiness.
 
 use std::io;
-use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsFd, AsRawFd};
 use std::time::Duration;
 
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
+use tracing::debug;
 
 /// A listening socket on `addr` that other sockets of this process (one per
 /// worker) and of a second sluice process (a binary upgrade) may share; the
@@ -25,84 +26,90 @@ pub fn reuseport_listener(addr: SocketAddr, backlog: u32) -> io::Result<std::net
         // `0.0.0.0:port` listener may exist.
         socket.set_only_v6(true)?;
     }
+    socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(backlog as i32)?;
     Ok(socket.into())
 }
 
 /// Connects to `addr`, giving up after `timeout` (zero: the kernel's own
-/// limit). TCP_NODELAY is set: a balancer must not add Nagle delays to
-/// request/response traffic.
+/// limit), and returns the socket non-blocking and registered with the
+/// calling thread's reactor. TCP_NODELAY is set: a balancer must not add
+/// Nagle delays to request/response traffic.
 ///
 /// The connect is driven by readiness rather than an io_uring op so that a
 /// timed-out attempt closes its socket at once: an abandoned io_uring connect
 /// would keep the descriptor until the kernel gives up on the SYN (minutes).
-pub async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<std::net::TcpStream> {
+pub async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<AsyncFd<TcpStream>> {
     let socket = Socket::new(
         Domain::for_address(addr),
         Type::STREAM.nonblocking(),
         Some(Protocol::TCP),
     )?;
     socket.set_nodelay(true)?;
-    match socket.connect(&addr.into()) {
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EINPROGRESS as i32) => {
-            // SAFETY: the AsyncFd owns `socket`, whose descriptor stays open
-            // and unchanged until `into_inner` below or the drop on timeout.
-            let pending = unsafe { AsyncFd::register_with_interest(socket, Interest::WRITABLE) }?;
-            let established = async {
-                loop {
-                    let mut ready = pending.writable().await?;
-                    if let Some(e) = pending.get_ref().take_error()? {
-                        return Err(e);
-                    }
-                    // Writable with no error can still be spurious: check
-                    // that the handshake completed.
-                    match pending.get_ref().peer_addr() {
-                        Ok(_) => return Ok(()),
-                        Err(e) if e.kind() == io::ErrorKind::NotConnected => ready.clear_ready(),
-                        Err(e) => return Err(e),
-                    }
-                }
-            };
-            if timeout.is_zero() {
-                established.await?;
-            } else {
-                tokio::time::timeout(timeout, established)
-                    .await
-                    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
-            }
-            let socket = pending.into_inner();
-            socket.set_nonblocking(false)?;
-            return Ok(socket.into());
-        }
+    let in_progress = match socket.connect(&addr.into()) {
+        Ok(()) => false,
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => true,
         Err(e) => return Err(e),
+    };
+    let socket = watch(
+        TcpStream::from(socket),
+        Interest::READABLE | Interest::WRITABLE,
+    )?;
+    if in_progress {
+        let established = async {
+            loop {
+                let mut ready = socket.writable().await?;
+                if let Some(e) = socket.get_ref().take_error()? {
+                    return Err(e);
+                }
+                // Writable with no error can still be spurious: check that
+                // the handshake completed.
+                match socket.get_ref().peer_addr() {
+                    Ok(_) => return Ok(()),
+                    Err(e) if e.kind() == io::ErrorKind::NotConnected => ready.clear_ready(),
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        if timeout.is_zero() {
+            established.await?;
+        } else {
+            tokio::time::timeout(timeout, established)
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+        }
     }
-    socket.set_nonblocking(false)?;
-    Ok(socket.into())
+    Ok(socket)
 }
 
-/// Resets the connection of `socket` now, and wakes any io_uring operation
-/// pending on it, so that an error on one side of a relay reaches the other
-/// side as an error (RST), never as a clean end of stream.
-///
-/// `connect()` with `AF_UNSPEC` disconnects a TCP socket the way a close with
-/// a zero linger does (RST), but at once: a close would wait until every
-/// pending io_uring operation on the descriptor completed, and tokio-uring
-/// cannot cancel them.
-pub fn abort(socket: &impl AsRawFd) {
-    let unspec = libc::sockaddr {
-        sa_family: libc::AF_UNSPEC as libc::sa_family_t,
-        sa_data: [0; 14],
-    };
-    // SAFETY: `unspec` is a valid sockaddr of the length given, and the
-    // descriptor stays open while `socket` is borrowed. The result is
-    // ignored: a socket the peer already reset has nothing left to reset.
-    unsafe {
-        libc::connect(
-            socket.as_raw_fd(),
-            &unspec,
-            std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
-        );
+/// Registers `socket` with the calling thread's reactor, for readiness.
+pub fn watch<S: AsFd + AsRawFd>(socket: S, interest: Interest) -> io::Result<AsyncFd<S>> {
+    // SAFETY: `socket` owns its descriptor (the `AsFd` bound), so the
+    // descriptor stays open and the same until the `AsyncFd` lets it go.
+    Ok(unsafe { AsyncFd::register_with_interest(socket, interest) }?)
+}
+
+/// Accepts one connection from a non-blocking listener: the new socket is
+/// non-blocking too, with TCP_NODELAY set.
+pub fn accept(listener: &TcpListener) -> io::Result<(TcpStream, SocketAddr)> {
+    let (socket, addr) =
+        SockRef::from(listener).accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)?;
+    let addr = addr
+        .as_socket()
+        .ok_or_else(|| io::Error::other("accepted a connection that is not TCP/IP"))?;
+    if let Err(e) = socket.set_nodelay(true) {
+        // The client is already gone; serving it will notice.
+        debug!(client = %addr, "TCP_NODELAY on a new client: {e}");
     }
+    Ok((socket.into(), addr))
+}
+
+/// Makes the coming close of `socket` reset the connection (RST) instead of
+/// ending it cleanly (FIN), so that an error on one side of a relay reaches
+/// the other side as an error, never as a clean end of stream.
+pub fn abort(socket: &impl AsFd) {
+    // Ignored if it fails: a socket the peer already reset has nothing left
+    // to reset.
+    let _ = SockRef::from(socket).set_linger(Some(Duration::ZERO));
 }

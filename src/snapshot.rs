@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use crate::balancer::key_hash;
 use crate::balancer::maglev::{Maglev, Member};
-use crate::config::{self, Config, HashKey};
+use crate::config::{self, Config, Engine, HashKey};
 use crate::health::PassiveHealth;
 use crate::metrics::{BackendStats, ListenerStats};
 
@@ -39,6 +39,8 @@ pub struct Pool {
     pub name: String,
     pub hash_key: HashKey,
     pub connect_timeout: Duration,
+    /// How connections relay their bytes.
+    pub engine: Engine,
     pub retries: u32,
     /// Every endpoint of the pool, up or down, in file order.
     pub backends: Vec<Backend>,
@@ -162,6 +164,7 @@ impl Pool {
             name: name.to_owned(),
             hash_key: config.hash_key,
             connect_timeout: config.connect_timeout,
+            engine: config.engine,
             retries: config.retries,
             panic,
             eject_after: config.health.probe().map(|probe| probe.fall),

@@ -12,7 +12,6 @@
 
 use std::io;
 use std::net::TcpListener;
-use std::os::fd::{AsRawFd, BorrowedFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
@@ -23,12 +22,13 @@ use nix::errno::Errno;
 use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
 use nix::unistd::Pid;
 use socket2::SockRef;
+use tokio::io::Interest;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tracing::{debug, error, warn};
 
 use crate::control::Shared;
 use crate::logging::Throttle;
-use crate::relay;
+use crate::{net, relay};
 
 /// What the control plane asks of a running worker.
 pub enum Command {
@@ -110,18 +110,29 @@ async fn accept_loop(listener: BoundListener, shared: &'static Shared) {
 
 async fn accept_until_stopped(listener: BoundListener, shared: &'static Shared) {
     let name: Rc<str> = listener.name.into();
-    let listener = tokio_uring::net::TcpListener::from_std(listener.socket);
-    // SAFETY: the descriptor belongs to `listener`, which outlives every use
-    // of `fd` in this function.
-    let fd = unsafe { BorrowedFd::borrow_raw(listener.as_raw_fd()) };
-    let stopped = || !SockRef::from(&fd).is_listener().unwrap_or(false);
+    let listener = match net::watch(listener.socket, Interest::READABLE) {
+        Ok(listener) => listener,
+        Err(e) => {
+            error!(listener = %name, "cannot watch the listening socket: {e}");
+            return;
+        }
+    };
+    let stopped = || {
+        !SockRef::from(listener.get_ref())
+            .is_listener()
+            .unwrap_or(false)
+    };
     loop {
-        match listener.accept().await {
+        let accepted = match listener.readable().await {
+            Ok(mut ready) => match ready.try_io(|listener| net::accept(listener.get_ref())) {
+                Ok(accepted) => accepted,
+                // Every waiting connection taken: wait for the next.
+                Err(_would_block) => continue,
+            },
+            Err(e) => Err(e),
+        };
+        match accepted {
             Ok((client, client_addr)) => {
-                if let Err(e) = client.set_nodelay(true) {
-                    // The client is already gone; serving it will notice.
-                    debug!(listener = %name, "TCP_NODELAY on a new client: {e}");
-                }
                 // Counted before this loop can end: see `Shared::accepting`.
                 let active = relay::Active::new(shared);
                 let name = name.clone();

@@ -1,5 +1,6 @@
 //! Bytes through the real binary: large transfers intact both ways, a slow
-//! reader, half-close in each direction, and peers that vanish.
+//! reader, half-close in each direction, and peers that vanish, with each
+//! relay engine.
 
 mod common;
 
@@ -12,6 +13,14 @@ use std::time::Duration;
 use common::*;
 
 const MIB: usize = 1024 * 1024;
+
+/// Every value of `pools.*.engine`: each test below runs with all of them.
+const ENGINES: [&str; 3] = ["splice", "copy", "auto"];
+
+/// The pool setting that selects `engine`.
+fn engine_key(engine: &str) -> String {
+    format!("    engine: {engine}\n")
+}
 
 /// A backend that streams `total` bytes of noise (seed 2) to the client
 /// while hashing everything it receives, then reports (bytes, hash) of what
@@ -38,12 +47,12 @@ fn sink_and_source(
 
 /// Sends `total` bytes (seed 1) and receives `total` bytes (seed 2) through
 /// sluice at the same time; checks both arrive intact.
-fn transfer_both_ways(total: usize, backend_pause: Option<Duration>) {
+fn transfer_both_ways(engine: &str, total: usize, backend_pause: Option<Duration>) {
     let (server, received) = sink_and_source(total, backend_pause);
     let sluice = Sluice::start(&config(
         free_addr(unique_loopback()),
         &[("sink".into(), server.addr)],
-        "",
+        &engine_key(engine),
     ));
     let client = connect_from(client_ip(1), sluice.listen_addr());
     let mut writer = client.try_clone().unwrap();
@@ -57,19 +66,24 @@ fn transfer_both_ways(total: usize, backend_pause: Option<Duration>) {
     let sent_hash = sent.join().unwrap();
 
     let expected_from_backend = send_noise(&mut std::io::sink(), 2, total);
-    assert_eq!(got_bytes, total, "bytes from the backend");
+    assert_eq!(got_bytes, total, "{engine}: bytes from the backend");
     assert_eq!(
         got_hash, expected_from_backend,
-        "data from the backend corrupted"
+        "{engine}: data from the backend corrupted"
     );
     let (backend_bytes, backend_hash) = received.recv_timeout(DEADLINE).unwrap();
-    assert_eq!(backend_bytes, total, "bytes to the backend");
-    assert_eq!(backend_hash, sent_hash, "data to the backend corrupted");
+    assert_eq!(backend_bytes, total, "{engine}: bytes to the backend");
+    assert_eq!(
+        backend_hash, sent_hash,
+        "{engine}: data to the backend corrupted"
+    );
 }
 
 #[test]
 fn thirty_two_mib_each_way_arrive_intact() {
-    transfer_both_ways(32 * MIB, None);
+    for engine in ENGINES {
+        transfer_both_ways(engine, 32 * MIB, None);
+    }
 }
 
 #[test]
@@ -77,11 +91,19 @@ fn a_slow_reading_backend_gets_everything_intact() {
     // 1 ms after every read of at most 16 KiB: over 2 s for 32 MiB, far
     // slower than the client sends, so the socket buffers on the way fill
     // and the relay must wait for the backend without losing a byte.
-    transfer_both_ways(32 * MIB, Some(Duration::from_millis(1)));
+    for engine in ENGINES {
+        transfer_both_ways(engine, 32 * MIB, Some(Duration::from_millis(1)));
+    }
 }
 
 #[test]
 fn client_half_close_reaches_the_backend_and_the_reply_still_flows() {
+    for engine in ENGINES {
+        client_half_close_reaches_the_backend_and_the_reply_still_flows_with(engine);
+    }
+}
+
+fn client_half_close_reaches_the_backend_and_the_reply_still_flows_with(engine: &str) {
     // The backend reads to end of stream, then answers with what it counted.
     let server = TestServer::start(|mut stream| {
         let mut data = Vec::new();
@@ -91,7 +113,7 @@ fn client_half_close_reaches_the_backend_and_the_reply_still_flows() {
     let sluice = Sluice::start(&config(
         free_addr(unique_loopback()),
         &[("counter".into(), server.addr)],
-        "",
+        &engine_key(engine),
     ));
     let mut client = connect_from(client_ip(2), sluice.listen_addr());
     client.write_all(&[7u8; 100_000]).unwrap();
@@ -103,6 +125,12 @@ fn client_half_close_reaches_the_backend_and_the_reply_still_flows() {
 
 #[test]
 fn backend_half_close_reaches_the_client_and_the_request_still_flows() {
+    for engine in ENGINES {
+        backend_half_close_reaches_the_client_and_the_request_still_flows_with(engine);
+    }
+}
+
+fn backend_half_close_reaches_the_client_and_the_request_still_flows_with(engine: &str) {
     // The backend greets and closes its sending side at once, then keeps
     // reading and reports what it got.
     let (report, received) = mpsc::channel();
@@ -117,7 +145,7 @@ fn backend_half_close_reaches_the_client_and_the_request_still_flows() {
     let sluice = Sluice::start(&config(
         free_addr(unique_loopback()),
         &[("greeter".into(), server.addr)],
-        "",
+        &engine_key(engine),
     ));
     let mut client = connect_from(client_ip(3), sluice.listen_addr());
     let mut greeting = String::new();
@@ -138,6 +166,12 @@ fn reset(stream: TcpStream) {
 
 #[test]
 fn a_client_that_vanishes_ends_its_backend_connection() {
+    for engine in ENGINES {
+        a_client_that_vanishes_ends_its_backend_connection_with(engine);
+    }
+}
+
+fn a_client_that_vanishes_ends_its_backend_connection_with(engine: &str) {
     let (ended, backend_saw_end) = mpsc::channel();
     let ended = std::sync::Mutex::new(ended);
     let server = TestServer::start(move |mut stream| {
@@ -147,7 +181,7 @@ fn a_client_that_vanishes_ends_its_backend_connection() {
     let sluice = Sluice::start(&config(
         free_addr(unique_loopback()),
         &[("echo".into(), server.addr)],
-        "",
+        &engine_key(engine),
     ));
     let mut client = connect_from(client_ip(4), sluice.listen_addr());
     client.write_all(b"ping").unwrap();
@@ -167,6 +201,12 @@ fn a_client_that_vanishes_ends_its_backend_connection() {
 
 #[test]
 fn a_backend_reset_ends_the_client_connection() {
+    for engine in ENGINES {
+        a_backend_reset_ends_the_client_connection_with(engine);
+    }
+}
+
+fn a_backend_reset_ends_the_client_connection_with(engine: &str) {
     let server = TestServer::start(|mut stream| {
         let mut buf = [0u8; 5];
         stream.read_exact(&mut buf).unwrap();
@@ -175,7 +215,7 @@ fn a_backend_reset_ends_the_client_connection() {
     let sluice = Sluice::start(&config(
         free_addr(unique_loopback()),
         &[("resetter".into(), server.addr)],
-        "",
+        &engine_key(engine),
     ));
     let mut client = connect_from(client_ip(6), sluice.listen_addr());
     client.write_all(b"hello").unwrap();

@@ -1,9 +1,12 @@
 //! Thread per core: `workers` threads, each with its own runtime, pinned to
-//! a core when asked, all accepting.
+//! a core when asked, all accepting; no threads beyond them, however many
+//! connections are open.
 
 mod common;
 
 use std::collections::HashSet;
+use std::io::{Read, Write};
+use std::net::TcpStream;
 
 use common::*;
 
@@ -72,4 +75,36 @@ fn pinned_workers_each_get_one_core() {
         "{pinned:?}"
     );
     assert_eq!(backend_for(client_ip(1), sluice.listen_addr()), "backend-0");
+}
+
+#[test]
+fn open_connections_add_no_threads() {
+    // Neither engine may park an operation on a kernel worker thread (as
+    // io_uring's own splice would): a process's io-wq threads are listed
+    // among its tasks.
+    let server = TestServer::start(|mut stream| echo(&mut stream));
+    for engine in ["splice", "copy"] {
+        let sluice = Sluice::start(&config(
+            free_addr(unique_loopback()),
+            &[("echo".into(), server.addr)],
+            &format!("    engine: {engine}\n"),
+        ));
+        let before = threads(sluice.pid()).len();
+        let open: Vec<TcpStream> = (0..200)
+            .map(|i| {
+                let mut client = connect_from(client_ip(i), sluice.listen_addr());
+                client.write_all(b"ping").unwrap();
+                let mut reply = [0u8; 4];
+                client.read_exact(&mut reply).unwrap();
+                assert_eq!(&reply, b"ping", "{engine}");
+                client
+            })
+            .collect();
+        assert_eq!(
+            threads(sluice.pid()).len(),
+            before,
+            "{engine}: threads with {} idle connections open",
+            open.len()
+        );
+    }
 }

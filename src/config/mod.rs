@@ -13,7 +13,9 @@ mod validate;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-pub use schema::{Config, Endpoint, HashKey, HealthProbe, LogFormat, LogLevel, Pool, Workers};
+pub use schema::{
+    Config, Endpoint, Engine, HashKey, HealthProbe, LogFormat, LogLevel, Pool, Workers,
+};
 pub use validate::resolve;
 
 /// Where `sluice` looks for its configuration when `-c` is not given.

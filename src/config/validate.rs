@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::{SocketAddr, ToSocketAddrs};
 
-use super::schema::{Balance, Config, Engine, Health, HealthProbe, Listener, Pool, SendProxy};
+use super::schema::{Balance, Config, Health, HealthProbe, Listener, Pool, SendProxy};
 use super::Problem;
 use crate::balancer::maglev;
 
@@ -262,9 +262,6 @@ fn reject_unsupported(config: &Config) -> Result<(), Problem> {
         }
         if pool.max_load_factor != 0.0 {
             return unsupported(field("max_load_factor"), "bounded-load Maglev");
-        }
-        if pool.engine == Engine::Splice {
-            return unsupported(field("engine"), "the splice engine");
         }
         if !pool.idle_timeout.is_zero() {
             return unsupported(field("idle_timeout"), "an idle timeout");

@@ -10,20 +10,25 @@
 //! Each connection also tells its backend's [`PassiveHealth`] how it went: a
 //! refused or timed-out connect, or a reset before the backend sent a byte,
 //! is a failure; anything else ends a failure streak.
+//!
+//! How the bytes move (splice or copy) is [`pump`]'s business.
+
+mod pump;
 
 use std::borrow::Cow;
 use std::cell::Cell;
+use std::future::poll_fn;
 use std::io;
-use std::net::{Shutdown, SocketAddr};
+use std::net::{SocketAddr, TcpStream};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Instant;
 
 use metrics::Counter;
+use tokio::io::Interest;
 use tokio::sync::Notify;
-use tokio_uring::buf::BoundedBuf;
-use tokio_uring::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use crate::control::{Event, Shared};
@@ -32,10 +37,6 @@ use crate::logging::{self, Throttle};
 use crate::metrics::{BackendStats, ErrorReason, ListenerStats};
 use crate::net;
 use crate::snapshot::Pool;
-
-/// Bytes read at once in each direction. Each direction holds one buffer
-/// while its connection is open.
-const BUFFER_SIZE: usize = 16 * 1024;
 
 /// "No backend reachable" is logged at most once per interval, with a count.
 static NO_BACKEND: Throttle = Throttle::new();
@@ -53,7 +54,7 @@ pub fn close_all() {
 /// The backend a connection was given: what it needs once the snapshot it
 /// came from is released.
 struct Dialed {
-    stream: TcpStream,
+    socket: pump::Socket,
     name: Arc<str>,
     passive: Arc<PassiveHealth>,
     stats: Arc<BackendStats>,
@@ -78,9 +79,17 @@ impl Drop for Active {
 }
 
 /// Serves one accepted connection from `client_addr` on `listener`.
+/// `client` must be non-blocking.
 pub async fn serve(client: TcpStream, client_addr: SocketAddr, listener: &str, active: Active) {
     let shared = active.0;
     let accepted = Instant::now();
+    let client = match net::watch(client, Interest::READABLE | Interest::WRITABLE) {
+        Ok(client) => client,
+        Err(e) => {
+            warn!(listener, client = %client_addr, "cannot watch a new connection: {e}");
+            return;
+        }
+    };
     let backend = {
         // Held only while dialing: a long connection must not keep an old
         // snapshot alive.
@@ -89,8 +98,10 @@ pub async fn serve(client: TcpStream, client_addr: SocketAddr, listener: &str, a
             // The listener was removed from the configuration since accept.
             return;
         };
-        match dial(pool, client_addr, listener_stats, shared).await {
-            Ok(dialed) => dialed,
+        // Boxed: what dialing needs is large and short-lived; inline, it would
+        // make every connection's task that much bigger for its whole life.
+        match Box::pin(dial(pool, client_addr, listener_stats, shared)).await {
+            Ok(dialed) => (dialed, pool.engine),
             Err(error) => {
                 listener_stats.error(ErrorReason::NoBackend);
                 if let Some(suppressed) = NO_BACKEND.allow() {
@@ -108,6 +119,7 @@ pub async fn serve(client: TcpStream, client_addr: SocketAddr, listener: &str, a
         }
     };
 
+    let (backend, engine) = backend;
     let route = backend.stats.route(listener);
     if let Some(route) = route {
         route.connections.increment(1);
@@ -117,24 +129,29 @@ pub async fn serve(client: TcpStream, client_addr: SocketAddr, listener: &str, a
     let to_client = Bytes::new(route.map(|r| &r.to_client));
     let first_fin = Cell::new(None);
     let closing = CLOSING.with(Rc::clone);
-    let relayed = async {
-        tokio::try_join!(
-            copy(
-                &client,
-                &backend.stream,
-                &to_backend,
-                Side::Client,
-                &first_fin
-            ),
-            copy(
-                &backend.stream,
-                &client,
-                &to_client,
-                Side::Backend,
-                &first_fin
-            ),
-        )
-    };
+    let mut upstream = pump::Direction::new(Side::Client, engine);
+    let mut downstream = pump::Direction::new(Side::Backend, engine);
+    let relayed = poll_fn(|cx| {
+        let mut drive = |direction: &mut pump::Direction, from, to, bytes: &Bytes| {
+            if direction.finished() {
+                return Ok(());
+            }
+            if let Poll::Ready(done) = direction.poll(cx, from, to, |n| bytes.add(n as u64)) {
+                done?;
+                if first_fin.get().is_none() {
+                    first_fin.set(Some(direction.sender()));
+                }
+            }
+            Ok(())
+        };
+        drive(&mut upstream, &client, &backend.socket, &to_backend)?;
+        drive(&mut downstream, &backend.socket, &client, &to_client)?;
+        if upstream.finished() && downstream.finished() {
+            Poll::Ready(Ok::<(), Failure>(()))
+        } else {
+            Poll::Pending
+        }
+    });
     let outcome = tokio::select! {
         outcome = relayed => Some(outcome),
         () = closing.notified() => None,
@@ -145,7 +162,7 @@ pub async fn serve(client: TcpStream, client_addr: SocketAddr, listener: &str, a
     let (to_backend, to_client) = (to_backend.total.get(), to_client.total.get());
     let abort_both = || {
         net::abort(&client);
-        net::abort(&backend.stream);
+        net::abort(&backend.socket);
     };
     let close: Cow<'static, str> = match outcome {
         None => {
@@ -226,13 +243,13 @@ async fn dial(
     for backend in pool.candidates(client_addr) {
         let started = Instant::now();
         match net::connect(backend.addr, pool.connect_timeout).await {
-            Ok(stream) => {
+            Ok(socket) => {
                 backend
                     .stats
                     .connect_seconds
                     .record(started.elapsed().as_secs_f64());
                 return Ok(Dialed {
-                    stream: TcpStream::from_std(stream),
+                    socket,
                     name: backend.name.clone(),
                     passive: backend.passive.clone(),
                     stats: backend.stats.clone(),
@@ -279,6 +296,15 @@ enum Side {
     Backend,
 }
 
+impl Side {
+    fn other(self) -> Side {
+        match self {
+            Side::Client => Side::Backend,
+            Side::Backend => Side::Client,
+        }
+    }
+}
+
 impl std::fmt::Display for Side {
     fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str(match self {
@@ -288,9 +314,16 @@ impl std::fmt::Display for Side {
     }
 }
 
+/// What ended a relay early, and which peer it came from.
 struct Failure {
     side: Side,
     error: io::Error,
+}
+
+impl Failure {
+    fn new(side: Side, error: io::Error) -> Failure {
+        Failure { side, error }
+    }
 }
 
 /// Bytes moved in one direction: a local total for the end of the
@@ -313,41 +346,5 @@ impl<'a> Bytes<'a> {
         if let Some(counter) = self.counter {
             counter.increment(n);
         }
-    }
-}
-
-/// Copies `from` → `to` until `from` sends FIN, then passes the FIN on.
-/// `from_side` names `from`; `copied` counts the bytes as they go.
-async fn copy(
-    from: &TcpStream,
-    to: &TcpStream,
-    copied: &Bytes<'_>,
-    from_side: Side,
-    first_fin: &Cell<Option<Side>>,
-) -> Result<(), Failure> {
-    let to_side = match from_side {
-        Side::Client => Side::Backend,
-        Side::Backend => Side::Client,
-    };
-    let fail = |side, error| Failure { side, error };
-    let mut buf = Vec::with_capacity(BUFFER_SIZE);
-    loop {
-        let (read, returned) = from.read(buf).await;
-        buf = returned;
-        let n = read.map_err(|e| fail(from_side, e))?;
-        if n == 0 {
-            if first_fin.get().is_none() {
-                first_fin.set(Some(from_side));
-            }
-            // The peer may already be gone; the other direction will see it.
-            return match to.shutdown(Shutdown::Write) {
-                Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(fail(to_side, e)),
-                _ => Ok(()),
-            };
-        }
-        let (written, slice) = to.write_all(buf.slice(..n)).await;
-        buf = slice.into_inner();
-        written.map_err(|e| fail(to_side, e))?;
-        copied.add(n as u64);
     }
 }

@@ -1,0 +1,393 @@
+//! Moving bytes one way, from the socket that sends them to the socket that
+//! takes them, with one of two engines:
+//!
+//! - **splice**: `splice(2)` from the source socket into a pipe and from the
+//!   pipe into the destination. The bytes never enter userspace; the pages
+//!   the kernel received are handed on as they are.
+//! - **copy**: `read(2)` into the worker's scratch buffer, `write(2)` out.
+//!
+//! `auto` copies while the traffic is small messages and splices while it
+//! is bulk: a read that fills the whole scratch buffer means the sender is
+//! ahead of us, and from then on splicing saves a copy of every byte; a
+//! splice that moves less than [`SMALL`] goes back to copying, which costs
+//! less per message than a trip through a pipe.
+//!
+//! Both engines wait for readiness (epoll, through tokio's `AsyncFd`) and
+//! then move what is there with plain non-blocking calls. Nothing is held
+//! while a connection is idle: the scratch buffer belongs to the worker and
+//! is only used between a read and its write, and pipes are taken from a
+//! per-worker pool for as long as they hold bytes. Only a destination that
+//! cannot take everything at once makes a connection keep bytes (the rest of
+//! a read, or the pipe with them) until it can. No io_uring operation is
+//! ever left pending on a relayed socket, so nothing needs a kernel worker
+//! thread and a connection closes at once.
+//!
+//! Why not io_uring recv/send: a pending io_uring read owns its buffer for
+//! as long as the connection is idle, and tokio-uring 0.5 offers neither a
+//! provided-buffer ring nor a poll operation to avoid that; io_uring's own
+//! splice runs on kernel io-wq threads. `benches/RESULTS.md` compares them.
+
+use std::cell::RefCell;
+use std::io;
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::ptr;
+use std::task::{ready, Context, Poll};
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::Ready;
+use tracing::warn;
+
+use crate::config::Engine;
+use crate::logging::Throttle;
+
+use super::{Failure, Side};
+
+/// What the copy engine reads at once. A read that fills it is what makes
+/// `auto` switch to splice.
+const SCRATCH_SIZE: usize = 64 * 1024;
+
+/// What one splice into a pipe asks for: the pipe's default capacity
+/// (16 pages).
+const PIPE_CAPACITY: usize = 64 * 1024;
+
+/// Under `auto`, a splice that moves less than this goes back to copying.
+const SMALL: usize = 16 * 1024;
+
+/// Empty pipes a worker keeps for reuse; more are closed when returned.
+const PIPES_KEPT: usize = 256;
+
+thread_local! {
+    /// Where the copy engine puts bytes between a read and its write.
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH_SIZE].into_boxed_slice());
+    /// Empty pipes ready for the next splice.
+    static PIPES: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A relayed socket, registered with the worker's reactor.
+pub type Socket = AsyncFd<TcpStream>;
+
+/// Bytes that the destination has not taken yet.
+enum Pending {
+    /// The end of a read the destination could not take.
+    Bytes { bytes: Vec<u8>, written: usize },
+    /// A pipe with `len` bytes still in it.
+    Pipe { pipe: Pipe, len: usize },
+}
+
+/// What one attempt to read from the source came to.
+enum Step {
+    /// Nothing to read after all.
+    WouldBlock,
+    /// The source sent FIN.
+    End,
+    /// `n` bytes came in; `pending` is what the destination did not take yet.
+    Moved { n: usize, pending: Option<Pending> },
+}
+
+/// Pipes could not be made (out of descriptors); logged at most once a
+/// second, while the copy engine stands in.
+static NO_PIPE: Throttle = Throttle::new();
+
+/// One direction of a connection, `from` → `to`: how it relays and what it
+/// holds. Driven by [`Direction::poll`]; a connection polls its two from
+/// one task, so an idle connection is two of these (a few words each) and
+/// nothing else.
+pub struct Direction {
+    from_side: Side,
+    engine: Engine,
+    splicing: bool,
+    /// Bytes the destination has not taken yet, and how many were read.
+    pending: Option<(Pending, usize)>,
+    finished: bool,
+}
+
+impl Direction {
+    /// The direction whose bytes come from `from_side`.
+    pub fn new(from_side: Side, engine: Engine) -> Direction {
+        Direction {
+            from_side,
+            engine,
+            splicing: engine == Engine::Splice,
+            pending: None,
+            finished: false,
+        }
+    }
+
+    /// The peer whose bytes this direction carries.
+    pub fn sender(&self) -> Side {
+        self.from_side
+    }
+
+    /// Whether `from` has sent FIN and it was passed on.
+    pub fn finished(&self) -> bool {
+        self.finished
+    }
+
+    /// Relays what there is to relay now, until `from` sends FIN; then
+    /// passes the FIN on and is ready. `moved` is told of the bytes `to`
+    /// took.
+    pub fn poll(
+        &mut self,
+        cx: &mut Context,
+        from: &Socket,
+        to: &Socket,
+        moved: impl Fn(usize),
+    ) -> Poll<Result<(), Failure>> {
+        let ends = Ends {
+            from,
+            to,
+            from_side: self.from_side,
+        };
+        while !self.finished {
+            if let Some((unsent, n)) = &mut self.pending {
+                let mut ready = ready!(to.poll_write_ready(cx)).map_err(|e| ends.destination(e))?;
+                match ready.try_io(|_| unsent.write_to(to)) {
+                    Ok(Ok(())) => {
+                        moved(*n);
+                        if let Some((unsent, _)) = self.pending.take() {
+                            unsent.done();
+                        }
+                    }
+                    Ok(Err(e)) => return Poll::Ready(Err(ends.destination(e))),
+                    Err(_would_block) => {}
+                }
+                continue;
+            }
+            let mut ready = ready!(from.poll_read_ready(cx)).map_err(|e| ends.source(e))?;
+            let (step, limit) = match self.splicing.then(Pipe::take) {
+                Some(Ok(pipe)) => (ends.splice_in(pipe)?, PIPE_CAPACITY),
+                Some(Err(e)) => {
+                    if let Some(suppressed) = NO_PIPE.allow() {
+                        warn!(
+                            suppressed,
+                            "cannot make a pipe to splice, copying instead: {e}"
+                        );
+                    }
+                    (ends.copy_in()?, SCRATCH_SIZE)
+                }
+                None => (ends.copy_in()?, SCRATCH_SIZE),
+            };
+            match step {
+                Step::WouldBlock => ready.clear_ready_matching(Ready::READABLE),
+                Step::End => {
+                    // The peer may already be gone; the other direction will
+                    // see it.
+                    match to.get_ref().shutdown(Shutdown::Write) {
+                        Err(e) if e.kind() != io::ErrorKind::NotConnected => {
+                            return Poll::Ready(Err(ends.destination(e)))
+                        }
+                        _ => self.finished = true,
+                    }
+                }
+                Step::Moved { n, pending } => {
+                    // A short read emptied the socket: wait for the next edge
+                    // rather than pay for a call that would say EAGAIN.
+                    if n < limit {
+                        ready.clear_ready_matching(Ready::READABLE);
+                    }
+                    if self.engine == Engine::Auto {
+                        self.splicing = if self.splicing {
+                            n >= SMALL
+                        } else {
+                            n == SCRATCH_SIZE
+                        };
+                    }
+                    match pending {
+                        Some(unsent) => self.pending = Some((unsent, n)),
+                        None => moved(n),
+                    }
+                }
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// The two sockets of one direction, and which peer sends.
+struct Ends<'a> {
+    from: &'a Socket,
+    to: &'a Socket,
+    from_side: Side,
+}
+
+impl Ends<'_> {
+    fn source(&self, error: io::Error) -> Failure {
+        Failure::new(self.from_side, error)
+    }
+
+    fn destination(&self, error: io::Error) -> Failure {
+        Failure::new(self.from_side.other(), error)
+    }
+
+    /// Reads into the scratch buffer and writes what came in straight on.
+    fn copy_in(&self) -> Result<Step, Failure> {
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let n = match recv(self.from, &mut scratch[..]) {
+                Ok(0) => return Ok(Step::End),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Step::WouldBlock),
+                Err(e) => return Err(self.source(e)),
+            };
+            let mut written = 0;
+            while written < n {
+                match send(self.to, &scratch[written..n]) {
+                    Ok(w) => written += w,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        let bytes = scratch[written..n].to_vec();
+                        let pending = Some(Pending::Bytes { bytes, written: 0 });
+                        return Ok(Step::Moved { n, pending });
+                    }
+                    Err(e) => return Err(self.destination(e)),
+                }
+            }
+            Ok(Step::Moved { n, pending: None })
+        })
+    }
+
+    /// Splices what the source has into `pipe`, and on from the pipe as far
+    /// as the destination takes it; a pipe still holding bytes is pending.
+    fn splice_in(&self, pipe: Pipe) -> Result<Step, Failure> {
+        let n = match splice(self.from, &pipe.write, PIPE_CAPACITY) {
+            Ok(0) => {
+                pipe.give_back();
+                return Ok(Step::End);
+            }
+            Ok(n) => n,
+            Err(e) => {
+                pipe.give_back();
+                return match e.kind() {
+                    io::ErrorKind::WouldBlock => Ok(Step::WouldBlock),
+                    _ => Err(self.source(e)),
+                };
+            }
+        };
+        let mut pending = Pending::Pipe { pipe, len: n };
+        match pending.write_to(self.to) {
+            Ok(()) => {
+                pending.done();
+                Ok(Step::Moved { n, pending: None })
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Step::Moved {
+                n,
+                pending: Some(pending),
+            }),
+            Err(e) => Err(self.destination(e)),
+        }
+    }
+}
+
+impl Pending {
+    /// Writes to `to` all it takes now: `Ok` once nothing is left,
+    /// `WouldBlock` while something is.
+    fn write_to(&mut self, to: &Socket) -> io::Result<()> {
+        match self {
+            Pending::Bytes { bytes, written } => {
+                while *written < bytes.len() {
+                    *written += send(to, &bytes[*written..])?;
+                }
+            }
+            Pending::Pipe { pipe, len } => {
+                while *len > 0 {
+                    match splice(&pipe.read, to, *len)? {
+                        // Cannot happen with bytes in the pipe; never spin.
+                        0 => return Err(io::ErrorKind::WriteZero.into()),
+                        out => *len -= out,
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts what a finished write held back where it is reused.
+    fn done(self) {
+        if let Pending::Pipe { pipe, .. } = self {
+            pipe.give_back();
+        }
+    }
+}
+
+/// A pipe for splicing, both ends non-blocking.
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+impl Pipe {
+    /// An empty pipe from the worker's pool, or a new one.
+    fn take() -> io::Result<Pipe> {
+        if let Some(pipe) = PIPES.with(|pipes| pipes.borrow_mut().pop()) {
+            return Ok(pipe);
+        }
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+        syscall(
+            unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } as isize,
+        )?;
+        // SAFETY: pipe2 succeeded, so both descriptors are open and ours.
+        Ok(unsafe {
+            Pipe {
+                read: OwnedFd::from_raw_fd(fds[0]),
+                write: OwnedFd::from_raw_fd(fds[1]),
+            }
+        })
+    }
+
+    /// Returns an empty pipe to the pool. A pipe that still holds bytes is
+    /// never returned (they would reach another connection): it is dropped
+    /// with its connection.
+    fn give_back(self) {
+        PIPES.with(|pipes| {
+            let mut pipes = pipes.borrow_mut();
+            if pipes.len() < PIPES_KEPT {
+                pipes.push(self);
+            }
+        });
+    }
+}
+
+/// Moves up to `len` bytes from `from` to `to`, one of which is a pipe,
+/// without blocking. A socket whose peer is gone answers EPIPE; SIGPIPE is
+/// ignored by every Rust program.
+fn splice(from: &impl AsRawFd, to: &impl AsRawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: plain descriptors and null offsets (neither end is a file).
+    syscall(unsafe {
+        libc::splice(
+            from.as_raw_fd(),
+            ptr::null_mut(),
+            to.as_raw_fd(),
+            ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    })
+}
+
+fn recv(from: &impl AsRawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of its length.
+    syscall(unsafe { libc::recv(from.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) })
+}
+
+fn send(to: &impl AsRawFd, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for reads of its length.
+    syscall(unsafe {
+        libc::send(
+            to.as_raw_fd(),
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_NOSIGNAL,
+        )
+    })
+}
+
+/// A system call's result as `io::Result`. EINTR cannot happen: the calls
+/// never block, and workers run with every signal blocked.
+fn syscall(result: isize) -> io::Result<usize> {
+    if result < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(result as usize)
+    }
+}
