@@ -2,7 +2,9 @@
 #
 #   make test      install what the tests need (Debian packages) and run them all
 #   make run       three local redis-server backends and sluice in front of them
-#   make bench     redis-benchmark through sluice next to a direct connection
+#   make bench     sluice next to HAProxy, NGINX and a direct connection (benches/compare
+#                  installs the peers and writes benches/RESULTS.md), how sluice scales
+#                  (benches/scaling), and the Maglev criterion benchmarks
 #   make install   PREFIX=/usr/local DESTDIR= : binary, unit and /etc/sluice/sluice.yaml
 #                  (BIN=path installs an already built binary instead of building)
 
@@ -37,8 +39,9 @@ run: build
 	scripts/run-demo
 
 bench: build
-	@scripts/apt-install redis-server redis-tools
-	benches/redis-compare
+	benches/compare
+	benches/scaling
+	$(CARGO) bench --bench maglev
 
 # The default BIN is built first; another BIN is installed as it is.
 install: $(if $(filter target/release/sluice,$(BIN)),build)

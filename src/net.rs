@@ -57,19 +57,13 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<AsyncFd<
         Interest::READABLE | Interest::WRITABLE,
     )?;
     if in_progress {
+        // With epoll, a connecting socket turns writable once the handshake
+        // is over, however it ended; SO_ERROR says how.
         let established = async {
-            loop {
-                let mut ready = socket.writable().await?;
-                if let Some(e) = socket.get_ref().take_error()? {
-                    return Err(e);
-                }
-                // Writable with no error can still be spurious: check that
-                // the handshake completed.
-                match socket.get_ref().peer_addr() {
-                    Ok(_) => return Ok(()),
-                    Err(e) if e.kind() == io::ErrorKind::NotConnected => ready.clear_ready(),
-                    Err(e) => return Err(e),
-                }
+            socket.writable().await?.retain_ready();
+            match socket.get_ref().take_error()? {
+                Some(e) => Err(e),
+                None => Ok(()),
             }
         };
         if timeout.is_zero() {
