@@ -13,9 +13,10 @@ DESTDIR ?=
 CARGO   ?= cargo
 BIN     ?= target/release/sluice
 
-# Debian packages the tests talk to or use: the servers behind sluice, and
-# systemd-analyze to verify the unit file.
-TEST_PACKAGES := redis-server redis-tools memcached systemd
+# Debian packages the tests talk to or use: the servers behind sluice (the
+# tests start their own on loopback ports, whatever services the packages
+# start), and systemd-analyze to verify the unit file.
+TEST_PACKAGES := redis-server redis-tools memcached postgresql mariadb-server systemd
 
 .PHONY: all build test deps run bench install lint clean
 

@@ -25,6 +25,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
+use crate::balancer::load::Load;
 use crate::config::{self, Config, HealthProbe};
 use crate::health::{self, PassiveHealth, ProbeFailure, Verdict};
 use crate::metrics::{self, BackendStats};
@@ -74,6 +75,8 @@ type BackendKey = (String, String, SocketAddr);
 
 struct Tracked {
     passive: Arc<PassiveHealth>,
+    /// Its open connections, across workers and reloads.
+    load: Arc<Load>,
     /// Its metric handles; made again on reload, since the listeners that
     /// feed its pool may change.
     stats: Arc<BackendStats>,
@@ -475,6 +478,7 @@ impl Controller {
                     self.ids.insert(id, key.clone());
                     Tracked {
                         passive: Arc::new(PassiveHealth::new(id)),
+                        load: Arc::default(),
                         stats: stats.clone(),
                         verdict: Verdict::up(),
                         prober: None,
@@ -589,6 +593,7 @@ impl Controller {
                     endpoint,
                     tracked.verdict.up,
                     tracked.passive.clone(),
+                    tracked.load.clone(),
                     tracked.stats.clone(),
                 )
             })
@@ -614,7 +619,8 @@ impl Controller {
         let pools = names.iter().map(|name| self.build_pool(name)).collect();
         self.panicking
             .retain(|name| self.config.pools.contains_key(name));
-        let snapshot = Snapshot::new(snapshot::routes(&self.config), pools);
+        let routes = snapshot::routes(&self.config, Some(&self.shared.snapshot.load()));
+        let snapshot = Snapshot::new(routes, pools);
         self.shared.snapshot.store(Arc::new(snapshot));
         systemd::status(&self.status());
     }

@@ -14,14 +14,18 @@
 //! - [`net`]: socket options, listening and connecting.
 //! - [`metrics`]: Prometheus metrics and the admin endpoint.
 //! - [`signals`], [`systemd`], [`logging`]: process plumbing.
+//! - [`explain`]: `sluice explain`, routing computed from the file alone.
 
 pub mod balancer;
 pub mod config;
 pub mod control;
+pub mod explain;
 pub mod health;
+pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod net;
+pub mod proxy_protocol;
 pub mod relay;
 pub mod signals;
 pub mod snapshot;

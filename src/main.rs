@@ -5,7 +5,6 @@
 //! and publish the first routing snapshot, start the workers, then hand the
 //! main thread to the control plane until the process stops.
 
-use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -13,10 +12,9 @@ use clap::error::ErrorKind;
 use clap::{CommandFactory, Parser, Subcommand};
 use tracing::error;
 
-use sluice::config::{self, Config, HashKey, Workers};
+use sluice::config::{self, Config, Workers};
 use sluice::control::Controller;
-use sluice::snapshot::Snapshot;
-use sluice::{logging, signals, worker};
+use sluice::{explain, logging, signals, worker};
 
 #[derive(Parser)]
 #[command(
@@ -40,12 +38,29 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Print the backend that CLIENT_IP maps to in POOL, and its retry
-    /// order, from the configuration file alone.
+    /// order, from the configuration file alone; or where it goes while
+    /// backends are down, or what share of clients a new file moves.
+    #[command(after_help = "\
+Examples:
+  sluice explain -c sluice.yaml redis 10.1.2.3
+  sluice explain -c sluice.yaml redis 10.1.2.3 --without cache-b
+  sluice explain -c sluice.yaml redis --remap sluice.yaml.new")]
     Explain {
         /// A pool defined in the configuration.
         pool: String,
         /// The client's address; with `hash_key: source_ip_port`, IP:PORT.
-        client_ip: String,
+        /// Optional with --remap.
+        #[arg(required_unless_present = "remap")]
+        client_ip: Option<String>,
+        /// Where the client goes while backend NAME is down, as once probes
+        /// have taken it out. Repeatable.
+        #[arg(long, value_name = "NAME", conflicts_with = "remap")]
+        without: Vec<String>,
+        /// Compare POOL with the pool of that name in NEWFILE: the share of
+        /// clients whose backend changes, overall and from which backend to
+        /// which; with CLIENT_IP, where that client goes in each.
+        #[arg(long, value_name = "NEWFILE")]
+        remap: Option<PathBuf>,
     },
 }
 
@@ -60,7 +75,17 @@ fn main() -> ExitCode {
             .exit();
     }
     let result = match &cli.command {
-        Some(Command::Explain { pool, client_ip }) => explain(&cli.config, pool, client_ip),
+        Some(Command::Explain {
+            pool,
+            client_ip,
+            without,
+            remap,
+        }) => match (remap, client_ip) {
+            (Some(new), client) => explain::remap(&cli.config, new, pool, client.as_deref()),
+            (None, Some(client)) => explain::client(&cli.config, pool, client, without),
+            (None, None) => unreachable!("clap requires CLIENT_IP without --remap"),
+        }
+        .map(|text| print!("{text}")),
         None if cli.check => check(&cli.config),
         None => run(&cli.config),
     };
@@ -83,57 +108,6 @@ fn check(path: &Path) -> Result<(), String> {
         config.listeners.len(),
         config.pools.len(),
         backends
-    );
-    Ok(())
-}
-
-/// `sluice explain`: where a client goes, computed exactly as a worker does.
-fn explain(path: &Path, pool_name: &str, client: &str) -> Result<(), String> {
-    let config = config::load(path).map_err(|e| e.to_string())?;
-    let snapshot = Snapshot::from_config(&config);
-    let pool = snapshot.pool(pool_name).ok_or_else(|| {
-        let defined: Vec<&str> = config.pools.keys().map(String::as_str).collect();
-        format!(
-            "pool {pool_name:?} is not defined in {} (defined pools: {})",
-            path.display(),
-            defined.join(", ")
-        )
-    })?;
-    let client_addr = match (client.parse::<IpAddr>(), client.parse::<SocketAddr>()) {
-        (Ok(_), _) if pool.hash_key == HashKey::SourceIpPort => {
-            return Err(format!(
-                "pool {pool_name:?} hashes on source_ip_port: give the client as IP:PORT"
-            ))
-        }
-        (Ok(ip), _) => SocketAddr::new(ip, 0),
-        (_, Ok(addr)) => addr,
-        _ => return Err(format!("invalid client address {client:?}")),
-    };
-    let mut order = pool.candidates(client_addr);
-    let Some(first) = order.next() else {
-        return Err(format!(
-            "pool {pool_name:?} has no backend with a weight above 0"
-        ));
-    };
-    let retries: Vec<String> = order.map(|b| format!("{} ({})", b.name, b.addr)).collect();
-    println!(
-        "pool:    {pool_name} (maglev on {}, {} backends, {} slots)",
-        match pool.hash_key {
-            HashKey::SourceIp => "source_ip",
-            HashKey::SourceIpPort => "source_ip_port",
-        },
-        pool.backends.len(),
-        pool.table_size()
-    );
-    println!("client:  {client}");
-    println!("backend: {} ({})", first.name, first.addr);
-    println!(
-        "retries: {}",
-        if retries.is_empty() {
-            "none".to_owned()
-        } else {
-            retries.join(", ")
-        }
     );
     Ok(())
 }

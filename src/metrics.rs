@@ -26,12 +26,19 @@ pub enum ErrorReason {
     ConnectTimeout,
     /// One connect attempt was refused (or failed otherwise).
     ConnectRefused,
+    /// The client was turned away by a limit: the listener's
+    /// `max_connections` or `rate_limit`, or every backend full.
+    OverLimit,
+    /// The client's PROXY protocol header was missing or malformed.
+    ProxyHeader,
 }
 
-const REASONS: [(ErrorReason, &str); 3] = [
+const REASONS: [(ErrorReason, &str); 5] = [
     (ErrorReason::NoBackend, "no_backend"),
     (ErrorReason::ConnectTimeout, "connect_timeout"),
     (ErrorReason::ConnectRefused, "connect_refused"),
+    (ErrorReason::OverLimit, "over_limit"),
+    (ErrorReason::ProxyHeader, "proxy_header"),
 ];
 
 /// Handles of one listener.

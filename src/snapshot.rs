@@ -15,10 +15,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::balancer::key_hash;
-use crate::balancer::maglev::{Maglev, Member};
-use crate::config::{self, Config, Engine, HashKey};
+use crate::balancer::algorithms::{Balancer, Choice};
+use crate::balancer::load::{Lease, Load};
+use crate::config::schema::SendProxy;
+use crate::config::{self, Balance, Config, Engine, HashKey};
 use crate::health::PassiveHealth;
+use crate::limits::Gate;
 use crate::metrics::{BackendStats, ListenerStats};
 
 #[derive(Clone)]
@@ -27,20 +29,30 @@ pub struct Snapshot {
     pools: Vec<Arc<Pool>>,
 }
 
-/// Where a listener's connections go, and its metric handles.
+/// Where a listener's connections go, what it lets in, and its metric
+/// handles.
 #[derive(Clone)]
 pub struct Route {
     /// Index into `Snapshot::pools`.
     pool: usize,
+    pub gate: Arc<Gate>,
+    /// Connections start with a PROXY protocol header.
+    pub accept_proxy: bool,
     pub stats: Arc<ListenerStats>,
 }
 
 pub struct Pool {
     pub name: String,
+    pub balance: Balance,
+    /// What Maglev hashes.
     pub hash_key: HashKey,
     pub connect_timeout: Duration,
     /// How connections relay their bytes.
     pub engine: Engine,
+    /// Close connections idle both ways this long; zero: never.
+    pub idle_timeout: Duration,
+    /// The PROXY header to put before each connection's bytes.
+    pub send_proxy: SendProxy,
     pub retries: u32,
     /// Every endpoint of the pool, up or down, in file order.
     pub backends: Vec<Backend>,
@@ -53,16 +65,20 @@ pub struct Pool {
     /// out before the next probe; `None` when probes are off, since nothing
     /// would bring it back.
     pub eject_after: Option<u32>,
-    maglev: Maglev,
+    balancer: Balancer,
 }
 
+#[derive(Clone)]
 pub struct Backend {
     pub name: Arc<str>,
     pub addr: SocketAddr,
     pub weight: u32,
     pub up: bool,
-    /// Shared with the control plane; survives rebuilds and reloads.
+    /// 0: no limit; a full backend is passed over like a down one.
+    pub max_connections: u32,
+    /// Shared with the control plane; survive rebuilds and reloads.
     pub passive: Arc<PassiveHealth>,
+    pub load: Arc<Load>,
     pub stats: Arc<BackendStats>,
 }
 
@@ -84,13 +100,19 @@ impl Snapshot {
                     .into_iter()
                     .map(|e| {
                         let stats = Arc::new(BackendStats::new(&e.name, &listeners));
-                        Backend::new(&e, true, Arc::new(PassiveHealth::new(0)), stats)
+                        Backend::new(
+                            &e,
+                            true,
+                            Arc::new(PassiveHealth::new(0)),
+                            Arc::default(),
+                            stats,
+                        )
                     })
                     .collect();
                 Arc::new(Pool::build(name, pool, backends))
             })
             .collect();
-        Snapshot::new(routes(config), pools)
+        Snapshot::new(routes(config, None), pools)
     }
 
     /// This snapshot with the pool at `index` replaced.
@@ -101,11 +123,11 @@ impl Snapshot {
     }
 
     /// The pool that connections accepted by `listener` go to, and the
-    /// listener's metric handles.
-    pub fn pool_for(&self, listener: &str) -> Option<(&Pool, &ListenerStats)> {
+    /// listener's route.
+    pub fn pool_for(&self, listener: &str) -> Option<(&Pool, &Route)> {
         self.routes
             .get(listener)
-            .map(|route| (&*self.pools[route.pool], &*route.stats))
+            .map(|route| (&*self.pools[route.pool], route))
     }
 
     pub fn pool(&self, name: &str) -> Option<&Pool> {
@@ -119,8 +141,9 @@ impl Snapshot {
 
 /// Every listener's route: its pool's index in `config.pools` (a
 /// `BTreeMap`, so pools are indexed in name order wherever snapshots are
-/// built) and its metric handles.
-pub fn routes(config: &Config) -> HashMap<String, Route> {
+/// built), its gate and its metric handles. A listener that was in
+/// `previous` keeps counting the connections it has open.
+pub fn routes(config: &Config, previous: Option<&Snapshot>) -> HashMap<String, Route> {
     config
         .listeners
         .iter()
@@ -130,8 +153,16 @@ pub fn routes(config: &Config) -> HashMap<String, Route> {
                 .keys()
                 .position(|p| *p == listener.pool)
                 .expect("validation checked that every listener's pool exists");
-            let stats = Arc::new(ListenerStats::new(name));
-            (name.clone(), Route { pool, stats })
+            let open = previous
+                .and_then(|snapshot| snapshot.routes.get(name))
+                .map_or_else(Arc::default, |route| route.gate.open().clone());
+            let route = Route {
+                pool,
+                gate: Arc::new(Gate::new(listener, open)),
+                accept_proxy: listener.accept_proxy,
+                stats: Arc::new(ListenerStats::new(name)),
+            };
+            (name.clone(), route)
         })
         .collect()
 }
@@ -152,38 +183,54 @@ impl Pool {
     pub fn build(name: &str, config: &config::Pool, backends: Vec<Backend>) -> Pool {
         let weighted = backends.iter().filter(|b| b.weight > 0);
         let panic = weighted.clone().next().is_some() && !weighted.clone().any(|b| b.up);
-        let members: Vec<Member> = backends
+        let choices: Vec<Choice> = backends
             .iter()
-            .map(|b| Member {
+            .map(|b| Choice {
                 name: &b.name,
                 weight: if b.up || panic { b.weight } else { 0 },
+                load: &b.load,
             })
             .collect();
-        let maglev = Maglev::build(&members, config.table_size);
+        let balancer = Balancer::build(config, &choices);
         Pool {
             name: name.to_owned(),
+            balance: config.balance,
             hash_key: config.hash_key,
             connect_timeout: config.connect_timeout,
             engine: config.engine,
+            idle_timeout: config.idle_timeout,
+            send_proxy: config.send_proxy,
             retries: config.retries,
             panic,
             eject_after: config.health.probe().map(|probe| probe.fall),
             backends,
-            maglev,
+            balancer,
         }
     }
 
-    /// The backends to try for `client`, best first: the first choice and up
-    /// to `retries` more, each at most once.
+    /// The backends to try for a new connection from `client`, best first,
+    /// each at most once. Callers try at most `retries` + 1 of them.
     pub fn candidates(&self, client: SocketAddr) -> impl Iterator<Item = &Backend> {
-        self.maglev
-            .preference(key_hash(self.hash_key, client))
-            .take(self.retries as usize + 1)
-            .map(|i| &self.backends[i])
+        self.balancer.candidates(client).map(|i| &self.backends[i])
     }
 
+    /// The Maglev table's size; 0 for other algorithms.
     pub fn table_size(&self) -> usize {
-        self.maglev.slots()
+        self.balancer.table_size()
+    }
+
+    /// This pool rebuilt with the backends named in `down` out of rotation,
+    /// as probes would leave them: what `sluice explain --without` shows.
+    pub fn without(&self, config: &config::Pool, down: &[&str]) -> Pool {
+        let backends = self
+            .backends
+            .iter()
+            .map(|b| Backend {
+                up: b.up && !down.contains(&&*b.name),
+                ..b.clone()
+            })
+            .collect();
+        Pool::build(&self.name, config, backends)
     }
 }
 
@@ -192,15 +239,23 @@ impl Backend {
         endpoint: &config::Endpoint,
         up: bool,
         passive: Arc<PassiveHealth>,
+        load: Arc<Load>,
         stats: Arc<BackendStats>,
     ) -> Backend {
         Backend {
             name: endpoint.name.as_str().into(),
             addr: endpoint.addr,
             weight: endpoint.weight,
+            max_connections: endpoint.max_connections,
             up,
             passive,
+            load,
             stats,
         }
+    }
+
+    /// Counts a new connection to this backend, unless it is full.
+    pub fn lease(&self) -> Option<Lease> {
+        self.load.lease(self.max_connections)
     }
 }

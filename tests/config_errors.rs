@@ -249,12 +249,40 @@ fn health_settings() {
     );
     assert_eq!(
         rejected(&probe("intervall: 1s")),
-        "sluice: sluice.yaml:8:7: pools.redis.health: unknown field `intervall`, expected one of `interval`, `timeout`, `rise`, `fall`, `send`, `expect`, `preset`"
+        "sluice: sluice.yaml:8:7: pools.redis.health: unknown field `intervall`, expected one of `interval`, `timeout`, `rise`, `fall`, `send`, `expect`, `preset`, `require_master`, `send_proxy`"
     );
     assert!(
         check(&probe("send: \"PING\\r\\n\"\n      expect: \"+PONG\""))
             .status
             .success()
+    );
+}
+
+#[test]
+fn health_presets() {
+    let probe = |settings: &str| with("health: off", &format!("health:\n      {settings}"));
+    for preset in ["redis", "memcached", "postgres", "mysql"] {
+        let out = check(&probe(&format!("preset: {preset}")));
+        assert!(out.status.success(), "{preset}: {out:?}");
+    }
+    assert!(check(&probe("preset: redis\n      require_master: true"))
+        .status
+        .success());
+    assert_eq!(
+        rejected(&probe("preset: mongodb")),
+        "sluice: sluice.yaml:8:15: pools.redis.health.preset: unknown variant `mongodb`, expected one of `redis`, `memcached`, `postgres`, `mysql`"
+    );
+    assert_eq!(
+        rejected(&probe("preset: redis\n      expect: \"+PONG\"")),
+        "sluice: sluice.yaml:8:15: pools.redis.health.preset: a preset decides what to send and expect: use either preset or send/expect"
+    );
+    assert_eq!(
+        rejected(&probe("preset: memcached\n      require_master: true")),
+        "sluice: sluice.yaml:9:23: pools.redis.health.require_master: applies only to `preset: redis`"
+    );
+    assert_eq!(
+        rejected(&probe("require_master: true")),
+        "sluice: sluice.yaml:8:23: pools.redis.health.require_master: applies only to `preset: redis`"
     );
 }
 
@@ -273,24 +301,61 @@ fn unknown_values() {
 /// Keys of the schema whose feature is not built yet are refused, never
 /// silently ignored; their default values are accepted.
 #[test]
-fn features_not_built_yet_are_refused() {
-    assert_eq!(
-        rejected(&with("health: off", "balance: round_robin")),
-        "sluice: sluice.yaml:7:14: pools.redis.balance: not supported yet in this version of sluice: a balance other than maglev"
-    );
-    assert_eq!(
-        rejected(&with("health: off", "health:\n      preset: redis")),
-        "sluice: sluice.yaml:8:15: pools.redis.health.preset: not supported yet in this version of sluice: probe presets (write `send` and `expect`)"
-    );
-    assert_eq!(
-        rejected(&with("pool: redis", "pool: redis\n    accept_proxy: true")),
-        "sluice: sluice.yaml:5:19: listeners.redis.accept_proxy: not supported yet in this version of sluice: the PROXY protocol"
-    );
-    let defaults = with(
+fn limits_balancing_and_proxy_settings_are_checked() {
+    for (from, to, expected) in [
+        (
+            "health: off",
+            "health: off\n    max_load_factor: 0.8",
+            "pools.redis.max_load_factor: 0.8 is not above 1",
+        ),
+        (
+            "health: off",
+            "health: off\n    balance: round_robin\n    max_load_factor: 1.25",
+            "pools.redis.max_load_factor: bounded load applies to `balance: maglev` only",
+        ),
+        (
+            "health: off",
+            "health: off\n    balance: fastest",
+            "pools.redis.balance: unknown variant `fastest`",
+        ),
+        (
+            "pool: redis",
+            "pool: redis\n    rate_limit: { burst: 5 }",
+            "listeners.redis.rate_limit.burst: a burst needs a rate",
+        ),
+        (
+            "pool: redis",
+            "pool: redis\n    rate_limit: { per_client: { burst: 5 } }",
+            "listeners.redis.rate_limit.per_client.burst: a burst needs a rate",
+        ),
+        (
+            "health: off",
+            "health: { send_proxy: true }",
+            "pools.redis.health.send_proxy: probes send the pool's PROXY header",
+        ),
+        (
+            "health: off",
+            "health: off\n    send_proxy: v3",
+            "pools.redis.send_proxy: unknown variant `v3`",
+        ),
+    ] {
+        let error = rejected(&with(from, to));
+        assert!(error.contains(expected), "{to}: {error}");
+    }
+    let every_setting = with(
+        "pool: redis",
+        "pool: redis\n    accept_proxy: true\n    max_connections: 100\n    rate_limit: { rate: 50, burst: 100, per_client: { rate: 5, burst: 10 } }",
+    )
+    .replace(
         "health: off",
-        "health: off\n    balance: maglev\n    engine: copy\n    send_proxy: off\n    idle_timeout: 0\n    max_load_factor: 0",
+        "health: { send_proxy: true }\n    balance: maglev\n    max_load_factor: 1.25\n    engine: copy\n    send_proxy: v2\n    idle_timeout: 10m",
     );
-    assert!(check(&defaults).status.success());
+    let out = check(&every_setting);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]

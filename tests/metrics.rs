@@ -6,34 +6,9 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 
 use common::*;
-
-/// GETs `path` from the admin endpoint: (status line, body).
-fn get(admin: SocketAddr, path: &str) -> (String, String) {
-    let mut stream = TcpStream::connect(admin).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: sluice\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    (head.lines().next().unwrap().to_owned(), body.to_owned())
-}
-
-/// The value of the sample of `family` whose labels contain every one of
-/// `labels` (`key="value"`), if there is one.
-fn sample(body: &str, family: &str, labels: &[&str]) -> Option<f64> {
-    body.lines()
-        .filter(|l| l.starts_with(&format!("{family}{{")) || l.starts_with(&format!("{family} ")))
-        .find(|l| labels.iter().all(|label| l.contains(label)))
-        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
-}
-
-fn scrape(admin: SocketAddr) -> String {
-    let (status, body) = get(admin, "/metrics");
-    assert_eq!(status, "HTTP/1.1 200 OK");
-    body
-}
 
 #[test]
 fn every_family_moves_with_the_traffic() {

@@ -13,6 +13,8 @@
 //! seed, the hash, or the fill order remaps live clients; the golden-vector
 //! test exists to make such a change a deliberate decision.
 
+use std::collections::HashMap;
+
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 /// Seeds of the two hashes that give each backend its permutation.
@@ -165,6 +167,35 @@ impl Maglev {
                 (count as f64 - ideal).abs() / ideal
             })
             .fold(0.0, f64::max)
+    }
+
+    /// How the key hashes move from this table to `other`, which may have
+    /// another size: for each pair (backend here, backend there), how many
+    /// of the 2^64 hashes map to both. Clients' hashes are uniform, so these
+    /// are shares of clients. Empty if either table is.
+    pub fn overlap(&self, other: &Maglev) -> HashMap<(usize, usize), u128> {
+        let mut shares = HashMap::new();
+        if self.table.is_empty() || other.table.is_empty() {
+            return shares;
+        }
+        // Walk both partitions of the hash space into slots at once.
+        let (mut i, mut j, mut from) = (0, 0, 0u128);
+        while i < self.slots() && j < other.slots() {
+            let (end_i, end_j) = (self.first_hash(i + 1), other.first_hash(j + 1));
+            let end = end_i.min(end_j);
+            let pair = (self.table[i] as usize, other.table[j] as usize);
+            *shares.entry(pair).or_default() += end - from;
+            from = end;
+            i += usize::from(end == end_i);
+            j += usize::from(end == end_j);
+        }
+        shares
+    }
+
+    /// The smallest hash that [`Maglev::slot`] maps to `slot`, as 128 bits so
+    /// that the end of the last slot, 2^64, fits.
+    fn first_hash(&self, slot: usize) -> u128 {
+        ((slot as u128) << 64).div_ceil(self.table.len() as u128)
     }
 
     /// Maps a 64-bit hash onto a slot without a division (Lemire's
@@ -395,6 +426,37 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Overlaps cover the hash space once, agree with slot-by-slot counts
+    /// between tables of one size and with lookups between sizes.
+    #[test]
+    fn overlap_partitions_the_hash_space() {
+        let names = names(5);
+        let five = members(&names);
+        let four = Maglev::build(&five[..4], 65537);
+        let same_size = Maglev::build(&five, 65537);
+        let larger = Maglev::build(&five, 100_003);
+        assert!(four.overlap(&four).keys().all(|(x, y)| x == y));
+        let share_moved = |shares: HashMap<(usize, usize), u128>| {
+            assert_eq!(shares.values().sum::<u128>(), 1 << 64);
+            let moved: u128 = shares
+                .iter()
+                .filter(|((x, y), _)| x != y)
+                .map(|(_, s)| s)
+                .sum();
+            moved as f64 / 2f64.powi(64)
+        };
+        let by_slots = moved(&four, &five[..4], &same_size, &five);
+        assert!((share_moved(four.overlap(&same_size)) - by_slots).abs() < 1e-9);
+        let shares = four.overlap(&larger);
+        for key in 0..10_000u64 {
+            let key = key.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            let pair = (four.lookup(key).unwrap(), larger.lookup(key).unwrap());
+            assert!(shares.contains_key(&pair), "key {key:#x}: {pair:?}");
+        }
+        // Another table size reshuffles most clients.
+        assert!(share_moved(shares) > 0.5);
     }
 
     #[test]

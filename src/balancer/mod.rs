@@ -1,10 +1,13 @@
 //! Choosing a backend for a client.
 //!
-//! This module owns the mapping from a client address to a preference order
-//! over a pool's backends. Only Maglev exists so far; the hash of the client
-//! address (the *key*) is computed here so that every algorithm and
-//! `sluice explain` agree on it.
+//! This module owns the mapping from a new connection to an order of
+//! backends to try ([`algorithms`]), the Maglev table, and the counts of
+//! open connections that load-aware choices read ([`load`]). The hash of the
+//! client address (the *key*) is computed here so that Maglev and `sluice
+//! explain` agree on it.
 
+pub mod algorithms;
+pub mod load;
 pub mod maglev;
 
 use std::net::{IpAddr, SocketAddr};

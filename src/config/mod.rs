@@ -14,7 +14,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use schema::{
-    Config, Endpoint, Engine, HashKey, HealthProbe, LogFormat, LogLevel, Pool, Workers,
+    Balance, Config, Endpoint, Engine, HashKey, HealthProbe, LogFormat, LogLevel, Pool, Workers,
 };
 pub use validate::resolve;
 

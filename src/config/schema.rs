@@ -215,7 +215,29 @@ pub struct HealthProbe {
     pub fall: u32,
     pub send: Option<String>,
     pub expect: Option<String>,
-    pub preset: Option<String>,
+    /// A ready-made exchange instead of `send`/`expect`.
+    pub preset: Option<Preset>,
+    /// With `preset: redis`: a replica fails the probe.
+    #[serde(default)]
+    pub require_master: bool,
+    /// Start each probe with the PROXY header the pool sends its
+    /// connections, for backends that require one.
+    #[serde(default)]
+    pub send_proxy: bool,
+    /// The header version when `send_proxy` is set: the pool's, filled in
+    /// by validation.
+    #[serde(skip)]
+    pub proxy_version: SendProxy,
+}
+
+/// The servers sluice knows how to probe without `send`/`expect`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Preset {
+    Redis,
+    Memcached,
+    Postgres,
+    Mysql,
 }
 
 #[derive(Debug, Deserialize)]
@@ -257,6 +279,8 @@ pub struct Endpoint {
     pub name: String,
     pub addr: SocketAddr,
     pub weight: u32,
+    /// Applies to each address of the entry on its own.
+    pub max_connections: u32,
 }
 
 impl Pool {
@@ -274,6 +298,7 @@ impl Pool {
                     name,
                     addr,
                     weight: backend.weight,
+                    max_connections: backend.max_connections,
                 });
             }
         }
@@ -302,6 +327,9 @@ impl Default for HealthProbe {
             send: None,
             expect: None,
             preset: None,
+            require_master: false,
+            send_proxy: false,
+            proxy_version: SendProxy::Off,
         }
     }
 }

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::{SocketAddr, ToSocketAddrs};
 
-use super::schema::{Balance, Config, Health, HealthProbe, Listener, Pool, SendProxy};
+use super::schema::{Balance, Config, Health, Listener, Pool, Preset, SendProxy};
 use super::Problem;
 use crate::balancer::maglev;
 
@@ -17,7 +17,6 @@ pub const MAX_RETRIES: u32 = maglev::MAX_ATTEMPTS as u32 - 1;
 pub const MAX_WEIGHT: u32 = 1000;
 
 pub fn validate(config: &mut Config) -> Result<(), Problem> {
-    reject_unsupported(config)?;
     if config.listeners.is_empty() {
         return Err(Problem::new("listeners", "no listeners are defined"));
     }
@@ -71,6 +70,22 @@ fn check_listener(
             format!("{} is out of range: use 1 to 65535", listener.backlog),
         ));
     }
+    let limit = &listener.rate_limit;
+    for (key, rate, burst) in [
+        ("rate_limit", limit.rate, limit.burst),
+        (
+            "rate_limit.per_client",
+            limit.per_client.rate,
+            limit.per_client.burst,
+        ),
+    ] {
+        if rate == 0 && burst != 0 {
+            return Err(Problem::new(
+                format!("listeners.{name}.{key}.burst"),
+                "a burst needs a rate (rate: 0 turns the limit off)",
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -113,7 +128,34 @@ fn check_pool(name: &str, pool: &mut Pool) -> Result<(), Problem> {
         ));
     }
 
+    let factor = pool.max_load_factor;
+    if factor != 0.0 && !(factor.is_finite() && factor > 1.0) {
+        return Err(Problem::new(
+            field("max_load_factor"),
+            format!("{factor} is not above 1 (0 turns bounded load off; try 1.25)"),
+        ));
+    }
+    if factor != 0.0 && pool.balance != Balance::Maglev {
+        return Err(Problem::new(
+            field("max_load_factor"),
+            "bounded load applies to `balance: maglev` only",
+        ));
+    }
+
     check_health(name, &pool.health)?;
+    if let Health::Probe(probe) = &mut pool.health {
+        if probe.send_proxy && pool.send_proxy == SendProxy::Off {
+            return Err(Problem::new(
+                field("health.send_proxy"),
+                "probes send the pool's PROXY header: set `send_proxy: v1` or `v2` on the pool",
+            ));
+        }
+        probe.proxy_version = if probe.send_proxy {
+            pool.send_proxy
+        } else {
+            SendProxy::Off
+        };
+    }
 
     let mut names: HashMap<String, usize> = HashMap::new();
     for (i, backend) in pool.backends.iter_mut().enumerate() {
@@ -194,6 +236,18 @@ fn check_health(pool: &str, health: &Health) -> Result<(), Problem> {
             "an empty reply prefix matches anything: omit `expect` instead",
         ));
     }
+    if probe.preset.is_some() && (probe.send.is_some() || probe.expect.is_some()) {
+        return Err(Problem::new(
+            field("preset"),
+            "a preset decides what to send and expect: use either preset or send/expect",
+        ));
+    }
+    if probe.require_master && probe.preset != Some(Preset::Redis) {
+        return Err(Problem::new(
+            field("require_master"),
+            "applies only to `preset: redis`",
+        ));
+    }
     Ok(())
 }
 
@@ -231,61 +285,4 @@ pub fn resolve(address: &str) -> Result<Vec<SocketAddr>, String> {
     addrs.sort();
     addrs.dedup();
     Ok(addrs)
-}
-
-/// Settings of the schema whose feature is not built yet are accepted at
-/// their defaults and refused otherwise, so that nothing an operator asks for
-/// is silently ignored.
-fn reject_unsupported(config: &Config) -> Result<(), Problem> {
-    let unsupported = |field: String, what: &str| {
-        Err(Problem::new(
-            field,
-            format!("not supported yet in this version of sluice: {what}"),
-        ))
-    };
-    for (name, listener) in &config.listeners {
-        let field = |key: &str| format!("listeners.{name}.{key}");
-        if listener.accept_proxy {
-            return unsupported(field("accept_proxy"), "the PROXY protocol");
-        }
-        if listener.max_connections != 0 {
-            return unsupported(field("max_connections"), "a connection limit");
-        }
-        if listener.rate_limit != Default::default() {
-            return unsupported(field("rate_limit"), "rate limiting");
-        }
-    }
-    for (name, pool) in &config.pools {
-        let field = |key: &str| format!("pools.{name}.{key}");
-        if pool.balance != Balance::Maglev {
-            return unsupported(field("balance"), "a balance other than maglev");
-        }
-        if pool.max_load_factor != 0.0 {
-            return unsupported(field("max_load_factor"), "bounded-load Maglev");
-        }
-        if !pool.idle_timeout.is_zero() {
-            return unsupported(field("idle_timeout"), "an idle timeout");
-        }
-        if pool.send_proxy != SendProxy::Off {
-            return unsupported(field("send_proxy"), "the PROXY protocol");
-        }
-        if let Health::Probe(HealthProbe {
-            preset: Some(_), ..
-        }) = pool.health
-        {
-            return unsupported(
-                field("health.preset"),
-                "probe presets (write `send` and `expect`)",
-            );
-        }
-        for (i, backend) in pool.backends.iter().enumerate() {
-            if backend.max_connections != 0 {
-                return unsupported(
-                    format!("pools.{name}.backends[{i}].max_connections"),
-                    "a backend connection limit",
-                );
-            }
-        }
-    }
-    Ok(())
 }

@@ -15,31 +15,41 @@
 
 mod pump;
 
+pub use pump::Socket;
+
 use std::borrow::Cow;
-use std::cell::Cell;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::net::{SocketAddr, TcpStream};
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::task::Poll;
-use std::time::Instant;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use metrics::Counter;
 use tokio::io::Interest;
 use tokio::sync::Notify;
+use tokio::time::Sleep;
 use tracing::{debug, info, warn};
 
+use crate::balancer::load::Lease;
+use crate::config::schema::SendProxy;
+use crate::config::Engine;
 use crate::control::{Event, Shared};
 use crate::health::PassiveHealth;
 use crate::logging::{self, Throttle};
 use crate::metrics::{BackendStats, ErrorReason, ListenerStats};
 use crate::net;
+use crate::proxy_protocol;
 use crate::snapshot::Pool;
 
 /// "No backend reachable" is logged at most once per interval, with a count.
 static NO_BACKEND: Throttle = Throttle::new();
+
+/// So are connections turned away by a limit or for their PROXY header.
+static TURNED_AWAY: Throttle = Throttle::new();
 
 thread_local! {
     /// Wakes every connection of this worker when a drain runs out of time.
@@ -59,6 +69,28 @@ struct Dialed {
     passive: Arc<PassiveHealth>,
     stats: Arc<BackendStats>,
     eject_after: Option<u32>,
+    /// Counts the connection in its backend's load until it ends.
+    _lease: Lease,
+}
+
+/// A connection let in and given its backend.
+struct Opened {
+    backend: Dialed,
+    /// The client's address: the one a PROXY header carried, if any.
+    client_addr: SocketAddr,
+    engine: Engine,
+    idle_timeout: Option<Duration>,
+    /// Counts the connection against its listener's `max_connections`.
+    _lease: Lease,
+}
+
+/// Why a relay ended.
+enum Ended {
+    Relayed(Result<(), Failure>),
+    /// `shutdown_timeout` ran out.
+    Shutdown,
+    /// Nothing moved either way for `idle_timeout`.
+    Idle,
 }
 
 /// Counts a connection in [`Shared::active`] while it lives; taken by the
@@ -80,7 +112,7 @@ impl Drop for Active {
 
 /// Serves one accepted connection from `client_addr` on `listener`.
 /// `client` must be non-blocking.
-pub async fn serve(client: TcpStream, client_addr: SocketAddr, listener: &str, active: Active) {
+pub async fn serve(client: TcpStream, mut client_addr: SocketAddr, listener: &str, active: Active) {
     let shared = active.0;
     let accepted = Instant::now();
     let client = match net::watch(client, Interest::READABLE | Interest::WRITABLE) {
@@ -90,93 +122,85 @@ pub async fn serve(client: TcpStream, client_addr: SocketAddr, listener: &str, a
             return;
         }
     };
-    let backend = {
-        // Held only while dialing: a long connection must not keep an old
-        // snapshot alive.
-        let snapshot = shared.snapshot.load();
-        let Some((pool, listener_stats)) = snapshot.pool_for(listener) else {
-            // The listener was removed from the configuration since accept.
-            return;
-        };
-        // Boxed: what dialing needs is large and short-lived; inline, it would
-        // make every connection's task that much bigger for its whole life.
-        match Box::pin(dial(pool, client_addr, listener_stats, shared)).await {
-            Ok(dialed) => (dialed, pool.engine),
-            Err(error) => {
-                listener_stats.error(ErrorReason::NoBackend);
-                if let Some(suppressed) = NO_BACKEND.allow() {
-                    warn!(
-                        listener,
-                        pool = %pool.name,
-                        client = %client_addr,
-                        suppressed,
-                        "no backend reachable, closing the client: {error}"
-                    );
-                }
-                log_closed(listener, client_addr, "-", (0, 0), accepted, "no backend");
-                return;
-            }
-        }
+    // Boxed: what admission and dialing need is large and short-lived;
+    // inline, it would make every connection's task that much bigger for
+    // its whole life.
+    let Some(opened) = Box::pin(open(&client, client_addr, listener, shared, accepted)).await
+    else {
+        return;
     };
-
-    let (backend, engine) = backend;
+    let Opened {
+        backend,
+        client_addr: carried,
+        engine,
+        idle_timeout,
+        _lease,
+    } = opened;
+    client_addr = carried;
     let route = backend.stats.route(listener);
     if let Some(route) = route {
         route.connections.increment(1);
         route.active.increment(1.0);
     }
-    let to_backend = Bytes::new(route.map(|r| &r.to_backend));
-    let to_client = Bytes::new(route.map(|r| &r.to_client));
-    let first_fin = Cell::new(None);
     let closing = CLOSING.with(Rc::clone);
-    let mut upstream = pump::Direction::new(Side::Client, engine);
-    let mut downstream = pump::Direction::new(Side::Backend, engine);
-    let relayed = poll_fn(|cx| {
-        let mut drive = |direction: &mut pump::Direction, from, to, bytes: &Bytes| {
-            if direction.finished() {
-                return Ok(());
-            }
-            if let Poll::Ready(done) = direction.poll(cx, from, to, |n| bytes.add(n as u64)) {
-                done?;
-                if first_fin.get().is_none() {
-                    first_fin.set(Some(direction.sender()));
-                }
-            }
-            Ok(())
-        };
-        drive(&mut upstream, &client, &backend.socket, &to_backend)?;
-        drive(&mut downstream, &backend.socket, &client, &to_client)?;
-        if upstream.finished() && downstream.finished() {
-            Poll::Ready(Ok::<(), Failure>(()))
-        } else {
-            Poll::Pending
-        }
-    });
-    let outcome = tokio::select! {
-        outcome = relayed => Some(outcome),
-        () = closing.notified() => None,
+    let shutdown = closing.notified();
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut relay = Relay {
+        upstream: pump::Direction::new(Side::Client, engine),
+        downstream: pump::Direction::new(Side::Backend, engine),
+        to_backend: Bytes::new(route.map(|r| &r.to_backend)),
+        to_client: Bytes::new(route.map(|r| &r.to_client)),
+        first_fin: None,
+        idle: idle_timeout.map(|limit| {
+            Box::new(Idle {
+                limit,
+                timer: Box::pin(tokio::time::sleep(limit)),
+                last_moved: accepted,
+            })
+        }),
     };
+    let outcome = {
+        // The future holds one pointer to the relay, not one per field:
+        // this is most of what an idle connection costs.
+        let relay = &mut relay;
+        let (client, backend) = (&client, &backend.socket);
+        poll_fn(move |cx| {
+            if shutdown.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ended::Shutdown);
+            }
+            relay.poll(cx, client, backend)
+        })
+        .await
+    };
+    let Relay {
+        to_backend,
+        to_client,
+        first_fin,
+        ..
+    } = relay;
     if let Some(route) = route {
         route.active.decrement(1.0);
     }
-    let (to_backend, to_client) = (to_backend.total.get(), to_client.total.get());
+    let (to_backend, to_client) = (to_backend.total, to_client.total);
     let abort_both = || {
         net::abort(&client);
         net::abort(&backend.socket);
     };
     let close: Cow<'static, str> = match outcome {
-        None => {
+        Ended::Shutdown => {
             abort_both();
             "shutdown".into()
         }
-        Some(Ok(_)) => {
+        // Nothing is in flight: both sides get a plain FIN.
+        Ended::Idle => "idle timeout".into(),
+        Ended::Relayed(Ok(())) => {
             backend.passive.record_success();
-            match first_fin.get() {
+            match first_fin {
                 Some(Side::Backend) => "backend FIN".into(),
                 _ => "client FIN".into(),
             }
         }
-        Some(Err(failure)) => {
+        Ended::Relayed(Err(failure)) => {
             // A backend that resets before saying anything is failing, the
             // same as one that refuses the connection; one that answered
             // worked. A client that leaves early says nothing either way.
@@ -208,6 +232,99 @@ pub async fn serve(client: TcpStream, client_addr: SocketAddr, listener: &str, a
     );
 }
 
+/// Lets a new connection in through its listener's gate (and PROXY
+/// header), then dials its backend. `None` if it was turned away; the
+/// reason is counted and logged.
+async fn open(
+    client: &Socket,
+    accepted_from: SocketAddr,
+    listener: &str,
+    shared: &'static Shared,
+    accepted: Instant,
+) -> Option<Opened> {
+    // Held only until the backend is dialed: a long connection must not
+    // keep an old snapshot alive.
+    let snapshot = shared.snapshot.load();
+    // None: the listener was removed from the configuration since accept.
+    let (pool, route) = snapshot.pool_for(listener)?;
+    let turn_away = |reason: ErrorReason, why: &dyn std::fmt::Display, client: SocketAddr| {
+        route.stats.error(reason);
+        if let Some(suppressed) = TURNED_AWAY.allow() {
+            warn!(listener, client = %client, suppressed, "closing a new connection: {why}");
+        }
+        log_closed(listener, client, "-", (0, 0), accepted, &why.to_string());
+    };
+    let lease = match route.gate.enter() {
+        Ok(lease) => lease,
+        Err(refusal) => {
+            turn_away(ErrorReason::OverLimit, &refusal, accepted_from);
+            return None;
+        }
+    };
+    let carried = if route.accept_proxy {
+        match tokio::time::timeout(
+            proxy_protocol::HEADER_TIMEOUT,
+            proxy_protocol::read_header(client),
+        )
+        .await
+        {
+            Ok(Ok(carried)) => carried,
+            Ok(Err(e)) => {
+                turn_away(ErrorReason::ProxyHeader, &e, accepted_from);
+                return None;
+            }
+            Err(_) => {
+                let why = "no PROXY header within 5s";
+                turn_away(ErrorReason::ProxyHeader, &why, accepted_from);
+                return None;
+            }
+        }
+    } else {
+        None
+    };
+    let client_addr = carried.map_or(accepted_from, |(source, _)| source);
+    if let Err(refusal) = route.gate.pace(client_addr.ip()) {
+        turn_away(ErrorReason::OverLimit, &refusal, client_addr);
+        return None;
+    }
+    let proxy_header = match pool.send_proxy {
+        SendProxy::Off => None,
+        version => {
+            let local = match carried {
+                Some((_, destination)) => destination,
+                None => client.get_ref().local_addr().ok()?,
+            };
+            Some(proxy_protocol::header(version, client_addr, local))
+        }
+    };
+    match dial(
+        pool,
+        client_addr,
+        proxy_header.as_deref(),
+        &route.stats,
+        shared,
+    )
+    .await
+    {
+        Ok(backend) => Some(Opened {
+            backend,
+            client_addr,
+            engine: pool.engine,
+            idle_timeout: (!pool.idle_timeout.is_zero()).then_some(pool.idle_timeout),
+            _lease: lease,
+        }),
+        Err((reason, error)) => {
+            let why = format!("no backend reachable, closing the client: {error}");
+            route.stats.error(reason);
+            if let Some(suppressed) = NO_BACKEND.allow() {
+                warn!(listener, pool = %pool.name, client = %client_addr, suppressed, "{why}");
+            }
+            log_closed(listener, client_addr, "-", (0, 0), accepted, "no backend");
+            None
+        }
+    }
+}
+
 /// With `log.connections`, one line per closed connection.
 fn log_closed(
     listener: &str,
@@ -232,17 +349,37 @@ fn log_closed(
 }
 
 /// Connects to the first reachable backend in the client's preference
-/// order, trying at most `retries` more after the first.
+/// order, trying at most `retries` more after the first. A backend at its
+/// `max_connections` is passed over without counting as a try. On failure,
+/// the reason to count (`no_backend`, or `over_limit` when every backend
+/// was full) and what to log.
 async fn dial(
     pool: &Pool,
     client_addr: SocketAddr,
+    proxy_header: Option<&[u8]>,
     listener_stats: &ListenerStats,
     shared: &'static Shared,
-) -> io::Result<Dialed> {
+) -> Result<Dialed, (ErrorReason, io::Error)> {
     let mut last_error = None;
+    let mut tries = 0;
     for backend in pool.candidates(client_addr) {
+        if tries > pool.retries {
+            break;
+        }
+        let Some(lease) = backend.lease() else {
+            continue;
+        };
+        tries += 1;
         let started = Instant::now();
-        match net::connect(backend.addr, pool.connect_timeout).await {
+        let connected = net::connect(backend.addr, pool.connect_timeout)
+            .await
+            .and_then(|socket| {
+                if let Some(header) = proxy_header {
+                    proxy_protocol::send(socket.get_ref(), header)?;
+                }
+                Ok(socket)
+            });
+        match connected {
             Ok(socket) => {
                 backend
                     .stats
@@ -254,6 +391,7 @@ async fn dial(
                     passive: backend.passive.clone(),
                     stats: backend.stats.clone(),
                     eject_after: pool.eject_after,
+                    _lease: lease,
                 });
             }
             Err(error) => {
@@ -271,12 +409,17 @@ async fn dial(
             }
         }
     }
-    Err(last_error.unwrap_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::NotFound,
-            "the pool has no backend with a weight above 0",
-        )
-    }))
+    Err(match last_error {
+        Some(error) => (ErrorReason::NoBackend, error),
+        None if pool.backends.iter().any(|b| b.weight > 0) => (
+            ErrorReason::OverLimit,
+            io::Error::other("every backend is at its max_connections"),
+        ),
+        None => (
+            ErrorReason::NoBackend,
+            io::Error::other("the pool has no backend with a weight above 0"),
+        ),
+    })
 }
 
 /// Counts a failed connection; the one that completes a streak of
@@ -326,25 +469,110 @@ impl Failure {
     }
 }
 
-/// Bytes moved in one direction: a local total for the end of the
-/// connection, and the Prometheus counter, which moves as they go.
+/// Bytes moved in one direction: a total for the end of the connection,
+/// and the Prometheus counter, which moves as they go.
 struct Bytes<'a> {
-    total: Cell<u64>,
+    total: u64,
     counter: Option<&'a Counter>,
 }
 
 impl<'a> Bytes<'a> {
     fn new(counter: Option<&'a Counter>) -> Bytes<'a> {
-        Bytes {
-            total: Cell::new(0),
-            counter,
-        }
+        Bytes { total: 0, counter }
     }
 
-    fn add(&self, n: u64) {
-        self.total.set(self.total.get() + n);
+    fn add(&mut self, n: usize) {
+        self.total += n as u64;
         if let Some(counter) = self.counter {
-            counter.increment(n);
+            counter.increment(n as u64);
         }
     }
+}
+
+/// The state of a connection's relay, both ways.
+struct Relay<'a> {
+    upstream: pump::Direction,
+    downstream: pump::Direction,
+    to_backend: Bytes<'a>,
+    to_client: Bytes<'a>,
+    /// Which side sent FIN first.
+    first_fin: Option<Side>,
+    /// Boxed: most connections have none, and an idle one pays for a word.
+    idle: Option<Box<Idle>>,
+}
+
+/// An idle timeout: a timer re-armed from the last time bytes moved.
+struct Idle {
+    limit: Duration,
+    timer: Pin<Box<Sleep>>,
+    last_moved: Instant,
+}
+
+impl Relay<'_> {
+    /// Relays both ways until both are finished, one fails, or the idle
+    /// timeout passes.
+    fn poll(&mut self, cx: &mut Context, client: &Socket, backend: &Socket) -> Poll<Ended> {
+        let before = self.to_backend.total + self.to_client.total;
+        let relayed = drive(
+            &mut self.upstream,
+            cx,
+            (client, backend),
+            &mut self.to_backend,
+            &mut self.first_fin,
+        )
+        .and_then(|()| {
+            drive(
+                &mut self.downstream,
+                cx,
+                (backend, client),
+                &mut self.to_client,
+                &mut self.first_fin,
+            )
+        });
+        match relayed {
+            Err(failure) => return Poll::Ready(Ended::Relayed(Err(failure))),
+            Ok(()) if self.upstream.finished() && self.downstream.finished() => {
+                return Poll::Ready(Ended::Relayed(Ok(())))
+            }
+            Ok(()) => {}
+        }
+        if let Some(idle) = &mut self.idle {
+            let now = Instant::now();
+            if self.to_backend.total + self.to_client.total != before {
+                idle.last_moved = now;
+            }
+            let deadline = idle.last_moved + idle.limit;
+            if now >= deadline {
+                return Poll::Ready(Ended::Idle);
+            }
+            if idle.timer.deadline() != deadline.into() {
+                idle.timer.as_mut().reset(deadline.into());
+            }
+            if idle.timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ended::Idle);
+            }
+        }
+        Poll::Pending
+    }
+}
+
+/// Moves what one direction has to move now; notes the first FIN.
+fn drive(
+    direction: &mut pump::Direction,
+    cx: &mut Context,
+    (from, to): (&Socket, &Socket),
+    bytes: &mut Bytes,
+    first_fin: &mut Option<Side>,
+) -> Result<(), Failure> {
+    if direction.finished() {
+        return Ok(());
+    }
+    let mut moved = 0;
+    let done = direction.poll(cx, from, to, |n| moved += n);
+    bytes.add(moved);
+    if let Poll::Ready(done) = done {
+        done?;
+        first_fin.get_or_insert(direction.sender());
+    }
+    Ok(())
 }

@@ -134,7 +134,7 @@ impl Direction {
         cx: &mut Context,
         from: &Socket,
         to: &Socket,
-        moved: impl Fn(usize),
+        mut moved: impl FnMut(usize),
     ) -> Poll<Result<(), Failure>> {
         let ends = Ends {
             from,

@@ -1,0 +1,249 @@
+//! Admission of new connections on a listener: its `max_connections` and its
+//! `rate_limit`, for the listener as a whole and per client address.
+//!
+//! Both are checked as soon as a connection is accepted, before any backend
+//! is chosen; a connection turned away is closed at once and counted as
+//! `over_limit`. The open-connection count lives as long as the listener, so
+//! a reload that keeps the listener keeps counting the connections it already
+//! has; rate limits start afresh with each reload.
+//!
+//! Rates are kept as a token bucket in its lock-free form (GCRA, the
+//! "generic cell rate algorithm"): one atomic word per bucket, the time at
+//! which the bucket will be full again. Per-client buckets live in a map
+//! split into shards, each behind its own mutex, held only to read and
+//! update one entry.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+use crate::balancer::load::{Lease, Load};
+use crate::config::schema::{Listener, TokenBucket};
+
+/// What a listener lets in.
+pub struct Gate {
+    max_connections: u32,
+    open: Arc<Load>,
+    rate: Option<Bucket>,
+    per_client: Option<ClientBuckets>,
+}
+
+/// Why a connection was turned away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    TooManyConnections,
+    Rate,
+    ClientRate,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(match self {
+            Refusal::TooManyConnections => "the listener's max_connections are open",
+            Refusal::Rate => "over the listener's rate_limit",
+            Refusal::ClientRate => "over the rate_limit per client",
+        })
+    }
+}
+
+impl Gate {
+    /// The gate for `listener`, counting open connections in `open`.
+    pub fn new(listener: &Listener, open: Arc<Load>) -> Gate {
+        let limit = &listener.rate_limit;
+        Gate {
+            max_connections: listener.max_connections,
+            open,
+            rate: Bucket::new(&TokenBucket {
+                rate: limit.rate,
+                burst: limit.burst,
+            }),
+            per_client: ClientBuckets::new(&limit.per_client),
+        }
+    }
+
+    /// The open-connection count, to carry over to the next gate of the
+    /// same listener.
+    pub fn open(&self) -> &Arc<Load> {
+        &self.open
+    }
+
+    /// Counts a new connection until the lease is dropped, unless the
+    /// listener has its `max_connections` open.
+    pub fn enter(&self) -> Result<Lease, Refusal> {
+        self.open
+            .lease(self.max_connections)
+            .ok_or(Refusal::TooManyConnections)
+    }
+
+    /// Takes a token for a new connection from `client` (the address a
+    /// PROXY header carries, if any), or says which rate it is over.
+    pub fn pace(&self, client: IpAddr) -> Result<(), Refusal> {
+        let now = now();
+        if let Some(per_client) = &self.per_client {
+            if !per_client.take(client, now) {
+                return Err(Refusal::ClientRate);
+            }
+        }
+        match &self.rate {
+            Some(rate) if !rate.take(now) => Err(Refusal::Rate),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Nanoseconds since the first call: the clock of every bucket.
+fn now() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+/// A token bucket's shape: a token every `interval` ns, and room for
+/// `burst` of them, kept as the tolerance GCRA allows ahead of schedule.
+#[derive(Clone, Copy)]
+struct Shape {
+    interval: u64,
+    tolerance: u64,
+}
+
+impl Shape {
+    /// `None` when `rate` is 0 (no limit). A burst of 0 is one second's
+    /// worth of tokens.
+    fn new(bucket: &TokenBucket) -> Option<Shape> {
+        if bucket.rate == 0 {
+            return None;
+        }
+        let burst = if bucket.burst == 0 {
+            bucket.rate
+        } else {
+            bucket.burst
+        };
+        let interval = 1_000_000_000 / u64::from(bucket.rate);
+        Some(Shape {
+            interval,
+            tolerance: interval * u64::from(burst - 1),
+        })
+    }
+
+    /// GCRA: given the time the bucket is full again (`full_at`), whether
+    /// a token is there `now`, and the new `full_at` if so.
+    fn take(&self, full_at: u64, now: u64) -> Option<u64> {
+        let full_at = full_at.max(now);
+        (full_at - now <= self.tolerance).then_some(full_at + self.interval)
+    }
+}
+
+/// One bucket shared by all workers.
+struct Bucket {
+    shape: Shape,
+    full_at: AtomicU64,
+}
+
+impl Bucket {
+    fn new(bucket: &TokenBucket) -> Option<Bucket> {
+        Some(Bucket {
+            shape: Shape::new(bucket)?,
+            full_at: AtomicU64::new(0),
+        })
+    }
+
+    fn take(&self, now: u64) -> bool {
+        self.full_at
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |full_at| {
+                self.shape.take(full_at, now)
+            })
+            .is_ok()
+    }
+}
+
+/// Shards of the per-client map: enough that two workers rarely meet.
+const SHARDS: usize = 16;
+
+/// Entries a shard may hold before those whose bucket is full again (and
+/// so carry no information) are swept out.
+const SWEEP_AT: usize = 4096;
+
+/// One bucket per client address.
+struct ClientBuckets {
+    shape: Shape,
+    hasher: RandomState,
+    shards: [Mutex<HashMap<IpAddr, u64>>; SHARDS],
+}
+
+impl ClientBuckets {
+    fn new(bucket: &TokenBucket) -> Option<ClientBuckets> {
+        Some(ClientBuckets {
+            shape: Shape::new(bucket)?,
+            hasher: RandomState::new(),
+            shards: Default::default(),
+        })
+    }
+
+    fn take(&self, client: IpAddr, now: u64) -> bool {
+        let client = client.to_canonical();
+        let shard = self.hasher.hash_one(client) as usize % SHARDS;
+        let mut buckets = self.shards[shard]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if buckets.len() >= SWEEP_AT {
+            buckets.retain(|_, full_at| *full_at > now);
+        }
+        let full_at = buckets.entry(client).or_insert(0);
+        match self.shape.take(*full_at, now) {
+            Some(next) => {
+                *full_at = next;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECOND: u64 = 1_000_000_000;
+
+    fn bucket(rate: u32, burst: u32) -> Bucket {
+        Bucket::new(&TokenBucket { rate, burst }).unwrap()
+    }
+
+    #[test]
+    fn a_burst_passes_at_once_then_the_rate_holds() {
+        let b = bucket(10, 5);
+        let start = 7 * SECOND;
+        assert!((0..5).all(|_| b.take(start)), "the burst");
+        assert!(!b.take(start), "one more at once");
+        assert!(
+            b.take(start + SECOND / 10),
+            "a token a tenth of a second on"
+        );
+        assert!(!b.take(start + SECOND / 10));
+        // A quiet second fills the bucket again, but no further.
+        let later = start + 2 * SECOND;
+        assert!((0..5).all(|_| b.take(later)));
+        assert!(!b.take(later));
+    }
+
+    #[test]
+    fn no_burst_means_one_seconds_worth() {
+        let b = bucket(3, 0);
+        assert!((0..3).all(|_| b.take(SECOND)));
+        assert!(!b.take(SECOND));
+        assert!(Bucket::new(&TokenBucket { rate: 0, burst: 9 }).is_none());
+    }
+
+    #[test]
+    fn each_client_has_its_own_bucket() {
+        let buckets = ClientBuckets::new(&TokenBucket { rate: 1, burst: 1 }).unwrap();
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        assert!(buckets.take(a, SECOND));
+        assert!(!buckets.take(a, SECOND));
+        assert!(buckets.take(b, SECOND));
+        // IPv4 seen through an IPv6 socket is the same client.
+        assert!(!buckets.take("::ffff:10.0.0.1".parse().unwrap(), SECOND));
+    }
+}

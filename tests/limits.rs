@@ -1,0 +1,118 @@
+//! Listener limits through the real binary: `max_connections`, the rate
+//! limits (whole listener and per client), each with its `over_limit`
+//! count, and `idle_timeout`.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// sluice with metrics, in front of one echo server; `listener` and `pool`
+/// add settings to each (indented as their keys).
+fn start(listener: &str, pool: &str) -> (TestServer, Sluice, SocketAddr) {
+    let server = TestServer::start(|mut stream| echo(&mut stream));
+    let admin = free_addr(unique_loopback());
+    let text = config(
+        free_addr(unique_loopback()),
+        &[("echo".into(), server.addr)],
+        pool,
+    )
+    .replace("    pool: back\n", &format!("    pool: back\n{listener}"));
+    let text = format!("admin:\n  listen: {admin}\nlog:\n  connections: true\n{text}");
+    (server, Sluice::start(&text), admin)
+}
+
+/// Whether a connection from `client` is served: an echo comes back.
+fn served(client: std::net::IpAddr, sluice: SocketAddr) -> (bool, TcpStream) {
+    let mut stream = connect_from(client, sluice);
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    let _ = stream.write_all(b"ping");
+    let mut reply = [0u8; 4];
+    let ok = stream.read_exact(&mut reply).is_ok() && &reply == b"ping";
+    (ok, stream)
+}
+
+fn over_limit(admin: SocketAddr) -> f64 {
+    sample(
+        &scrape(admin),
+        "sluice_connection_errors_total",
+        &["reason=\"over_limit\""],
+    )
+    .unwrap_or(0.0)
+}
+
+#[test]
+fn max_connections_turns_the_next_client_away_until_one_leaves() {
+    let (_server, sluice, admin) = start("    max_connections: 2\n", "");
+    let (first, first_stream) = served(client_ip(1), sluice.listen_addr());
+    let (second, _second_stream) = served(client_ip(2), sluice.listen_addr());
+    assert!(first && second);
+    let (third, _) = served(client_ip(3), sluice.listen_addr());
+    assert!(!third, "a third connection over max_connections: 2");
+    assert_eq!(over_limit(admin), 1.0);
+    sluice.wait_for_log("the listener's max_connections are open");
+
+    drop(first_stream);
+    sluice.wait_for_log("close=\"client FIN\"");
+    let (again, _) = served(client_ip(4), sluice.listen_addr());
+    assert!(again, "a place is free again");
+}
+
+#[test]
+fn the_listener_rate_lets_a_burst_through_then_turns_clients_away() {
+    // A burst of 3, then one new connection a second: five connections
+    // made at once find the bucket empty after three.
+    let (_server, sluice, admin) = start("    rate_limit: { rate: 1, burst: 3 }\n", "");
+    let outcomes: Vec<bool> = (0..5)
+        .map(|i| served(client_ip(10 + i), sluice.listen_addr()).0)
+        .collect();
+    assert_eq!(outcomes, [true, true, true, false, false]);
+    assert_eq!(over_limit(admin), 2.0);
+    sluice.wait_for_log("over the listener's rate_limit");
+}
+
+#[test]
+fn the_rate_per_client_limits_each_client_on_its_own() {
+    let (_server, sluice, admin) = start(
+        "    rate_limit: { per_client: { rate: 1, burst: 2 } }\n",
+        "",
+    );
+    let a: Vec<bool> = (0..3)
+        .map(|_| served(client_ip(20), sluice.listen_addr()).0)
+        .collect();
+    assert_eq!(a, [true, true, false], "client A: a burst of 2");
+    assert!(
+        served(client_ip(21), sluice.listen_addr()).0,
+        "client B is not held back by A"
+    );
+    assert_eq!(over_limit(admin), 1.0);
+    sluice.wait_for_log("over the rate_limit per client");
+}
+
+#[test]
+fn idle_timeout_closes_only_connections_idle_both_ways() {
+    let (_server, sluice, _admin) = start("", "    idle_timeout: 400ms\n");
+    let (ok, mut idle) = served(client_ip(30), sluice.listen_addr());
+    assert!(ok);
+    let (ok, mut busy) = served(client_ip(31), sluice.listen_addr());
+    assert!(ok);
+    let started = Instant::now();
+    // The busy one talks every 100 ms for a second, well past the timeout.
+    let mut reply = [0u8; 4];
+    while started.elapsed() < Duration::from_millis(1000) {
+        std::thread::sleep(Duration::from_millis(100));
+        busy.write_all(b"more").unwrap();
+        busy.read_exact(&mut reply).unwrap();
+    }
+    // The idle one was closed (a clean end of stream) after ~400 ms.
+    idle.set_read_timeout(Some(DEADLINE)).unwrap();
+    assert_eq!(idle.read(&mut reply).unwrap(), 0, "end of stream");
+    let log = sluice.wait_for_log("close=\"idle timeout\"");
+    assert!(log.contains(&client_ip(30).to_string()), "{log}");
+    busy.write_all(b"last").unwrap();
+    busy.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply, b"last");
+}
