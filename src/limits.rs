@@ -5,7 +5,7 @@
 //! is chosen; a connection turned away is closed at once and counted as
 //! `over_limit`. The open-connection count lives as long as the listener, so
 //! a reload that keeps the listener keeps counting the connections it already
-//! has; rate limits start afresh with each reload.
+//! has; rate buckets are kept too, unless the reload changes the limits.
 //!
 //! Rates are kept as a token bucket in its lock-free form (GCRA, the
 //! "generic cell rate algorithm"): one atomic word per bucket, the time at
@@ -21,10 +21,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use crate::balancer::load::{Lease, Load};
-use crate::config::schema::{Listener, TokenBucket};
+use crate::config::schema::{Listener, RateLimit, TokenBucket};
 
 /// What a listener lets in.
 pub struct Gate {
+    /// The settings the gate was built from.
+    rate_limit: RateLimit,
     max_connections: u32,
     open: Arc<Load>,
     rate: Option<Bucket>,
@@ -54,6 +56,7 @@ impl Gate {
     pub fn new(listener: &Listener, open: Arc<Load>) -> Gate {
         let limit = &listener.rate_limit;
         Gate {
+            rate_limit: limit.clone(),
             max_connections: listener.max_connections,
             open,
             rate: Bucket::new(&TokenBucket {
@@ -68,6 +71,12 @@ impl Gate {
     /// same listener.
     pub fn open(&self) -> &Arc<Load> {
         &self.open
+    }
+
+    /// Whether this gate enforces `listener`'s limits as they are now: if
+    /// so, it is kept (with its buckets) when a new snapshot is built.
+    pub fn enforces(&self, listener: &Listener) -> bool {
+        self.max_connections == listener.max_connections && self.rate_limit == listener.rate_limit
     }
 
     /// Counts a new connection until the lease is dropped, unless the
@@ -161,15 +170,29 @@ impl Bucket {
 /// Shards of the per-client map: enough that two workers rarely meet.
 const SHARDS: usize = 16;
 
-/// Entries a shard may hold before those whose bucket is full again (and
-/// so carry no information) are swept out.
+/// Entries a shard holds before the first sweep of those whose bucket is
+/// full again (and so carry no information). After a sweep, the next comes
+/// when the shard has doubled, so sweeping costs O(1) per connection.
 const SWEEP_AT: usize = 4096;
+
+/// Entries a shard never grows beyond: 1M client addresses in all. A new
+/// address that finds its shard full is not limited (fails open) rather
+/// than turned away for others' sake.
+const SHARD_CAPACITY: usize = 65536;
 
 /// One bucket per client address.
 struct ClientBuckets {
     shape: Shape,
     hasher: RandomState,
-    shards: [Mutex<HashMap<IpAddr, u64>>; SHARDS],
+    shards: [Mutex<Shard>; SHARDS],
+}
+
+#[derive(Default)]
+struct Shard {
+    /// When each client's bucket is full again.
+    full_at: HashMap<IpAddr, u64>,
+    /// Size at which the next sweep runs; 0 until the first.
+    sweep_at: usize,
 }
 
 impl ClientBuckets {
@@ -184,13 +207,17 @@ impl ClientBuckets {
     fn take(&self, client: IpAddr, now: u64) -> bool {
         let client = client.to_canonical();
         let shard = self.hasher.hash_one(client) as usize % SHARDS;
-        let mut buckets = self.shards[shard]
+        let mut shard = self.shards[shard]
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if buckets.len() >= SWEEP_AT {
-            buckets.retain(|_, full_at| *full_at > now);
+        if shard.full_at.len() >= shard.sweep_at.max(SWEEP_AT) {
+            shard.full_at.retain(|_, full_at| *full_at > now);
+            shard.sweep_at = 2 * shard.full_at.len();
         }
-        let full_at = buckets.entry(client).or_insert(0);
+        if shard.full_at.len() >= SHARD_CAPACITY && !shard.full_at.contains_key(&client) {
+            return true;
+        }
+        let full_at = shard.full_at.entry(client).or_insert(0);
         match self.shape.take(*full_at, now) {
             Some(next) => {
                 *full_at = next;

@@ -141,8 +141,7 @@ impl Snapshot {
 
 /// Every listener's route: its pool's index in `config.pools` (a
 /// `BTreeMap`, so pools are indexed in name order wherever snapshots are
-/// built), its gate and its metric handles. A listener that was in
-/// `previous` keeps counting the connections it has open.
+/// built), its gate and its metric handles.
 pub fn routes(config: &Config, previous: Option<&Snapshot>) -> HashMap<String, Route> {
     config
         .listeners
@@ -153,12 +152,17 @@ pub fn routes(config: &Config, previous: Option<&Snapshot>) -> HashMap<String, R
                 .keys()
                 .position(|p| *p == listener.pool)
                 .expect("validation checked that every listener's pool exists");
-            let open = previous
-                .and_then(|snapshot| snapshot.routes.get(name))
-                .map_or_else(Arc::default, |route| route.gate.open().clone());
+            // A listener that stays keeps counting its open connections,
+            // and keeps its rate buckets if its limits did not change.
+            let before = previous.and_then(|snapshot| snapshot.routes.get(name));
+            let gate = match before {
+                Some(route) if route.gate.enforces(listener) => route.gate.clone(),
+                Some(route) => Arc::new(Gate::new(listener, route.gate.open().clone())),
+                None => Arc::new(Gate::new(listener, Arc::default())),
+            };
             let route = Route {
                 pool,
-                gate: Arc::new(Gate::new(listener, open)),
+                gate,
                 accept_proxy: listener.accept_proxy,
                 stats: Arc::new(ListenerStats::new(name)),
             };

@@ -10,18 +10,26 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// The configuration of `start`, with metrics at `admin`.
+fn text(
+    backend: SocketAddr,
+    admin: SocketAddr,
+    listen: SocketAddr,
+    listener: &str,
+    pool: &str,
+) -> String {
+    let text = config(listen, &[("echo".into(), backend)], pool)
+        .replace("    pool: back\n", &format!("    pool: back\n{listener}"));
+    format!("admin:\n  listen: {admin}\nlog:\n  connections: true\n{text}")
+}
+
 /// sluice with metrics, in front of one echo server; `listener` and `pool`
 /// add settings to each (indented as their keys).
 fn start(listener: &str, pool: &str) -> (TestServer, Sluice, SocketAddr) {
     let server = TestServer::start(|mut stream| echo(&mut stream));
     let admin = free_addr(unique_loopback());
-    let text = config(
-        free_addr(unique_loopback()),
-        &[("echo".into(), server.addr)],
-        pool,
-    )
-    .replace("    pool: back\n", &format!("    pool: back\n{listener}"));
-    let text = format!("admin:\n  listen: {admin}\nlog:\n  connections: true\n{text}");
+    let listen = free_addr(unique_loopback());
+    let text = text(server.addr, admin, listen, listener, pool);
     (server, Sluice::start(&text), admin)
 }
 
@@ -115,4 +123,87 @@ fn idle_timeout_closes_only_connections_idle_both_ways() {
     busy.write_all(b"last").unwrap();
     busy.read_exact(&mut reply).unwrap();
     assert_eq!(&reply, b"last");
+}
+
+#[test]
+fn rate_buckets_outlive_a_reload_that_keeps_the_limits() {
+    let server = TestServer::start(|mut stream| echo(&mut stream));
+    let (admin, listen) = (free_addr(unique_loopback()), free_addr(unique_loopback()));
+    let limited = "    rate_limit: { rate: 1, burst: 2 }\n";
+    let sluice = Sluice::start(&text(server.addr, admin, listen, limited, ""));
+    assert!(served(client_ip(40), listen).0 && served(client_ip(41), listen).0);
+    // A reload that changes something else keeps the empty bucket.
+    sluice.reload(&text(
+        server.addr,
+        admin,
+        listen,
+        limited,
+        "    retries: 1\n",
+    ));
+    assert!(
+        !served(client_ip(42), listen).0,
+        "the bucket is still empty"
+    );
+    // One that changes the limits starts it full.
+    let relaxed = "    rate_limit: { rate: 1, burst: 3 }\n";
+    sluice.reload(&text(
+        server.addr,
+        admin,
+        listen,
+        relaxed,
+        "    retries: 1\n",
+    ));
+    assert!(served(client_ip(43), listen).0);
+}
+
+#[test]
+fn waiting_for_a_proxy_header_is_not_idleness() {
+    let (_server, sluice, _admin) = start("    accept_proxy: true\n", "    idle_timeout: 300ms\n");
+    let mut stream = connect_from(client_ip(32), sluice.listen_addr());
+    // The header comes late (well within its 5 s), the bytes right after.
+    std::thread::sleep(Duration::from_millis(500));
+    stream
+        .write_all(b"PROXY TCP4 203.0.113.1 192.0.2.1 40000 80\r\nping")
+        .unwrap();
+    let mut reply = [0u8; 4];
+    stream.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply, b"ping");
+}
+
+#[test]
+fn an_idle_timeout_with_bytes_stuck_resets_both_sides() {
+    // A client that stops reading a long reply: sluice holds what the
+    // client's socket cannot take. When the timeout closes the connection,
+    // the client must see a reset, never a clean end of a truncated reply.
+    const REPLY: usize = 32 * 1024 * 1024;
+    let talker = TestServer::start(|mut stream| {
+        let _ = stream.write_all(&vec![7u8; REPLY]);
+        // Then holds the connection.
+        loop {
+            std::thread::park();
+        }
+    });
+    let admin = free_addr(unique_loopback());
+    let listen = free_addr(unique_loopback());
+    let sluice = Sluice::start(&text(
+        talker.addr,
+        admin,
+        listen,
+        "",
+        "    idle_timeout: 300ms\n",
+    ));
+    let mut stream = connect_from(client_ip(33), listen);
+    sluice.wait_for_log("idle timeout (stalled)");
+    let mut got = 0;
+    let mut buf = vec![0u8; 64 * 1024];
+    let end = loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break Ok(()),
+            Ok(n) => got += n,
+            Err(e) => break Err(e),
+        }
+    };
+    assert!(got < REPLY, "the reply cannot all have arrived");
+    let error = end.expect_err("a reset, not a clean end of stream");
+    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset);
 }

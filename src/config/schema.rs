@@ -105,7 +105,7 @@ pub struct Listener {
 }
 
 /// `rate: 0` turns a limit off.
-#[derive(Debug, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimit {
     #[serde(default)]
@@ -116,7 +116,7 @@ pub struct RateLimit {
     pub per_client: TokenBucket,
 }
 
-#[derive(Debug, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TokenBucket {
     #[serde(default)]

@@ -15,6 +15,9 @@ pub const MAX_RETRIES: u32 = maglev::MAX_ATTEMPTS as u32 - 1;
 /// Largest backend weight. Weights are relative, and Maglev gives a backend a
 /// share of table slots in proportion to its weight.
 pub const MAX_WEIGHT: u32 = 1000;
+/// Highest `rate_limit` rate: a connection a microsecond. Rate buckets
+/// count in nanoseconds.
+pub const MAX_RATE: u32 = 1_000_000;
 
 pub fn validate(config: &mut Config) -> Result<(), Problem> {
     if config.listeners.is_empty() {
@@ -83,6 +86,12 @@ fn check_listener(
             return Err(Problem::new(
                 format!("listeners.{name}.{key}.burst"),
                 "a burst needs a rate (rate: 0 turns the limit off)",
+            ));
+        }
+        if rate > MAX_RATE {
+            return Err(Problem::new(
+                format!("listeners.{name}.{key}.rate"),
+                format!("{rate} is more than the limit of {MAX_RATE} new connections a second"),
             ));
         }
     }

@@ -155,7 +155,8 @@ pub async fn serve(client: TcpStream, mut client_addr: SocketAddr, listener: &st
             Box::new(Idle {
                 limit,
                 timer: Box::pin(tokio::time::sleep(limit)),
-                last_moved: accepted,
+                // Waiting for a PROXY header or a backend is not idleness.
+                last_moved: Instant::now(),
             })
         }),
     };
@@ -172,6 +173,8 @@ pub async fn serve(client: TcpStream, mut client_addr: SocketAddr, listener: &st
         })
         .await
     };
+    // Bytes read but not yet taken by their destination.
+    let stalled = relay.upstream.holding() || relay.downstream.holding();
     let Relay {
         to_backend,
         to_client,
@@ -191,7 +194,12 @@ pub async fn serve(client: TcpStream, mut client_addr: SocketAddr, listener: &st
             abort_both();
             "shutdown".into()
         }
-        // Nothing is in flight: both sides get a plain FIN.
+        // Nothing in flight: both sides get a plain FIN. A destination that
+        // stopped reading would lose bytes: both sides get a reset.
+        Ended::Idle if stalled => {
+            abort_both();
+            "idle timeout (stalled)".into()
+        }
         Ended::Idle => "idle timeout".into(),
         Ended::Relayed(Ok(())) => {
             backend.passive.record_success();

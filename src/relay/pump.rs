@@ -121,6 +121,11 @@ impl Direction {
         self.from_side
     }
 
+    /// Whether bytes are waiting for the destination to take them.
+    pub fn holding(&self) -> bool {
+        self.pending.is_some()
+    }
+
     /// Whether `from` has sent FIN and it was passed on.
     pub fn finished(&self) -> bool {
         self.finished
