@@ -45,6 +45,15 @@ pub fn client(
         pool.table_size()
     )
     .unwrap();
+    if settings.max_load_factor > 0.0 {
+        writeln!(
+            out,
+            "note:    max_load_factor {}: live, a backend over its share of open \
+             connections is passed over for the next in this order",
+            settings.max_load_factor
+        )
+        .unwrap();
+    }
     if !down.is_empty() {
         writeln!(out, "down:    {}", down.join(", ")).unwrap();
     }

@@ -80,6 +80,22 @@ fn without_says_whether_the_client_moved() {
 }
 
 #[test]
+fn bounded_load_is_pointed_out() {
+    let file = with_pool("    max_load_factor: 1.25\n");
+    let text = stdout(sluice_command(&[
+        "explain",
+        "-c",
+        file.path.to_str().unwrap(),
+        "back",
+        "10.1.2.3",
+    ]));
+    assert!(
+        text.contains("note:    max_load_factor 1.25: live, a backend over its share"),
+        "{text}"
+    );
+}
+
+#[test]
 fn remap_from_four_to_five_backends_moves_a_fifth() {
     let (four, five) = (pool_file(4), pool_file(5));
     let text = remap(&four, &five, &[]);
