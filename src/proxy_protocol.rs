@@ -22,8 +22,9 @@ use crate::relay::Socket;
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Longest header accepted: a version 2 header with addresses and room for
-/// the usual TLVs (a version 1 header is at most 107 bytes).
-const MAX_HEADER: usize = 512;
+/// TLVs such as a client certificate's name (a version 1 header is at most
+/// 107 bytes).
+const MAX_HEADER: usize = 4096;
 
 /// The addresses a header carries: the client's, and the one it connected
 /// to. `None` for a header without addresses (v2 LOCAL, v1 UNKNOWN: a
@@ -33,7 +34,7 @@ pub type Carried = Option<(SocketAddr, SocketAddr)>;
 /// Reads a PROXY header, v1 or v2, from the start of `socket`: what it
 /// carries, or why it is unacceptable. The caller bounds the wait.
 pub async fn read_header(socket: &Socket) -> io::Result<Carried> {
-    let mut buf = [0u8; MAX_HEADER];
+    let mut buf = vec![0u8; MAX_HEADER];
     loop {
         let mut ready = poll_fn(|cx| socket.poll_read_ready(cx)).await?;
         let seen = match peek(socket, &mut buf) {
@@ -48,7 +49,7 @@ pub async fn read_header(socket: &Socket) -> io::Result<Carried> {
         let parsed = HeaderResult::parse(&buf[..seen]);
         if parsed.is_incomplete() {
             if seen == MAX_HEADER {
-                return Err(malformed("a PROXY header longer than 512 bytes"));
+                return Err(malformed("a PROXY header longer than 4096 bytes"));
             }
             // All there is has been seen: wait for more.
             ready.clear_ready_matching(Ready::READABLE);
@@ -56,6 +57,11 @@ pub async fn read_header(socket: &Socket) -> io::Result<Carried> {
         }
         let (length, carried) = match parsed {
             HeaderResult::V1(Ok(header)) => (header.header.len(), from_v1(header.addresses)),
+            HeaderResult::V2(Ok(header))
+                if header.command == Command::Proxy && header.protocol != Protocol::Stream =>
+            {
+                return Err(malformed("a PROXY v2 header for a protocol other than TCP"))
+            }
             HeaderResult::V2(Ok(header)) => (header.len(), from_v2(&header)),
             HeaderResult::V1(Err(e)) => return Err(malformed(&format!("not a PROXY header: {e}"))),
             HeaderResult::V2(Err(e)) => {
@@ -63,8 +69,7 @@ pub async fn read_header(socket: &Socket) -> io::Result<Carried> {
             }
         };
         // Take exactly the header; the client's own bytes stay queued.
-        let mut header = [0u8; MAX_HEADER];
-        let taken = recv(socket, &mut header[..length])?;
+        let taken = recv(socket, &mut buf[..length])?;
         debug_assert_eq!(taken, length, "the header was peeked whole");
         return Ok(carried);
     }

@@ -218,7 +218,7 @@ fn malformed_headers_are_refused_and_counted() {
         h.truncate(20);
         h
     };
-    let cases: [(&str, Vec<u8>); 5] = [
+    let cases: [(&str, Vec<u8>); 6] = [
         ("no header", b"GET / HTTP/1.1\r\n\r\n".to_vec()),
         (
             "bad v1 address",
@@ -231,6 +231,11 @@ fn malformed_headers_are_refused_and_counted() {
         ("bad v2 version", {
             let mut h = v2_header("10.0.0.1:1".parse().unwrap(), "10.0.0.2:2".parse().unwrap());
             h[12] = 0x31;
+            h
+        }),
+        ("v2 for UDP", {
+            let mut h = v2_header("10.0.0.1:1".parse().unwrap(), "10.0.0.2:2".parse().unwrap());
+            h[13] = 0x12;
             h
         }),
         ("v2 cut short", truncated_v2),
@@ -254,7 +259,7 @@ fn malformed_headers_are_refused_and_counted() {
             &["reason=\"proxy_header\""],
         )
     };
-    wait_until("five proxy_header errors", || errors(admin) == Some(5.0));
+    wait_until("six proxy_header errors", || errors(admin) == Some(6.0));
     // A client that sends nothing at all is closed after the deadline.
     let mut silent = connect_from(client_ip(60), sluice.listen_addr());
     silent

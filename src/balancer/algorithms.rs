@@ -24,6 +24,10 @@
 //!
 //! After the first choice, the others follow in cycle order (Maglev: the
 //! client's own order), so a failed connect moves on at once.
+//!
+//! Rotations start at a random point of their cycle, whenever a balancer is
+//! built: otherwise every sluice started together, and every rebuild after a
+//! health change, would send its first connections to the same backend.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -115,14 +119,14 @@ impl Balancer {
             }
             Balance::RoundRobin => Algorithm::Cycle {
                 cycle: interleaved_cycle(&scaled(&weights)),
-                next: AtomicUsize::new(0),
+                next: AtomicUsize::new(fastrand::usize(..)),
             },
             Balance::WeightedRoundRobin => Algorithm::Cycle {
                 cycle: smooth_cycle(&scaled(&weights)),
-                next: AtomicUsize::new(0),
+                next: AtomicUsize::new(fastrand::usize(..)),
             },
             Balance::LeastConnections => Algorithm::LeastConnections {
-                next: AtomicUsize::new(0),
+                next: AtomicUsize::new(fastrand::usize(..)),
             },
             Balance::Random => Algorithm::Random,
             Balance::PowerOfTwo => Algorithm::PowerOfTwo,

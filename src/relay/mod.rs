@@ -300,7 +300,14 @@ async fn open(
         version => {
             let local = match carried {
                 Some((_, destination)) => destination,
-                None => client.get_ref().local_addr().ok()?,
+                None => match client.get_ref().local_addr() {
+                    Ok(local) => local,
+                    // The client is already gone.
+                    Err(e) => {
+                        debug!(listener, client = %client_addr, "no local address: {e}");
+                        return None;
+                    }
+                },
             };
             Some(proxy_protocol::header(version, client_addr, local))
         }
