@@ -107,3 +107,27 @@ pub fn abort(socket: &impl AsFd) {
     // to reset.
     let _ = SockRef::from(socket).set_linger(Some(Duration::ZERO));
 }
+
+/// Reads from a non-blocking socket with recv(2) `flags` (`MSG_PEEK` looks
+/// without taking).
+pub fn recv(socket: &impl AsRawFd, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of its length.
+    syscall(unsafe {
+        libc::recv(
+            socket.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            flags,
+        )
+    })
+}
+
+/// A system call's result as `io::Result`. EINTR cannot happen on the data
+/// path: its calls never block, and workers run with every signal blocked.
+pub fn syscall(result: isize) -> io::Result<usize> {
+    if result < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(result as usize)
+    }
+}

@@ -8,7 +8,6 @@
 use std::future::poll_fn;
 use std::io::{self, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use ppp::v2::{Builder, Command, Protocol, Version};
@@ -16,6 +15,7 @@ use ppp::{v1, v2, HeaderResult, PartialResult};
 use tokio::io::Ready;
 
 use crate::config::schema::SendProxy;
+use crate::net;
 use crate::relay::Socket;
 
 /// How long a client has to send its whole header.
@@ -37,7 +37,7 @@ pub async fn read_header(socket: &Socket) -> io::Result<Carried> {
     let mut buf = vec![0u8; MAX_HEADER];
     loop {
         let mut ready = poll_fn(|cx| socket.poll_read_ready(cx)).await?;
-        let seen = match peek(socket, &mut buf) {
+        let seen = match net::recv(socket, &mut buf, libc::MSG_PEEK) {
             Ok(0) => return Err(malformed("the connection closed before a PROXY header")),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -69,7 +69,7 @@ pub async fn read_header(socket: &Socket) -> io::Result<Carried> {
             }
         };
         // Take exactly the header; the client's own bytes stay queued.
-        let taken = recv(socket, &mut buf[..length])?;
+        let taken = net::recv(socket, &mut buf[..length], 0)?;
         debug_assert_eq!(taken, length, "the header was peeked whole");
         return Ok(carried);
     }
@@ -150,33 +150,6 @@ fn from_v2(header: &v2::Header) -> Carried {
 
 fn malformed(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what)
-}
-
-fn peek(socket: &Socket, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: `buf` is valid for writes of its length.
-    let n = unsafe {
-        libc::recv(
-            socket.as_raw_fd(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            libc::MSG_PEEK,
-        )
-    };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
-}
-
-fn recv(socket: &Socket, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: `buf` is valid for writes of its length.
-    let n = unsafe { libc::recv(socket.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
 }
 
 #[cfg(test)]

@@ -40,6 +40,7 @@ use tracing::warn;
 
 use crate::config::Engine;
 use crate::logging::Throttle;
+use crate::net;
 
 use super::{Failure, Side};
 
@@ -232,7 +233,7 @@ impl Ends<'_> {
     fn copy_in(&self) -> Result<Step, Failure> {
         SCRATCH.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
-            let n = match recv(self.from, &mut scratch[..]) {
+            let n = match net::recv(self.from, &mut scratch[..], 0) {
                 Ok(0) => return Ok(Step::End),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Step::WouldBlock),
@@ -331,7 +332,7 @@ impl Pipe {
         }
         let mut fds = [0; 2];
         // SAFETY: `fds` has room for the two descriptors pipe2 writes.
-        syscall(
+        net::syscall(
             unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } as isize,
         )?;
         // SAFETY: pipe2 succeeded, so both descriptors are open and ours.
@@ -361,7 +362,7 @@ impl Pipe {
 /// ignored by every Rust program.
 fn splice(from: &impl AsRawFd, to: &impl AsRawFd, len: usize) -> io::Result<usize> {
     // SAFETY: plain descriptors and null offsets (neither end is a file).
-    syscall(unsafe {
+    net::syscall(unsafe {
         libc::splice(
             from.as_raw_fd(),
             ptr::null_mut(),
@@ -373,14 +374,9 @@ fn splice(from: &impl AsRawFd, to: &impl AsRawFd, len: usize) -> io::Result<usiz
     })
 }
 
-fn recv(from: &impl AsRawFd, buf: &mut [u8]) -> io::Result<usize> {
-    // SAFETY: `buf` is valid for writes of its length.
-    syscall(unsafe { libc::recv(from.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) })
-}
-
 fn send(to: &impl AsRawFd, buf: &[u8]) -> io::Result<usize> {
     // SAFETY: `buf` is valid for reads of its length.
-    syscall(unsafe {
+    net::syscall(unsafe {
         libc::send(
             to.as_raw_fd(),
             buf.as_ptr().cast(),
@@ -388,14 +384,4 @@ fn send(to: &impl AsRawFd, buf: &[u8]) -> io::Result<usize> {
             libc::MSG_NOSIGNAL,
         )
     })
-}
-
-/// A system call's result as `io::Result`. EINTR cannot happen: the calls
-/// never block, and workers run with every signal blocked.
-fn syscall(result: isize) -> io::Result<usize> {
-    if result < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(result as usize)
-    }
 }
