@@ -192,3 +192,25 @@ fn a_full_backend_is_passed_over_and_a_full_pool_turns_clients_away() {
     assert!(!error.is_empty());
     sluice.wait_for_log("every backend is at its max_connections");
 }
+
+#[test]
+fn a_reload_switches_the_algorithm_for_new_connections() {
+    let (_servers, backends) = name_servers(3);
+    let text = config(free_addr(unique_loopback()), &backends, "");
+    let sluice = Sluice::start(&text);
+    let from_one_client = |sluice: &Sluice| {
+        let names: Vec<String> = (0..9)
+            .map(|_| backend_for(client_ip(8), sluice.listen_addr()))
+            .collect();
+        tally(&names)
+    };
+    assert_eq!(from_one_client(&sluice).len(), 1, "maglev: one backend");
+    sluice.reload(&text.replace(
+        "    health: off\n",
+        "    health: off\n    balance: round_robin\n",
+    ));
+    assert_eq!(
+        from_one_client(&sluice),
+        counts(&[("backend-0", 3), ("backend-1", 3), ("backend-2", 3)])
+    );
+}

@@ -207,3 +207,33 @@ fn an_idle_timeout_with_bytes_stuck_resets_both_sides() {
     let error = end.expect_err("a reset, not a clean end of stream");
     assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset);
 }
+
+#[test]
+fn a_reload_keeps_counting_the_connections_already_open() {
+    let server = TestServer::start(|mut stream| echo(&mut stream));
+    let (admin, listen) = (free_addr(unique_loopback()), free_addr(unique_loopback()));
+    let limited = "    max_connections: 2\n";
+    let sluice = Sluice::start(&text(server.addr, admin, listen, limited, ""));
+    let (a, _a) = served(client_ip(50), listen);
+    let (b, _b) = served(client_ip(51), listen);
+    assert!(a && b);
+    sluice.reload(&text(
+        server.addr,
+        admin,
+        listen,
+        limited,
+        "    retries: 1\n",
+    ));
+    assert!(!served(client_ip(52), listen).0, "still two open");
+    // Raising the limit lets the next one in, the two still counted.
+    sluice.reload(&text(
+        server.addr,
+        admin,
+        listen,
+        "    max_connections: 3\n",
+        "",
+    ));
+    let (c, _c) = served(client_ip(53), listen);
+    assert!(c);
+    assert!(!served(client_ip(54), listen).0, "three open");
+}
