@@ -8,6 +8,12 @@
 //! of host names. Each change ends in a new [`Snapshot`] published to the
 //! workers with one atomic swap; the workers never wait for the control
 //! plane, and it never touches a connection.
+//!
+//! Nothing here waits without a bound. Work that may block (reading and
+//! resolving the file on reload, DNS lookups) runs on a thread of its own
+//! and comes back as a message, so that a signal is handled while it runs:
+//! SIGTERM during a slow reload abandons the reload. Notify messages are
+//! queued, never sent with a blocking call (see [`systemd`]).
 
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, HashSet};
@@ -22,17 +28,20 @@ use arc_swap::ArcSwap;
 use metrics_exporter_prometheus::PrometheusHandle;
 use socket2::SockRef;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::balancer::load::Load;
-use crate::config::{self, Config, HealthProbe};
+use crate::capacity::{Budget, Connections};
+use crate::config::{self, Config, ConfigError, HealthProbe, Resolver};
 use crate::health::{self, PassiveHealth, ProbeFailure, Verdict};
+use crate::logging::Throttle;
 use crate::metrics::{self, BackendStats};
 use crate::net;
 use crate::signals::{Request, Signals};
 use crate::snapshot::{self, Backend, Pool, Snapshot};
-use crate::systemd;
+use crate::systemd::Notifier;
 use crate::worker::{BoundListener, Command};
 
 /// What the control plane shares with the workers. Lives as long as the
@@ -41,12 +50,14 @@ pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
     /// Reports from the workers to the control plane.
     pub events: UnboundedSender<Event>,
-    /// Connections being served, all workers together; counted from the
-    /// moment a worker accepts them.
-    pub active: AtomicUsize,
+    /// Connections being served, all workers together, counted from the
+    /// moment a worker accepts them, against the descriptor capacity.
+    pub connections: Connections,
     /// Accept loops running, all workers together: a drain waits for them
     /// to end, so that no connection accepted at the last moment is missed.
     pub accepting: AtomicUsize,
+    /// Pipes each worker may keep for splicing (see [`Budget`]).
+    pub pipes_per_worker: usize,
 }
 
 /// An input of the control plane other than a signal.
@@ -120,17 +131,44 @@ pub struct Controller {
     /// The admin endpoint's socket and the metrics it serves, until `run`.
     admin: Option<(TcpListener, PrometheusHandle)>,
     reloads: (u64, u64),
+    notifier: Notifier,
+    /// The descriptor limit, shared out again when a reload changes the
+    /// number of listeners or backends.
+    descriptor_limit: u64,
+    /// Workers, as started: their listening sockets count against the limit.
+    worker_count: usize,
+}
+
+/// A reload under way: the file is read and resolved on a thread of its
+/// own.
+struct Reloading {
+    loaded: oneshot::Receiver<Result<Config, ConfigError>>,
+    /// Another SIGHUP came meanwhile: read the file again once this is done,
+    /// as it may have changed after it was read.
+    again: bool,
 }
 
 impl Controller {
-    /// Binds every listener once per worker and builds the first snapshot.
-    /// Nothing runs yet: [`Controller::start_workers`] and
-    /// [`Controller::run`] follow.
+    /// Binds every listener once per worker and builds the first snapshot;
+    /// shares `descriptor_limit` out between connections and the rest.
+    /// Nothing runs yet: the workers are started and [`Controller::run`]
+    /// follows.
     pub fn new(
         path: PathBuf,
         config: Config,
         workers: usize,
+        descriptor_limit: u64,
     ) -> Result<(Controller, Vec<Vec<BoundListener>>), String> {
+        let budget = budget(&config, workers, descriptor_limit)?;
+        info!(
+            limit = descriptor_limit,
+            capacity = budget.connections,
+            "descriptor limit {descriptor_limit}: room for {} connections (2 descriptors each; \
+             {} kept for pipes, {} for listeners, probes and sluice itself)",
+            budget.connections,
+            budget.pipe_descriptors(workers),
+            budget.reserved
+        );
         // Before any snapshot: metric handles register with the recorder.
         let admin = match config.admin.as_ref().and_then(|a| a.listen) {
             Some(addr) => {
@@ -155,9 +193,11 @@ impl Controller {
         let shared: &'static Shared = Box::leak(Box::new(Shared {
             snapshot: ArcSwap::from_pointee(Snapshot::from_config(&config)),
             events: events_tx,
-            active: AtomicUsize::new(0),
+            connections: Connections::new(budget.connections),
             accepting: AtomicUsize::new(0),
+            pipes_per_worker: budget.pipes_per_worker,
         }));
+        metrics::capacity(budget.connections);
         let mut controller = Controller {
             path,
             config,
@@ -172,6 +212,9 @@ impl Controller {
             panicking: HashSet::new(),
             admin,
             reloads: (0, 0),
+            notifier: Notifier::from_env(),
+            descriptor_limit,
+            worker_count: workers,
         };
         controller.track_backends(false);
         controller.publish_all();
@@ -193,6 +236,7 @@ impl Controller {
     pub fn run(mut self) -> Result<(), String> {
         tokio_uring::start(async move {
             let signals = Signals::open().map_err(|e| format!("cannot read signals: {e}"))?;
+            self.notifier.start();
             if let Some((socket, handle)) = self.admin.take() {
                 let address = socket.local_addr().map_err(|e| format!("admin: {e}"))?;
                 let socket =
@@ -211,19 +255,36 @@ impl Controller {
                 config = %self.path.display(),
                 "sluice is ready"
             );
-            systemd::ready(&self.status());
+            self.notifier.ready(&self.status());
+            let mut reloading: Option<Reloading> = None;
             loop {
                 tokio::select! {
                     request = signals.next() => {
                         match request.map_err(|e| format!("reading signals: {e}"))? {
-                            Request::Reload => self.reload().await,
+                            Request::Reload => match &mut reloading {
+                                Some(under_way) => {
+                                    debug!("SIGHUP during a reload: reading the file again after it");
+                                    under_way.again = true;
+                                }
+                                None => reloading = Some(self.start_reload()),
+                            },
                             Request::Stop(signal) => {
+                                if reloading.is_some() {
+                                    info!("the reload under way is abandoned");
+                                }
                                 self.drain(signal, &signals).await;
                                 return Ok(());
                             }
                         }
                     }
                     Some(event) = self.events.recv() => self.handle(event),
+                    loaded = loaded(&mut reloading) => {
+                        let again = reloading.take().is_some_and(|r| r.again);
+                        self.finish_reload(loaded);
+                        if again {
+                            reloading = Some(self.start_reload());
+                        }
+                    }
                 }
             }
         })
@@ -245,6 +306,14 @@ impl Controller {
         let Some(probe) = self.config.pools[&key.0].health.probe() else {
             return;
         };
+        if let Err(failure @ ProbeFailure::Local(_)) = &outcome {
+            static LOCAL: Throttle = Throttle::new();
+            if let Some(suppressed) = LOCAL.allow() {
+                let (pool, name, addr) = &key;
+                warn!(pool, backend = %name, address = %addr, suppressed, "{failure}; not counted against the backend");
+            }
+            return;
+        }
         let result = match &outcome {
             Ok(()) => "ok",
             Err(ProbeFailure::Timeout(_)) => "timeout",
@@ -349,19 +418,25 @@ impl Controller {
         }
     }
 
-    /// SIGHUP: read the file again; if it is valid, apply it, otherwise keep
-    /// everything as it is.
-    async fn reload(&mut self) {
-        systemd::reloading();
-        // Loading resolves host names, which may block for seconds: it runs
-        // off this thread, so probes keep running meanwhile (their outcomes
-        // wait in the channel until the reload is done).
+    /// SIGHUP: starts reading the file again. Reading and resolving host
+    /// names may take seconds (a slow DNS server, a file on a stalled
+    /// mount): it runs on a thread of its own, and [`Controller::run`]
+    /// goes on handling signals and probes meanwhile.
+    fn start_reload(&mut self) -> Reloading {
+        self.notifier.reloading();
         let path = self.path.clone();
-        let loaded = tokio::task::spawn_blocking(move || config::load(&path))
-            .await
-            .map_err(|e| format!("loading the configuration: {e}"))
-            .and_then(|loaded| loaded.map_err(|e| e.to_string()));
-        let outcome = loaded.and_then(|config| self.apply(config));
+        Reloading {
+            loaded: off_thread("sluice-reload", move || config::load(&path)),
+            again: false,
+        }
+    }
+
+    /// The file of a reload is read: if it is valid, apply it, otherwise
+    /// keep everything as it is.
+    fn finish_reload(&mut self, loaded: Result<Result<Config, ConfigError>, String>) {
+        let outcome = loaded
+            .and_then(|loaded| loaded.map_err(|e| e.to_string()))
+            .and_then(|config| self.apply(config));
         match outcome {
             Ok(()) => {
                 metrics::reload(true);
@@ -375,13 +450,14 @@ impl Controller {
                 error!("reload failed, the configuration in use is unchanged: {e}");
             }
         }
-        systemd::ready(&self.status());
+        self.notifier.ready(&self.status());
     }
 
     /// Switches to `config`. Everything that can fail (binding new
     /// listeners) happens before anything changes.
     fn apply(&mut self, config: Config) -> Result<(), String> {
         let workers = self.workers.len();
+        let budget = budget(&config, self.worker_count, self.descriptor_limit)?;
         let mut added = Vec::new();
         for (name, listener) in &config.listeners {
             let unchanged = self
@@ -448,6 +524,16 @@ impl Controller {
         self.track_backends(true);
         self.start_resolvers();
         self.publish_all();
+        let capacity = &self.shared.connections;
+        if capacity.capacity() != budget.connections {
+            info!(
+                "room for {} connections now (was {}): the reload changed what the descriptor limit must also hold",
+                budget.connections,
+                capacity.capacity()
+            );
+            capacity.set_capacity(budget.connections);
+            metrics::capacity(budget.connections);
+        }
 
         for (name, (active, sockets)) in added {
             for (worker, socket) in self.workers.iter().zip(sockets) {
@@ -554,19 +640,21 @@ impl Controller {
                 loop {
                     ticker.tick().await;
                     let entries = entries.clone();
-                    // getaddrinfo blocks: keep it off the control loop.
-                    let Ok(answers) = tokio::task::spawn_blocking(move || {
+                    // getaddrinfo blocks, for as long as the resolver takes:
+                    // keep it off the control loop.
+                    let Ok(answers) = off_thread("sluice-resolve", move || {
                         entries
                             .into_iter()
                             .map(|(i, address)| {
-                                let answer = config::resolve(&address);
+                                let answer = config::resolve(&address, Resolver::Dns);
                                 (i, address, answer)
                             })
                             .collect()
                     })
                     .await
                     else {
-                        return;
+                        // No thread could start: try again next time.
+                        continue;
                     };
                     let event = Event::Resolved {
                         pool: pool.clone(),
@@ -622,7 +710,7 @@ impl Controller {
         let routes = snapshot::routes(&self.config, Some(&self.shared.snapshot.load()));
         let snapshot = Snapshot::new(routes, pools);
         self.shared.snapshot.store(Arc::new(snapshot));
-        systemd::status(&self.status());
+        self.notifier.status(&self.status());
     }
 
     /// Rebuilds one pool's table (after a health change), sharing the rest.
@@ -636,7 +724,7 @@ impl Controller {
         let pool = self.build_pool(name);
         let snapshot = self.shared.snapshot.load().with_pool(index, pool);
         self.shared.snapshot.store(Arc::new(snapshot));
-        systemd::status(&self.status());
+        self.notifier.status(&self.status());
     }
 
     /// SIGTERM/SIGINT: stop accepting, let open connections finish for up
@@ -645,7 +733,7 @@ impl Controller {
         for active in self.listeners.values() {
             active.stop();
         }
-        let open = self.shared.active.load(Ordering::Relaxed);
+        let open = self.shared.connections.open();
         let timeout = self.config.shutdown_timeout;
         info!(%signal, open, "stopping: no new connections; waiting for open ones to finish");
         if std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req")
@@ -656,7 +744,8 @@ impl Controller {
                  set it to 1 so that another process on the same ports takes them over"
             );
         }
-        systemd::stopping(&format!("draining {open} connections"));
+        self.notifier
+            .stopping(&format!("draining {open} connections"));
         let deadline = async {
             if timeout.is_zero() {
                 std::future::pending::<()>().await
@@ -672,14 +761,14 @@ impl Controller {
                     // Accept loops count what they accept before they end,
                     // so once none runs, `active` misses no connection.
                     let accepting = self.shared.accepting.load(Ordering::Acquire);
-                    if accepting == 0 && self.shared.active.load(Ordering::Acquire) == 0 {
+                    if accepting == 0 && self.shared.connections.open() == 0 {
                         info!("all connections finished; exiting");
                         return;
                     }
                 }
                 _ = &mut deadline => {
                     warn!(
-                        open = self.shared.active.load(Ordering::Relaxed),
+                        open = self.shared.connections.open(),
                         "shutdown_timeout of {} reached; closing the remaining connections",
                         humantime::format_duration(timeout)
                     );
@@ -690,7 +779,7 @@ impl Controller {
                     Ok(Request::Reload) => info!("SIGHUP while stopping: ignored"),
                     Ok(Request::Stop(_)) | Err(_) => {
                         warn!(
-                            open = self.shared.active.load(Ordering::Relaxed),
+                            open = self.shared.connections.open(),
                             "second signal: exiting now"
                         );
                         return;
@@ -713,9 +802,7 @@ impl Controller {
             let _ = worker.send(Command::CloseAll);
         }
         let give_up = tokio::time::Instant::now() + Duration::from_secs(1);
-        while self.shared.active.load(Ordering::Acquire) > 0
-            && tokio::time::Instant::now() < give_up
-        {
+        while self.shared.connections.open() > 0 && tokio::time::Instant::now() < give_up {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -726,7 +813,7 @@ impl Controller {
         let mut status = format!(
             "{} listeners, {up}/{backends} backends up, {} connections, reloads {} ok {} failed",
             self.listeners.len(),
-            self.shared.active.load(Ordering::Relaxed),
+            self.shared.connections.open(),
             self.reloads.0,
             self.reloads.1
         );
@@ -736,6 +823,54 @@ impl Controller {
             status.push_str(&format!(", all backends down in: {}", pools.join(", ")));
         }
         status
+    }
+}
+
+/// How `descriptor_limit` is shared out under `config`; an error if it
+/// leaves no room for a single connection.
+fn budget(config: &Config, workers: usize, descriptor_limit: u64) -> Result<Budget, String> {
+    let backends = config.pools.values().map(|p| p.endpoints().len()).sum();
+    let budget = Budget::new(descriptor_limit, workers, config.listeners.len(), backends);
+    if budget.connections == 0 {
+        return Err(format!(
+            "the descriptor limit of {descriptor_limit} leaves no room for connections: \
+             {workers} workers, {} listeners and {backends} backends need {} descriptors; \
+             raise LimitNOFILE (ulimit -n)",
+            config.listeners.len(),
+            budget.reserved + budget.pipe_descriptors(workers)
+        ));
+    }
+    Ok(budget)
+}
+
+/// Runs `work` on a thread of its own; its result arrives on the receiver,
+/// which errs if the thread could not start (logged). Nothing waits for the
+/// thread: a stop that comes meanwhile leaves it behind, and the process
+/// exits without it.
+fn off_thread<T: Send + 'static>(
+    name: &str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> oneshot::Receiver<T> {
+    let (result, received) = oneshot::channel();
+    let started = std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            let _ = result.send(work());
+        });
+    if let Err(e) = started {
+        error!("cannot start the {name} thread: {e}");
+    }
+    received
+}
+
+/// The outcome of the reload under way, once there is one; never, while
+/// none is under way.
+async fn loaded(reloading: &mut Option<Reloading>) -> Result<Result<Config, ConfigError>, String> {
+    match reloading {
+        Some(under_way) => (&mut under_way.loaded)
+            .await
+            .map_err(|_| "the configuration could not be read: no thread to read it".into()),
+        None => std::future::pending().await,
     }
 }
 

@@ -12,8 +12,13 @@
 //! backend in its [`PassiveHealth`]; the one that reaches the pool's `fall`
 //! tells the control plane, which takes the backend out at once. Only probes
 //! bring it back.
+//!
+//! A failure for want of a local resource (descriptors, memory, buffers,
+//! ports: [`is_local_error`]) says nothing about the backend: it is counted
+//! against neither a probe nor a connection.
 
 use std::fmt;
+use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -55,10 +60,25 @@ impl PassiveHealth {
     }
 }
 
+/// Whether `error` comes from this host running out of something (the
+/// process's or the system's descriptors, memory, socket buffers, local
+/// ports) rather than from the peer. Such a failure never counts against a
+/// backend: blaming the backend for it would eject healthy backends exactly
+/// when sluice is overloaded.
+pub fn is_local_error(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
+    )
+}
+
 /// Why a probe failed, as logged on a transition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProbeFailure {
     Connect(String),
+    /// The probe could not run for want of a local resource
+    /// ([`is_local_error`]): it says nothing about the backend.
+    Local(String),
     Timeout(Duration),
     /// The reply is not what the probe expects; holds the first bytes seen.
     UnexpectedReply(Vec<u8>),
@@ -72,6 +92,7 @@ impl fmt::Display for ProbeFailure {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
         match self {
             ProbeFailure::Connect(e) => write!(f, "connect failed: {e}"),
+            ProbeFailure::Local(e) => write!(f, "the probe could not run: {e}"),
             ProbeFailure::Timeout(t) => {
                 write!(f, "no answer within {}", humantime::format_duration(*t))
             }
@@ -227,9 +248,13 @@ fn mysql_greeting(reply: &[u8]) -> Judgement {
 pub async fn probe(addr: SocketAddr, settings: &HealthProbe) -> Result<(), ProbeFailure> {
     let (send, check) = exchange(settings);
     let exchange = async {
-        let stream = net::connect(addr, Duration::ZERO)
-            .await
-            .map_err(|e| ProbeFailure::Connect(e.to_string()))?;
+        let stream =
+            net::connect(addr, Duration::ZERO)
+                .await
+                .map_err(|e| match is_local_error(&e) {
+                    true => ProbeFailure::Local(e.to_string()),
+                    false => ProbeFailure::Connect(e.to_string()),
+                })?;
         if settings.proxy_version != SendProxy::Off {
             // From the probe's own address to the backend's.
             let socket = stream.get_ref();
@@ -366,6 +391,23 @@ mod tests {
         assert!(!p.record_failure(3));
         assert!(!p.record_failure(3));
         assert!(p.record_failure(3));
+    }
+
+    #[test]
+    fn running_out_of_local_resources_is_never_the_backends_fault() {
+        for errno in [
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::ENOBUFS,
+            libc::ENOMEM,
+            libc::EADDRNOTAVAIL,
+        ] {
+            assert!(is_local_error(&io::Error::from_raw_os_error(errno)));
+        }
+        for errno in [libc::ECONNREFUSED, libc::ETIMEDOUT, libc::EHOSTUNREACH] {
+            assert!(!is_local_error(&io::Error::from_raw_os_error(errno)));
+        }
+        assert!(!is_local_error(&io::ErrorKind::TimedOut.into()));
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! - [`snapshot`]: immutable routing state, swapped atomically.
 //! - [`balancer`]: client address → backend (Maglev).
 //! - [`worker`]: thread-per-core runtimes and accept loops.
+//! - [`capacity`]: how many connections the descriptor limit allows.
 //! - [`relay`]: one connection: dial the backend, move the bytes.
 //! - [`net`]: socket options, listening and connecting.
 //! - [`metrics`]: Prometheus metrics and the admin endpoint.
@@ -17,6 +18,7 @@
 //! - [`explain`]: `sluice explain`, routing computed from the file alone.
 
 pub mod balancer;
+pub mod capacity;
 pub mod config;
 pub mod control;
 pub mod explain;

@@ -4,12 +4,20 @@
 //! no timestamp of their own, since the journal adds one. Nothing on the data
 //! path logs per packet; events that can repeat per connection go through a
 //! [`Throttle`] so that a dead pool cannot flood the log.
+//!
+//! Lines are written by a thread of their own (tracing-appender): a reader
+//! of standard error that stalls (a journal under pressure, a full pipe)
+//! must not stall the control plane or a worker. Should it stall long
+//! enough for 128 000 lines to queue up, further lines are dropped rather
+//! than waited for. [`flush`] writes out what is queued before the process
+//! ends.
 
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::filter::LevelFilter;
 
 use crate::config::{LogFormat, LogLevel};
@@ -21,9 +29,17 @@ pub fn log_connections() -> bool {
     CONNECTIONS.load(Ordering::Relaxed)
 }
 
+/// Keeps the log thread writing until [`flush`].
+static WRITER: Mutex<Option<WorkerGuard>> = Mutex::new(None);
+
 /// Installs the global subscriber. Called once, before any worker starts.
 pub fn init(level: LogLevel, format: LogFormat, connections: bool) {
     CONNECTIONS.store(connections, Ordering::Relaxed);
+    let (writer, guard) = NonBlockingBuilder::default()
+        .lossy(true)
+        .thread_name("sluice-log")
+        .finish(std::io::stderr());
+    *WRITER.lock().unwrap_or_else(|e| e.into_inner()) = Some(guard);
     let level = match level {
         LogLevel::Error => LevelFilter::ERROR,
         LogLevel::Warn => LevelFilter::WARN,
@@ -34,7 +50,7 @@ pub fn init(level: LogLevel, format: LogFormat, connections: bool) {
     let under_journal = std::env::var_os("JOURNAL_STREAM").is_some();
     let builder = tracing_subscriber::fmt()
         .with_max_level(level)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::stderr().is_terminal() && !under_journal)
         .with_target(false);
     match (format, under_journal) {
@@ -43,6 +59,13 @@ pub fn init(level: LogLevel, format: LogFormat, connections: bool) {
         (LogFormat::Json, false) => builder.json().init(),
         (LogFormat::Json, true) => builder.json().without_time().init(),
     }
+}
+
+/// Writes out the lines still queued; later lines are lost. Called as the
+/// process ends (waits at most a second).
+pub fn flush() {
+    let guard = WRITER.lock().unwrap_or_else(|e| e.into_inner()).take();
+    drop(guard);
 }
 
 /// How often a throttled message may be logged.

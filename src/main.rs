@@ -14,7 +14,7 @@ use tracing::error;
 
 use sluice::config::{self, Config, Workers};
 use sluice::control::Controller;
-use sluice::{explain, logging, signals, worker};
+use sluice::{capacity, explain, logging, signals, worker};
 
 #[derive(Parser)]
 #[command(
@@ -89,6 +89,7 @@ fn main() -> ExitCode {
         None if cli.check => check(&cli.config),
         None => run(&cli.config),
     };
+    logging::flush();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
@@ -114,16 +115,22 @@ fn check(path: &Path) -> Result<(), String> {
 
 /// Runs the balancer until SIGTERM or SIGINT.
 fn run(path: &Path) -> Result<(), String> {
+    // Until signals are blocked, SIGTERM ends the process at once, however
+    // long resolving the backends' host names takes.
     let config = config::load(path).map_err(|e| e.to_string())?;
+    // Before any thread exists (the log writer is the first), so that every
+    // thread inherits the mask and only the control plane's signalfd sees
+    // the signals.
+    signals::block().map_err(|e| format!("cannot block signals: {e}"))?;
     logging::init(config.log.level, config.log.format, config.log.connections);
     abort_on_panic();
-    // Before any thread exists, so that every thread inherits the mask and
-    // only the control plane's signalfd sees the signals.
-    signals::block().map_err(|e| format!("cannot block signals: {e}"))?;
+    let descriptor_limit = capacity::raise_descriptor_limit()
+        .map_err(|e| format!("cannot raise the descriptor limit: {e}"))?;
 
     let workers = worker_count(&config);
     let pin = config.pin_workers;
-    let (mut controller, mut bound) = Controller::new(path.to_owned(), config, workers)?;
+    let (mut controller, mut bound) =
+        Controller::new(path.to_owned(), config, workers, descriptor_limit)?;
     let cpus = worker::allowed_cpus();
     for (id, sockets) in bound.drain(..).enumerate() {
         let cpu = (pin && !cpus.is_empty()).then(|| cpus[id % cpus.len()]);
@@ -150,6 +157,7 @@ fn abort_on_panic() {
     std::panic::set_hook(Box::new(move |info| {
         default_hook(info);
         error!("a thread panicked; aborting");
+        logging::flush();
         std::process::abort();
     }));
 }

@@ -14,7 +14,10 @@ use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gau
 use metrics::{Counter, Gauge, Histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Semaphore;
 use tracing::{debug, warn};
+
+use crate::capacity::ADMIN_CONNECTIONS;
 
 /// Why a connection failed, as the `reason` label of
 /// `sluice_connection_errors_total`.
@@ -26,6 +29,10 @@ pub enum ErrorReason {
     ConnectTimeout,
     /// One connect attempt was refused (or failed otherwise).
     ConnectRefused,
+    /// One connect attempt failed for want of a local resource: sluice
+    /// was out of descriptors, memory, socket buffers or local ports. Never
+    /// counted against the backend.
+    OutOfResources,
     /// The client was turned away by a limit: the listener's
     /// `max_connections` or `rate_limit`, or every backend full.
     OverLimit,
@@ -33,10 +40,11 @@ pub enum ErrorReason {
     ProxyHeader,
 }
 
-const REASONS: [(ErrorReason, &str); 5] = [
+const REASONS: [(ErrorReason, &str); 6] = [
     (ErrorReason::NoBackend, "no_backend"),
     (ErrorReason::ConnectTimeout, "connect_timeout"),
     (ErrorReason::ConnectRefused, "connect_refused"),
+    (ErrorReason::OutOfResources, "out_of_resources"),
     (ErrorReason::OverLimit, "over_limit"),
     (ErrorReason::ProxyHeader, "proxy_header"),
 ];
@@ -130,6 +138,17 @@ pub fn health_check(pool: &str, backend: &str, result: &'static str) {
         .increment(1);
 }
 
+/// Connections the descriptor limit allows.
+pub fn capacity(connections: usize) {
+    gauge!("sluice_connections_capacity").set(connections as f64);
+}
+
+/// A worker stopped accepting on a listener: the descriptor capacity is
+/// reached.
+pub fn accept_paused() {
+    counter!("sluice_accept_paused_total").increment(1);
+}
+
 pub fn reload(ok: bool) {
     counter!("sluice_config_reloads_total", "result" => if ok { "ok" } else { "fail" })
         .increment(1);
@@ -158,7 +177,7 @@ pub fn install() -> Result<PrometheusHandle, String> {
     describe_gauge!("sluice_connections_active", "Connections open now.");
     describe_counter!(
         "sluice_connection_errors_total",
-        "Failed connect attempts (connect_*) and clients turned away (no_backend)."
+        "Failed connect attempts (connect_*, out_of_resources) and clients turned away (no_backend, over_limit, proxy_header)."
     );
     describe_counter!(
         "sluice_bytes_total",
@@ -180,6 +199,15 @@ pub fn install() -> Result<PrometheusHandle, String> {
         "Configuration reloads by result."
     );
     describe_gauge!("sluice_build_info", "Always 1; the version is a label.");
+    describe_gauge!(
+        "sluice_connections_capacity",
+        "Connections the descriptor limit allows; at it, new clients wait in the listen backlog."
+    );
+    describe_counter!(
+        "sluice_accept_paused_total",
+        "Times a worker stopped accepting on a listener because the descriptor capacity was reached."
+    );
+    counter!("sluice_accept_paused_total").absolute(0);
     gauge!("sluice_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     Ok(handle)
 }
@@ -188,7 +216,9 @@ pub fn install() -> Result<PrometheusHandle, String> {
 const MAX_REQUEST: usize = 8192;
 
 /// Serves `GET /metrics` on `listener` until the process ends. Runs on the
-/// control plane's runtime; each scrape is a task of its own.
+/// control plane's runtime; each scrape is a task of its own, and at most
+/// [`ADMIN_CONNECTIONS`] are served at once (the descriptor budget counts
+/// them), each for at most 10 seconds: more wait in the listen backlog.
 pub async fn serve(listener: tokio::net::TcpListener, handle: PrometheusHandle) {
     let handle = Arc::new(handle);
     // Histograms keep samples until rendered: drain them even when nobody
@@ -201,7 +231,11 @@ pub async fn serve(listener: tokio::net::TcpListener, handle: PrometheusHandle) 
             upkeep.run_upkeep();
         }
     });
+    let slots = Arc::new(Semaphore::new(ADMIN_CONNECTIONS));
     loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let handle = handle.clone();
@@ -212,6 +246,7 @@ pub async fn serve(listener: tokio::net::TcpListener, handle: PrometheusHandle) 
                     if !matches!(answered, Ok(Ok(()))) {
                         debug!(%peer, "admin request failed or timed out");
                     }
+                    drop(slot);
                 });
             }
             Err(e) => {

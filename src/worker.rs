@@ -24,11 +24,11 @@ use nix::unistd::Pid;
 use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::sync::mpsc::UnboundedReceiver;
-use tracing::{debug, error, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::control::Shared;
 use crate::logging::Throttle;
-use crate::{net, relay};
+use crate::{metrics, net, relay};
 
 /// What the control plane asks of a running worker.
 pub enum Command {
@@ -48,6 +48,10 @@ pub struct BoundListener {
 /// second.
 static ACCEPT_ERROR: Throttle = Throttle::new();
 
+/// So are pauses at the descriptor capacity, and their ends.
+static AT_CAPACITY: Throttle = Throttle::new();
+static RESUMED: Throttle = Throttle::new();
+
 /// Starts worker `id` on its own thread, pinned to `cpu` if given, and
 /// returns once the worker is accepting on all its listeners, or with the
 /// error that kept it from starting (io_uring unavailable, say).
@@ -62,6 +66,7 @@ pub fn spawn(
     let handle = std::thread::Builder::new()
         .name(format!("sluice-worker-{id}"))
         .spawn(move || {
+            relay::keep_pipes(shared.pipes_per_worker);
             if let Some(cpu) = cpu {
                 if let Err(e) = pin_to(cpu) {
                     warn!(worker = id, cpu, "cannot pin worker to its core: {e}");
@@ -122,22 +127,54 @@ async fn accept_until_stopped(listener: BoundListener, shared: &'static Shared) 
             .is_listener()
             .unwrap_or(false)
     };
+    let connections = &shared.connections;
+    let mut paused = false;
     loop {
-        let accepted = match listener.readable().await {
-            Ok(mut ready) => match ready.try_io(|listener| net::accept(listener.get_ref())) {
-                Ok(accepted) => accepted,
-                // Every waiting connection taken: wait for the next.
-                Err(_would_block) => continue,
-            },
-            Err(e) => Err(e),
+        let mut ready = match listener.readable().await {
+            Ok(ready) => ready,
+            Err(e) => {
+                error!(listener = %name, "cannot wait for connections: {e}");
+                return;
+            }
+        };
+        // A connection is counted before it is accepted, and only if there
+        // is room for it: at capacity, new clients wait in the listen
+        // backlog, where the kernel holds them without a descriptor of ours.
+        let Some(slot) = connections.take() else {
+            if !paused {
+                paused = true;
+                metrics::accept_paused();
+                if let Some(suppressed) = AT_CAPACITY.allow() {
+                    warn!(
+                        listener = %name, suppressed,
+                        "{} connections are open, all the descriptor limit allows: \
+                         new clients wait in the listen backlog until some close",
+                        connections.capacity()
+                    );
+                }
+            }
+            // Readiness is kept: the waiting clients are accepted once
+            // there is room (or the loop ends, the listener stopped).
+            drop(ready);
+            connections.wait_for_room().await;
+            continue;
+        };
+        if paused {
+            paused = false;
+            if let Some(suppressed) = RESUMED.allow() {
+                info!(listener = %name, suppressed, "accepting again: connections have closed");
+            }
+        }
+        let accepted = match ready.try_io(|listener| net::accept(listener.get_ref())) {
+            Ok(accepted) => accepted,
+            // Every waiting connection taken: wait for the next.
+            Err(_would_block) => continue,
         };
         match accepted {
             Ok((client, client_addr)) => {
-                // Counted before this loop can end: see `Shared::accepting`.
-                let active = relay::Active::new(shared);
                 let name = name.clone();
                 tokio_uring::spawn(async move {
-                    relay::serve(client, client_addr, &name, active).await;
+                    relay::serve(client, client_addr, &name, slot, shared).await;
                 });
             }
             Err(e) => {
@@ -156,7 +193,8 @@ async fn accept_until_stopped(listener: BoundListener, shared: &'static Shared) 
                 if let Some(suppressed) = ACCEPT_ERROR.allow() {
                     error!(listener = %name, suppressed, "cannot accept connections: {e}");
                 }
-                // Out of descriptors or memory: back off instead of spinning,
+                // Out of descriptors or memory after all (the limit was
+                // lowered under us, say): back off instead of spinning,
                 // leaving new clients in the kernel's backlog meanwhile.
                 if matches!(
                     errno,

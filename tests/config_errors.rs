@@ -129,6 +129,35 @@ fn broken_yaml() {
 }
 
 #[test]
+fn deep_nesting_is_refused_before_parsing_where_it_goes_too_deep() {
+    // 200 KB of brackets kept the YAML parser busy for a minute.
+    let depth = 100_000;
+    let text = format!("{VALID}extra: {}{}\n", "[".repeat(depth), "]".repeat(depth));
+    // `extra:` is one level: the 32nd bracket, in column 8 + 31, is the
+    // 33rd.
+    assert_eq!(
+        rejected(&text),
+        "sluice: sluice.yaml:10:39: mappings and lists nest deeper than the limit of 32 levels"
+    );
+    let braces = format!("{VALID}extra: {}1{}\n", "{a: ".repeat(40), "}".repeat(40));
+    assert!(rejected(&braces).contains("sluice.yaml:10:132: mappings and lists nest deeper"));
+}
+
+#[test]
+fn a_file_over_a_mebibyte_is_refused_unread() {
+    let comment = format!("# {}\n", "x".repeat(1000));
+    let text = format!("{VALID}{}", comment.repeat(1100));
+    assert_eq!(
+        rejected(&text),
+        "sluice: sluice.yaml: the file is larger than the limit of 1024 KiB"
+    );
+    // /dev/zero never ends: only the limit is read of it.
+    let out = sluice_command(&["--check", "-c", "/dev/zero"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("larger than the limit of 1024 KiB"));
+}
+
+#[test]
 fn missing_file() {
     let out = sluice_command(&["--check", "-c", "/nonexistent/sluice.yaml"]);
     assert_eq!(out.status.code(), Some(1));

@@ -1,22 +1,27 @@
-//! Loading the configuration file: parse (serde), validate, resolve host names.
+//! Loading the configuration file: bound, parse (serde), validate, resolve
+//! host names.
 //!
 //! This module owns the rule that a configuration is either entirely valid or
 //! rejected with one message of the form
 //! `FILE:LINE:COLUMN: FIELD.PATH: what is wrong`, so that `--check`, start-up
-//! and (later) reloads all report mistakes the same way. The types of the file
-//! are in [`schema`]; the checks that look across the file are in `validate`.
+//! and reloads all report mistakes the same way. The types of the file are
+//! in [`schema`]; the checks that look across the file are in `validate`;
+//! the limits on what the parser is given at all are in `bounds`.
 
+mod bounds;
 mod locate;
 pub mod schema;
 mod validate;
 
 use std::fmt;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
+pub use bounds::{MAX_DEPTH, MAX_FILE_BYTES};
 pub use schema::{
     Balance, Config, Endpoint, Engine, HashKey, HealthProbe, LogFormat, LogLevel, Pool, Workers,
 };
-pub use validate::resolve;
+pub use validate::{resolve, Resolver};
 
 /// Where `sluice` looks for its configuration when `-c` is not given.
 pub const DEFAULT_PATH: &str = "/etc/sluice/sluice.yaml";
@@ -66,27 +71,59 @@ impl Problem {
 
 /// Reads, parses, validates and resolves the configuration at `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+    let error = |message: String| ConfigError {
         file: path.to_owned(),
         position: None,
         field: None,
-        message: format!("cannot read the configuration: {e}"),
-    })?;
-    parse(path, &text)
+        message,
+    };
+    // One byte more than the limit tells a file at the limit from a larger
+    // one, without reading a huge file (or an endless one) whole.
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|file| file.take(MAX_FILE_BYTES + 1).read_to_string(&mut text))
+        .map_err(|e| error(format!("cannot read the configuration: {e}")))?;
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err(error(format!(
+            "the file is larger than the limit of {} KiB",
+            MAX_FILE_BYTES / 1024
+        )));
+    }
+    parse(path, &text, Resolver::Dns)
 }
 
-/// Parses and validates `text` as if read from `path` (used in messages).
-pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+/// Parses and validates `text` as if read from `path` (used in messages),
+/// resolving host names with `resolver`.
+pub fn parse(path: &Path, text: &str, resolver: Resolver) -> Result<Config, ConfigError> {
+    let error = |position, message: String| ConfigError {
+        file: path.to_owned(),
+        position,
+        field: None,
+        message,
+    };
     if text.trim().is_empty() {
-        return Err(ConfigError {
-            file: path.to_owned(),
-            position: None,
-            field: None,
-            message: "the file is empty: it needs at least `listeners` and `pools`".into(),
-        });
+        return Err(error(
+            None,
+            "the file is empty: it needs at least `listeners` and `pools`".into(),
+        ));
     }
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err(error(
+            None,
+            format!(
+                "the file is larger than the limit of {} KiB",
+                MAX_FILE_BYTES / 1024
+            ),
+        ));
+    }
+    bounds::check_depth(text).map_err(|position| {
+        error(
+            Some(position),
+            format!("mappings and lists nest deeper than the limit of {MAX_DEPTH} levels"),
+        )
+    })?;
     let mut config: Config = serde_yaml::from_str(text).map_err(|e| from_yaml_error(path, e))?;
-    validate::validate(&mut config).map_err(|problem| ConfigError {
+    validate::validate(&mut config, resolver).map_err(|problem| ConfigError {
         file: path.to_owned(),
         position: locate::position(text, &problem.field),
         field: Some(problem.field),

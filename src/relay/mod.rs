@@ -15,7 +15,7 @@
 
 mod pump;
 
-pub use pump::Socket;
+pub use pump::{keep_pipes, Socket};
 
 use std::borrow::Cow;
 use std::future::{poll_fn, Future};
@@ -23,7 +23,6 @@ use std::io;
 use std::net::{SocketAddr, TcpStream};
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -35,10 +34,11 @@ use tokio::time::Sleep;
 use tracing::{debug, info, warn};
 
 use crate::balancer::load::Lease;
+use crate::capacity::Slot;
 use crate::config::schema::SendProxy;
 use crate::config::Engine;
 use crate::control::{Event, Shared};
-use crate::health::PassiveHealth;
+use crate::health::{self, PassiveHealth};
 use crate::logging::{self, Throttle};
 use crate::metrics::{BackendStats, ErrorReason, ListenerStats};
 use crate::net;
@@ -50,6 +50,9 @@ static NO_BACKEND: Throttle = Throttle::new();
 
 /// So are connections turned away by a limit or for their PROXY header.
 static TURNED_AWAY: Throttle = Throttle::new();
+
+/// And connects that fail for want of a local resource.
+static OUT_OF_RESOURCES: Throttle = Throttle::new();
 
 thread_local! {
     /// Wakes every connection of this worker when a drain runs out of time.
@@ -73,6 +76,14 @@ struct Dialed {
     _lease: Lease,
 }
 
+impl Dialed {
+    /// Closes the backend socket and ends the backend's count of the
+    /// connection; the backend's name is what remains.
+    fn close(self) -> Arc<str> {
+        self.name
+    }
+}
+
 /// A connection let in and given its backend.
 struct Opened {
     backend: Dialed,
@@ -81,7 +92,7 @@ struct Opened {
     engine: Engine,
     idle_timeout: Option<Duration>,
     /// Counts the connection against its listener's `max_connections`.
-    _lease: Lease,
+    lease: Lease,
 }
 
 /// Why a relay ended.
@@ -93,27 +104,16 @@ enum Ended {
     Idle,
 }
 
-/// Counts a connection in [`Shared::active`] while it lives; taken by the
-/// accept loop before the connection's task is spawned.
-pub struct Active(&'static Shared);
-
-impl Active {
-    pub fn new(shared: &'static Shared) -> Active {
-        shared.active.fetch_add(1, Ordering::Relaxed);
-        Active(shared)
-    }
-}
-
-impl Drop for Active {
-    fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Serves one accepted connection from `client_addr` on `listener`.
+/// Serves one accepted connection from `client_addr` on `listener`, which
+/// holds `slot` of the process's connection capacity until it ends.
 /// `client` must be non-blocking.
-pub async fn serve(client: TcpStream, mut client_addr: SocketAddr, listener: &str, active: Active) {
-    let shared = active.0;
+pub async fn serve(
+    client: TcpStream,
+    mut client_addr: SocketAddr,
+    listener: &str,
+    slot: Slot,
+    shared: &'static Shared,
+) {
     let accepted = Instant::now();
     let client = match net::watch(client, Interest::READABLE | Interest::WRITABLE) {
         Ok(client) => client,
@@ -134,7 +134,7 @@ pub async fn serve(client: TcpStream, mut client_addr: SocketAddr, listener: &st
         client_addr: carried,
         engine,
         idle_timeout,
-        _lease,
+        lease,
     } = opened;
     client_addr = carried;
     let route = backend.stats.route(listener);
@@ -229,12 +229,18 @@ pub async fn serve(client: TcpStream, mut client_addr: SocketAddr, listener: &st
             }
         }
     };
-    let bytes = (to_backend, to_client);
+    // Close both sockets and free the connection's places (the listener's
+    // and the backend's limits, the capacity) before saying it closed:
+    // whoever reads that line may open the next connection at once.
+    let backend_name = backend.close();
+    drop(client);
+    drop(lease);
+    drop(slot);
     log_closed(
         listener,
         client_addr,
-        &backend.name,
-        bytes,
+        &backend_name,
+        (to_backend, to_client),
         accepted,
         &close,
     );
@@ -326,7 +332,7 @@ async fn open(
             client_addr,
             engine: pool.engine,
             idle_timeout: (!pool.idle_timeout.is_zero()).then_some(pool.idle_timeout),
-            _lease: lease,
+            lease,
         }),
         Err((reason, error)) => {
             let why = format!("no backend reachable, closing the client: {error}");
@@ -408,6 +414,19 @@ async fn dial(
                     eject_after: pool.eject_after,
                     _lease: lease,
                 });
+            }
+            Err(error) if health::is_local_error(&error) => {
+                listener_stats.error(ErrorReason::OutOfResources);
+                if let Some(suppressed) = OUT_OF_RESOURCES.allow() {
+                    warn!(
+                        backend = %backend.name, suppressed,
+                        "cannot connect to the backend, not counted against it: {error}"
+                    );
+                }
+                last_error = Some(io::Error::new(
+                    error.kind(),
+                    format!("{} ({}): {error}", backend.name, backend.addr),
+                ));
             }
             Err(error) => {
                 debug!(backend = %backend.name, client = %client_addr, "connect failed: {error}");

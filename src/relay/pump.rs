@@ -16,7 +16,9 @@
 //! then move what is there with plain non-blocking calls. Nothing is held
 //! while a connection is idle: the scratch buffer belongs to the worker and
 //! is only used between a read and its write, and pipes are taken from a
-//! per-worker pool for as long as they hold bytes. Only a destination that
+//! per-worker pool for as long as they hold bytes. A worker has at most its
+//! share of the descriptor budget in pipes ([`keep_pipes`]); beyond, a
+//! connection copies. Only a destination that
 //! cannot take everything at once makes a connection keep bytes (the rest of
 //! a read, or the pipe with them) until it can. No io_uring operation is
 //! ever left pending on a relayed socket, so nothing needs a kernel worker
@@ -27,7 +29,7 @@
 //! provided-buffer ring nor a poll operation to avoid that; io_uring's own
 //! splice runs on kernel io-wq threads. `benches/RESULTS.md` compares them.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -55,14 +57,22 @@ const PIPE_CAPACITY: usize = 64 * 1024;
 /// Under `auto`, a splice that moves less than this goes back to copying.
 const SMALL: usize = 16 * 1024;
 
-/// Empty pipes a worker keeps for reuse; more are closed when returned.
-const PIPES_KEPT: usize = 256;
-
 thread_local! {
     /// Where the copy engine puts bytes between a read and its write.
     static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH_SIZE].into_boxed_slice());
     /// Empty pipes ready for the next splice.
     static PIPES: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
+    /// Pipes this worker may have, pooled or lent to a connection: its
+    /// share of the descriptor budget. Beyond it, connections copy.
+    static PIPE_BUDGET: Cell<usize> = const { Cell::new(0) };
+    /// Pipes this worker has now.
+    static PIPES_OPEN: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Sets how many pipes the calling worker may have; called once, as it
+/// starts.
+pub fn keep_pipes(budget: usize) {
+    PIPE_BUDGET.with(|b| b.set(budget));
 }
 
 /// A relayed socket, registered with the worker's reactor.
@@ -164,17 +174,8 @@ impl Direction {
                 continue;
             }
             let mut ready = ready!(from.poll_read_ready(cx)).map_err(|e| ends.source(e))?;
-            let (step, limit) = match self.splicing.then(Pipe::take) {
-                Some(Ok(pipe)) => (ends.splice_in(pipe)?, PIPE_CAPACITY),
-                Some(Err(e)) => {
-                    if let Some(suppressed) = NO_PIPE.allow() {
-                        warn!(
-                            suppressed,
-                            "cannot make a pipe to splice, copying instead: {e}"
-                        );
-                    }
-                    (ends.copy_in()?, SCRATCH_SIZE)
-                }
+            let (step, limit) = match self.splicing.then(Pipe::take).flatten() {
+                Some(pipe) => (ends.splice_in(pipe)?, PIPE_CAPACITY),
                 None => (ends.copy_in()?, SCRATCH_SIZE),
             };
             match step {
@@ -325,18 +326,32 @@ struct Pipe {
 }
 
 impl Pipe {
-    /// An empty pipe from the worker's pool, or a new one.
-    fn take() -> io::Result<Pipe> {
+    /// An empty pipe from the worker's pool, or a new one if the worker's
+    /// budget allows; `None` means copy instead.
+    fn take() -> Option<Pipe> {
         if let Some(pipe) = PIPES.with(|pipes| pipes.borrow_mut().pop()) {
-            return Ok(pipe);
+            return Some(pipe);
+        }
+        if PIPES_OPEN.with(Cell::get) >= PIPE_BUDGET.with(Cell::get) {
+            return None;
         }
         let mut fds = [0; 2];
         // SAFETY: `fds` has room for the two descriptors pipe2 writes.
-        net::syscall(
-            unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } as isize,
-        )?;
+        let made = net::syscall(unsafe {
+            libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC)
+        } as isize);
+        if let Err(e) = made {
+            if let Some(suppressed) = NO_PIPE.allow() {
+                warn!(
+                    suppressed,
+                    "cannot make a pipe to splice, copying instead: {e}"
+                );
+            }
+            return None;
+        }
+        PIPES_OPEN.with(|open| open.set(open.get() + 1));
         // SAFETY: pipe2 succeeded, so both descriptors are open and ours.
-        Ok(unsafe {
+        Some(unsafe {
             Pipe {
                 read: OwnedFd::from_raw_fd(fds[0]),
                 write: OwnedFd::from_raw_fd(fds[1]),
@@ -346,14 +361,16 @@ impl Pipe {
 
     /// Returns an empty pipe to the pool. A pipe that still holds bytes is
     /// never returned (they would reach another connection): it is dropped
-    /// with its connection.
+    /// with its connection. The pool never outgrows the budget, since every
+    /// pipe in it counts in the budget.
     fn give_back(self) {
-        PIPES.with(|pipes| {
-            let mut pipes = pipes.borrow_mut();
-            if pipes.len() < PIPES_KEPT {
-                pipes.push(self);
-            }
-        });
+        PIPES.with(|pipes| pipes.borrow_mut().push(self));
+    }
+}
+
+impl Drop for Pipe {
+    fn drop(&mut self) {
+        PIPES_OPEN.with(|open| open.set(open.get() - 1));
     }
 }
 

@@ -119,8 +119,39 @@ impl Sluice {
 
     /// Starts sluice with extra environment variables.
     pub fn spawn_with_env(config: &str, env: &[(&str, &str)]) -> Sluice {
+        Sluice::spawn_with(config, env, None)
+    }
+
+    /// Starts sluice with its descriptor limit (soft and hard) at
+    /// `descriptors`, and waits until it is ready.
+    pub fn start_with_descriptor_limit(config: &str, descriptors: u64) -> Sluice {
+        let sluice = Sluice::spawn_with(config, &[], Some(descriptors));
+        sluice.wait_for_log("sluice is ready");
+        sluice
+    }
+
+    fn spawn_with(config: &str, env: &[(&str, &str)], descriptors: Option<u64>) -> Sluice {
+        use std::os::unix::process::CommandExt;
         let file = temp_file("sluice.yaml", config);
-        let mut child = Command::new(SLUICE)
+        let mut command = Command::new(SLUICE);
+        if let Some(limit) = descriptors {
+            let limit = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            // SAFETY: setrlimit is async-signal-safe and touches only `limit`,
+            // a copy owned by the closure.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let mut child = command
             .envs(env.iter().copied())
             .arg("-c")
             .arg(&file.path)
@@ -473,6 +504,23 @@ pub fn explain_without(
         retries.split(", ").map(name_of).collect()
     };
     (name_of(&field("backend:")), retries)
+}
+
+/// The resident memory of process `pid`, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status")
+}
+
+/// The descriptors process `pid` has open.
+pub fn open_descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
 }
 
 /// Polls `condition` every 10 ms until it holds; panics after the deadline.
