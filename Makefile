@@ -7,6 +7,10 @@
 #                  (benches/scaling), and the Maglev criterion benchmarks
 #   make install   PREFIX=/usr/local DESTDIR= : binary, unit and /etc/sluice/sluice.yaml
 #                  (BIN=path installs an already built binary instead of building)
+#   make fuzz      every fuzz target for FUZZ_SECONDS each (default 60), with
+#                  libFuzzer (installs cargo-fuzz); see scripts/fuzz
+#   make soak      mixed traffic with faults for SOAK_SECONDS (default 600), on the
+#                  release build; writes benches/SOAK.md. Not part of `make test`.
 
 PREFIX  ?= /usr/local
 DESTDIR ?=
@@ -18,7 +22,10 @@ BIN     ?= target/release/sluice
 # start), and systemd-analyze to verify the unit file.
 TEST_PACKAGES := redis-server redis-tools memcached postgresql mariadb-server systemd
 
-.PHONY: all build test deps run bench install lint clean
+FUZZ_SECONDS ?= 60
+SOAK_SECONDS ?= 600
+
+.PHONY: all build test deps run bench install lint clean fuzz soak
 
 all: build
 
@@ -43,6 +50,12 @@ bench: build
 	benches/compare
 	benches/scaling
 	$(CARGO) bench --bench maglev
+
+fuzz:
+	FUZZ_SECONDS=$(FUZZ_SECONDS) scripts/fuzz
+
+soak: deps
+	SOAK_SECONDS=$(SOAK_SECONDS) $(CARGO) test --release --test soak -- --ignored --nocapture
 
 # The default BIN is built first; another BIN is installed as it is.
 install: $(if $(filter target/release/sluice,$(BIN)),build)

@@ -38,11 +38,11 @@ use crate::config::{self, Config, ConfigError, HealthProbe, Resolver};
 use crate::health::{self, PassiveHealth, ProbeFailure, Verdict};
 use crate::logging::Throttle;
 use crate::metrics::{self, BackendStats};
-use crate::net;
 use crate::signals::{Request, Signals};
 use crate::snapshot::{self, Backend, Pool, Snapshot};
 use crate::systemd::Notifier;
 use crate::worker::{BoundListener, Command};
+use crate::{admin, net};
 
 /// What the control plane shares with the workers. Lives as long as the
 /// process, so it is leaked once and handed out as `&'static`.
@@ -241,7 +241,7 @@ impl Controller {
                 let address = socket.local_addr().map_err(|e| format!("admin: {e}"))?;
                 let socket =
                     tokio::net::TcpListener::from_std(socket).map_err(|e| format!("admin: {e}"))?;
-                tokio::task::spawn_local(metrics::serve(socket, handle));
+                tokio::task::spawn_local(admin::serve(socket, handle));
                 info!(%address, "metrics at http://{address}/metrics");
             }
             self.track_backends(true);

@@ -163,6 +163,17 @@ fn exchange(settings: &HealthProbe) -> (&[u8], Check<'_>) {
     }
 }
 
+/// Judges `reply`, all a backend has answered so far, as a probe with
+/// `settings` does: `None` while more bytes could still change the
+/// verdict.
+pub fn judge_reply(settings: &HealthProbe, reply: &[u8]) -> Option<Result<(), ProbeFailure>> {
+    match exchange(settings).1.judge(reply) {
+        Judgement::Incomplete => None,
+        Judgement::Healthy => Some(Ok(())),
+        Judgement::Failed(failure) => Some(Err(failure)),
+    }
+}
+
 impl Check<'_> {
     fn judge(self, reply: &[u8]) -> Judgement {
         match self {
@@ -280,13 +291,10 @@ pub async fn probe(addr: SocketAddr, settings: &HealthProbe) -> Result<(), Probe
         let mut reply = Vec::new();
         let mut buf = [0u8; 4096];
         loop {
-            match check.judge(&reply) {
-                Judgement::Healthy => return Ok(()),
-                Judgement::Failed(failure) => return Err(failure),
-                Judgement::Incomplete if reply.len() >= MAX_REPLY_BYTES => {
-                    return Err(unexpected(&reply))
-                }
-                Judgement::Incomplete => {}
+            match judge_reply(settings, &reply) {
+                Some(verdict) => return verdict,
+                None if reply.len() >= MAX_REPLY_BYTES => return Err(unexpected(&reply)),
+                None => {}
             }
             let n = stream
                 .read(&mut buf)
@@ -354,6 +362,64 @@ impl Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// Every way a probe can judge a reply.
+    fn settings() -> impl Strategy<Value = HealthProbe> {
+        prop_oneof![
+            Just(preset(Preset::Redis, false)),
+            Just(preset(Preset::Redis, true)),
+            Just(preset(Preset::Memcached, false)),
+            Just(preset(Preset::Postgres, false)),
+            Just(preset(Preset::Mysql, false)),
+            "[ -~]{1,8}".prop_map(|expect| HealthProbe {
+                expect: Some(expect),
+                ..HealthProbe::default()
+            }),
+        ]
+    }
+
+    /// Replies of every shape the checks look for, and noise.
+    fn reply() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..200),
+            "\\$[0-9]{1,3}\r\n(# Replication\r\n)?(role:[a-z]{0,8}\r\n)?[ -~\r\n]{0,40}"
+                .prop_map(String::into_bytes),
+            (
+                any::<[u8; 3]>(),
+                0u8..3,
+                prop_oneof![Just(10u8), Just(0xffu8), any::<u8>()],
+                proptest::collection::vec(any::<u8>(), 0..80)
+            )
+                .prop_map(|(len, seq, first, rest)| {
+                    let mut r = vec![len[0], len[1] % 2, 0, seq, first];
+                    r.extend(rest);
+                    r
+                }),
+            "[+\\-VSN][ -~]{0,20}(\r\n)?".prop_map(String::into_bytes),
+        ]
+    }
+
+    proptest! {
+        /// Probes read a reply piece by piece: once a prefix is judged,
+        /// the bytes after it never change the verdict.
+        #[test]
+        fn a_verdict_never_changes_with_more_bytes(settings in settings(), reply in reply()) {
+            // What a verdict says; a failure quotes the bytes read, which
+            // may be more.
+            let kind = |verdict: Option<Result<(), ProbeFailure>>| {
+                verdict.map(|v| v.map_err(|failure| std::mem::discriminant(&failure)))
+            };
+            let whole = kind(judge_reply(&settings, &reply));
+            for end in 0..=reply.len() {
+                let verdict = kind(judge_reply(&settings, &reply[..end]));
+                if verdict.is_some() {
+                    prop_assert_eq!(verdict, whole, "decided at {} of {}", end, reply.len());
+                    break;
+                }
+            }
+        }
+    }
 
     #[test]
     fn rise_and_fall_need_consecutive_outcomes() {

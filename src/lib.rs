@@ -13,10 +13,12 @@
 //! - [`capacity`]: how many connections the descriptor limit allows.
 //! - [`relay`]: one connection: dial the backend, move the bytes.
 //! - [`net`]: socket options, listening and connecting.
-//! - [`metrics`]: Prometheus metrics and the admin endpoint.
+//! - [`metrics`]: Prometheus metrics.
+//! - [`admin`]: the admin endpoint that serves them.
 //! - [`signals`], [`systemd`], [`logging`]: process plumbing.
 //! - [`explain`]: `sluice explain`, routing computed from the file alone.
 
+pub mod admin;
 pub mod balancer;
 pub mod capacity;
 pub mod config;

@@ -1,5 +1,5 @@
-//! Prometheus metrics (SPEC "Metrics") and the admin endpoint that serves
-//! them at `admin.listen` `/metrics`.
+//! Prometheus metrics (SPEC "Metrics"), served by the [admin
+//! endpoint](crate::admin).
 //!
 //! The data path never formats a label nor looks a metric up: every handle
 //! it touches ([`ListenerStats`], [`BackendStats`]) is registered when a
@@ -8,16 +8,10 @@
 //! recorder is installed and the handles do nothing.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 use metrics::{Counter, Gauge, Histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::Semaphore;
-use tracing::{debug, warn};
-
-use crate::capacity::ADMIN_CONNECTIONS;
 
 /// Why a connection failed, as the `reason` label of
 /// `sluice_connection_errors_total`.
@@ -210,90 +204,4 @@ pub fn install() -> Result<PrometheusHandle, String> {
     counter!("sluice_accept_paused_total").absolute(0);
     gauge!("sluice_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     Ok(handle)
-}
-
-/// Largest request head the admin endpoint reads.
-const MAX_REQUEST: usize = 8192;
-
-/// Serves `GET /metrics` on `listener` until the process ends. Runs on the
-/// control plane's runtime; each scrape is a task of its own, and at most
-/// [`ADMIN_CONNECTIONS`] are served at once (the descriptor budget counts
-/// them), each for at most 10 seconds: more wait in the listen backlog.
-pub async fn serve(listener: tokio::net::TcpListener, handle: PrometheusHandle) {
-    let handle = Arc::new(handle);
-    // Histograms keep samples until rendered: drain them even when nobody
-    // scrapes.
-    let upkeep = handle.clone();
-    tokio::task::spawn_local(async move {
-        let mut ticker = tokio::time::interval(Duration::from_secs(5));
-        loop {
-            ticker.tick().await;
-            upkeep.run_upkeep();
-        }
-    });
-    let slots = Arc::new(Semaphore::new(ADMIN_CONNECTIONS));
-    loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                let handle = handle.clone();
-                tokio::task::spawn_local(async move {
-                    let answered =
-                        tokio::time::timeout(Duration::from_secs(10), answer(stream, &handle))
-                            .await;
-                    if !matches!(answered, Ok(Ok(()))) {
-                        debug!(%peer, "admin request failed or timed out");
-                    }
-                    drop(slot);
-                });
-            }
-            Err(e) => {
-                warn!("admin endpoint: cannot accept: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-}
-
-/// One HTTP/1.x exchange: reads the request head, answers, closes.
-async fn answer(
-    mut stream: tokio::net::TcpStream,
-    handle: &PrometheusHandle,
-) -> std::io::Result<()> {
-    let mut head = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        head.extend_from_slice(&buf[..n]);
-    }
-    let request_line = head.split(|&b| b == b'\r').next().unwrap_or_default();
-    let mut parts = request_line.split(|&b| b == b' ');
-    let (method, path) = (
-        parts.next().unwrap_or_default(),
-        parts.next().unwrap_or_default(),
-    );
-    let (status, content_type, body) = match (method, path) {
-        (b"GET", b"/metrics") => ("200 OK", "text/plain; version=0.0.4", handle.render()),
-        (b"GET", _) => (
-            "404 Not Found",
-            "text/plain",
-            "not found: try /metrics\n".to_owned(),
-        ),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "only GET\n".to_owned(),
-        ),
-    };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
 }

@@ -26,6 +26,10 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// 107 bytes).
 const MAX_HEADER: usize = 4096;
 
+/// Longest version 1 header, CRLF included (the PROXY protocol's own
+/// figure).
+const MAX_V1_HEADER: usize = 107;
+
 /// The addresses a header carries: the client's, and the one it connected
 /// to. `None` for a header without addresses (v2 LOCAL, v1 UNKNOWN: a
 /// health check from the upstream balancer itself).
@@ -46,33 +50,46 @@ pub async fn read_header(socket: &Socket) -> io::Result<Carried> {
             }
             Err(e) => return Err(e),
         };
-        let parsed = HeaderResult::parse(&buf[..seen]);
-        if parsed.is_incomplete() {
-            if seen == MAX_HEADER {
-                return Err(malformed("a PROXY header longer than 4096 bytes"));
-            }
+        let Some((length, carried)) = parse_header(&buf[..seen])? else {
             // All there is has been seen: wait for more.
             ready.clear_ready_matching(Ready::READABLE);
             continue;
-        }
-        let (length, carried) = match parsed {
-            HeaderResult::V1(Ok(header)) => (header.header.len(), from_v1(header.addresses)),
-            HeaderResult::V2(Ok(header))
-                if header.command == Command::Proxy && header.protocol != Protocol::Stream =>
-            {
-                return Err(malformed("a PROXY v2 header for a protocol other than TCP"))
-            }
-            HeaderResult::V2(Ok(header)) => (header.len(), from_v2(&header)),
-            HeaderResult::V1(Err(e)) => return Err(malformed(&format!("not a PROXY header: {e}"))),
-            HeaderResult::V2(Err(e)) => {
-                return Err(malformed(&format!("a bad PROXY v2 header: {e}")))
-            }
         };
         // Take exactly the header; the client's own bytes stay queued.
         let taken = net::recv(socket, &mut buf[..length], 0)?;
         debug_assert_eq!(taken, length, "the header was peeked whole");
         return Ok(carried);
     }
+}
+
+/// Reads the PROXY header at the start of `bytes`: its length and what it
+/// carries, `None` if `bytes` could still be the start of a header (more
+/// must be read), or why it is unacceptable.
+pub fn parse_header(bytes: &[u8]) -> io::Result<Option<(usize, Carried)>> {
+    let parsed = HeaderResult::parse(bytes);
+    if parsed.is_incomplete() || unfinished_v1(bytes) {
+        if bytes.len() >= MAX_HEADER {
+            return Err(malformed("a PROXY header longer than 4096 bytes"));
+        }
+        return Ok(None);
+    }
+    let (length, carried) = match parsed {
+        // ppp takes whatever follows the first CR for the LF (found by
+        // fuzzing: `PROXY UNKNOWN \n\r/`); a header ends with CRLF.
+        HeaderResult::V1(Ok(header)) if !header.header.ends_with("\r\n") => {
+            return Err(malformed("a PROXY v1 header not ended by CRLF"))
+        }
+        HeaderResult::V1(Ok(header)) => (header.header.len(), from_v1(header.addresses)),
+        HeaderResult::V2(Ok(header))
+            if header.command == Command::Proxy && header.protocol != Protocol::Stream =>
+        {
+            return Err(malformed("a PROXY v2 header for a protocol other than TCP"))
+        }
+        HeaderResult::V2(Ok(header)) => (header.len(), from_v2(&header)),
+        HeaderResult::V1(Err(e)) => return Err(malformed(&format!("not a PROXY header: {e}"))),
+        HeaderResult::V2(Err(e)) => return Err(malformed(&format!("a bad PROXY v2 header: {e}"))),
+    };
+    Ok(Some((length, carried)))
 }
 
 /// The header that tells a backend about a connection from `client` to
@@ -117,6 +134,17 @@ fn same_family(client: SocketAddr, local: SocketAddr) -> (SocketAddr, SocketAddr
     }
 }
 
+/// Whether `bytes` are the start of a version 1 header still to be ended
+/// by its CRLF, within the longest a v1 header may be. ppp judges some
+/// such starts malformed (`PROXY TCP4 A B 1234 `, cut just before the
+/// destination port), which would refuse a header split over two TCP
+/// segments there; until the CRLF, nothing is malformed for lack of bytes.
+fn unfinished_v1(bytes: &[u8]) -> bool {
+    bytes.starts_with(b"PROXY ")
+        && bytes.len() < MAX_V1_HEADER
+        && !bytes.windows(2).any(|w| w == b"\r\n")
+}
+
 fn from_v1(addresses: v1::Addresses) -> Carried {
     match addresses {
         v1::Addresses::Tcp4(a) => Some((
@@ -155,6 +183,102 @@ fn malformed(what: &str) -> io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn address() -> impl Strategy<Value = SocketAddr> {
+        prop_oneof![
+            (any::<[u8; 4]>(), any::<u16>()).prop_map(|(ip, port)| SocketAddr::from((ip, port))),
+            (any::<[u16; 8]>(), any::<u16>()).prop_map(|(ip, port)| SocketAddr::from((ip, port))),
+        ]
+    }
+
+    /// Two addresses of one family, as a socket's two ends always are.
+    fn ends() -> impl Strategy<Value = (SocketAddr, SocketAddr)> {
+        (address(), address()).prop_filter("one family", |(a, b)| a.is_ipv4() == b.is_ipv4())
+    }
+
+    fn version() -> impl Strategy<Value = SendProxy> {
+        prop_oneof![Just(SendProxy::V1), Just(SendProxy::V2)]
+    }
+
+    proptest! {
+        #[test]
+        fn a_header_reads_back_whole_and_leaves_what_follows(
+            (client, local) in ends(),
+            version in version(),
+            tail in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let header = header(version, client, local);
+            let mut bytes = header.clone();
+            bytes.extend_from_slice(&tail);
+            let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+            let expected = if canonical(client).is_ipv4() == canonical(local).is_ipv4() {
+                (canonical(client), canonical(local))
+            } else {
+                (client, local)
+            };
+            prop_assert_eq!(parse_header(&bytes).unwrap(), Some((header.len(), Some(expected))));
+        }
+
+        #[test]
+        fn a_partial_header_asks_for_more(
+            (client, local) in ends(),
+            version in version(),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let header = header(version, client, local);
+            let prefix = &header[..cut.index(header.len())];
+            prop_assert_eq!(parse_header(prefix).unwrap(), None);
+        }
+
+        #[test]
+        fn any_bytes_are_judged_without_reading_past_them(
+            bytes in proptest::collection::vec(any::<u8>(), 0..MAX_HEADER + 16),
+        ) {
+            if let Ok(Some((length, _))) = parse_header(&bytes) {
+                prop_assert!(length <= bytes.len());
+            }
+        }
+
+        #[test]
+        fn any_bytes_after_a_signature_are_judged(
+            v2 in any::<bool>(),
+            rest in proptest::collection::vec(any::<u8>(), 0..300),
+        ) {
+            let mut bytes = if v2 {
+                b"\r\n\r\n\0\r\nQUIT\n".to_vec()
+            } else {
+                b"PROXY ".to_vec()
+            };
+            bytes.extend_from_slice(&rest);
+            if let Ok(Some((length, _))) = parse_header(&bytes) {
+                prop_assert!(length <= bytes.len());
+            }
+        }
+    }
+
+    #[test]
+    fn a_v1_header_cut_before_its_destination_port_is_incomplete() {
+        // ppp alone calls this an invalid port.
+        assert_eq!(
+            parse_header(b"PROXY TCP4 1.2.3.4 5.6.7.8 1234 ").unwrap(),
+            None
+        );
+        assert_eq!(parse_header(b"PROXY TCP6 ::1 ::2 1 ").unwrap(), None);
+        // Still refused at once: a line that is whole, and a line too long.
+        assert!(parse_header(b"PROXY TCP4 1.2.3.4 5.6.7.8 1234 \r\n").is_err());
+        assert!(parse_header(&[b"PROXY ".as_slice(), &[b'1'; 200]].concat()).is_err());
+    }
+
+    #[test]
+    fn a_v1_header_ends_with_crlf() {
+        // ppp alone takes the first 17 bytes for a header (found by fuzzing).
+        assert!(parse_header(b"PROXY UNKNOWN \n\r/ R [\r\n\r\n\0\"\n").is_err());
+        assert_eq!(
+            parse_header(b"PROXY UNKNOWN whatever\r\nbytes").unwrap(),
+            Some((24, None))
+        );
+    }
 
     #[test]
     fn headers_name_the_client_and_what_it_reached() {

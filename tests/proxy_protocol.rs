@@ -197,6 +197,30 @@ fn accept_proxy_routes_and_logs_by_the_carried_address() {
 }
 
 #[test]
+fn a_header_split_over_segments_is_read_whole() {
+    let (_servers, sluice, _admin) = accepting();
+    let expected = explain(sluice.config_path(), "back", "10.9.0.7").0;
+    // Cut where ppp alone would judge it malformed (found by property
+    // testing), and in the middle of each field.
+    for cut in [
+        "PROXY TCP4 10.9.0.7 192.0.2.1 40000 ".len(),
+        "PROXY TC".len(),
+        "PROXY TCP4 10.9".len(),
+        "PROXY TCP4 10.9.0.7 192.0.2.1 40000 6379\r".len(),
+    ] {
+        let header = b"PROXY TCP4 10.9.0.7 192.0.2.1 40000 6379\r\n";
+        let mut stream = connect_from(client_ip(2), sluice.listen_addr());
+        stream.write_all(&header[..cut]).unwrap();
+        // A slow upstream: the first part is read alone.
+        std::thread::sleep(Duration::from_millis(100));
+        stream.write_all(&header[cut..]).unwrap();
+        let mut line = String::new();
+        BufReader::new(&stream).read_line(&mut line).unwrap();
+        assert_eq!(line.trim_end(), expected, "cut at {cut}");
+    }
+}
+
+#[test]
 fn a_local_or_unknown_header_keeps_the_connections_own_address() {
     let (_servers, sluice, _admin) = accepting();
     let expected = explain(sluice.config_path(), "back", &client_ip(1).to_string()).0;

@@ -26,10 +26,35 @@ pub const MAX_DEPTH: usize = 32;
 /// column) of the collection that goes too deep.
 pub fn check_depth(text: &str) -> Result<(), (usize, usize)> {
     let mut walk = Walk::default();
-    for (index, line) in text.lines().enumerate() {
+    for (index, line) in lines(text).enumerate() {
         walk.line(index + 1, line)?;
     }
     Ok(())
+}
+
+/// The lines of `text` as YAML counts them: CRLF, CR and LF all end a line
+/// (`str::lines` does not split at a lone CR), so that positions agree with
+/// the parser's.
+fn lines(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = Some(text);
+    std::iter::from_fn(move || {
+        let current = rest?;
+        match current.find(['\r', '\n']) {
+            Some(end) => {
+                let next = if current[end..].starts_with("\r\n") {
+                    end + 2
+                } else {
+                    end + 1
+                };
+                rest = Some(&current[next..]).filter(|r| !r.is_empty());
+                Some(&current[..end])
+            }
+            None => {
+                rest = None;
+                Some(current)
+            }
+        }
+    })
 }
 
 /// What a quoted scalar spanning several lines waits for.
@@ -236,6 +261,17 @@ mod tests {
         ] {
             assert_eq!(check_depth(&text), Ok(()), "{text}");
         }
+    }
+
+    #[test]
+    fn lines_end_as_yaml_ends_them() {
+        let text = "a\r\nb\rc\nd";
+        assert_eq!(lines(text).collect::<Vec<_>>(), ["a", "b", "c", "d"]);
+        assert_eq!(lines("a\n").collect::<Vec<_>>(), ["a"]);
+        let deep: String = (0..40)
+            .map(|i| format!("{}k{i}:\r", " ".repeat(i)))
+            .collect();
+        assert_eq!(check_depth(&deep), Err((MAX_DEPTH + 1, MAX_DEPTH + 1)));
     }
 
     #[test]

@@ -162,3 +162,161 @@ fn looks_like_field_path(text: &str) -> bool {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '[' | ']'))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// (balance, retries, connect timeout in ms, backends)
+    type PoolModel = (&'static str, u32, u32, Vec<BackendModel>);
+    /// (ip, port, weight)
+    type BackendModel = ([u8; 4], u16, u32);
+
+    /// A configuration as an operator would write it: the model a test
+    /// generates, rendered as YAML.
+    #[derive(Debug, Clone)]
+    struct Model {
+        /// (listener port, pool index, max_connections)
+        listeners: Vec<(u16, usize, u32)>,
+        pools: Vec<PoolModel>,
+        flow_style: bool,
+    }
+
+    fn model() -> impl Strategy<Value = Model> {
+        let backend = (any::<[u8; 4]>(), 1u16.., 0u32..=1000);
+        let pool = (
+            prop::sample::select(vec![
+                "maglev",
+                "round_robin",
+                "weighted_round_robin",
+                "least_connections",
+                "random",
+                "power_of_two",
+            ]),
+            0u32..=3,
+            1u32..10_000,
+            proptest::collection::vec(backend, 1..6),
+        );
+        (
+            proptest::collection::vec(pool, 1..4),
+            proptest::collection::vec((1u16.., any::<prop::sample::Index>(), 0u32..100), 1..4),
+            any::<bool>(),
+        )
+            .prop_map(|(pools, listeners, flow_style)| Model {
+                listeners: listeners
+                    .into_iter()
+                    .map(|(port, pool, max)| (port, pool.index(pools.len()), max))
+                    .collect(),
+                pools,
+                flow_style,
+            })
+            .prop_filter("distinct ports and addresses", |m| {
+                let mut ports: Vec<u16> = m.listeners.iter().map(|l| l.0).collect();
+                ports.sort_unstable();
+                ports.dedup();
+                let distinct_backends = m.pools.iter().all(|(_, _, _, backends)| {
+                    let mut addrs: Vec<_> = backends.iter().map(|b| (b.0, b.1)).collect();
+                    addrs.sort_unstable();
+                    addrs.dedup();
+                    addrs.len() == backends.len()
+                });
+                ports.len() == m.listeners.len() && distinct_backends
+            })
+    }
+
+    impl Model {
+        fn yaml(&self) -> String {
+            let mut text = String::from("listeners:\n");
+            for (i, (port, pool, max)) in self.listeners.iter().enumerate() {
+                text.push_str(&format!(
+                    "  l{i}:\n    listen: 127.0.0.1:{port}\n    pool: p{pool}\n    max_connections: {max}\n"
+                ));
+            }
+            text.push_str("pools:\n");
+            for (i, (balance, retries, timeout, backends)) in self.pools.iter().enumerate() {
+                text.push_str(&format!(
+                    "  p{i}:\n    balance: {balance}\n    retries: {retries}\n    connect_timeout: {timeout}ms\n    health: off\n    backends:\n"
+                ));
+                for (ip, port, weight) in backends {
+                    let addr = SocketAddr::from((*ip, *port));
+                    if self.flow_style {
+                        text.push_str(&format!(
+                            "      - {{ address: \"{addr}\", weight: {weight} }}\n"
+                        ));
+                    } else {
+                        text.push_str(&format!(
+                            "      - address: {addr}\n        weight: {weight}\n"
+                        ));
+                    }
+                }
+            }
+            text
+        }
+    }
+
+    fn parse_text(text: &str) -> Result<Config, ConfigError> {
+        parse(Path::new("sluice.yaml"), text, Resolver::Offline)
+    }
+
+    proptest! {
+        #[test]
+        fn any_text_is_judged_without_panicking(text in "\\PC{0,400}") {
+            let _ = parse_text(&text);
+        }
+
+        #[test]
+        fn yaml_shaped_text_is_judged_without_panicking(
+            text in "([a-z_]{1,10}: ?[\\[\\]{}0-9a-z.:\"',&*!| -]{0,20}\n {0,6}){1,20}"
+        ) {
+            let _ = parse_text(&text);
+        }
+
+        #[test]
+        fn a_valid_file_reads_back_as_written(model in model()) {
+            let config = parse_text(&model.yaml()).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(config.listeners.len(), model.listeners.len());
+            for (i, (port, pool, max)) in model.listeners.iter().enumerate() {
+                let listener = &config.listeners[&format!("l{i}")];
+                prop_assert_eq!(listener.listen.0.port(), *port);
+                prop_assert_eq!(&listener.pool, &format!("p{pool}"));
+                prop_assert_eq!(listener.max_connections, *max);
+            }
+            for (i, (_, retries, timeout, backends)) in model.pools.iter().enumerate() {
+                let pool = &config.pools[&format!("p{i}")];
+                prop_assert_eq!(pool.retries, *retries);
+                prop_assert_eq!(pool.connect_timeout.as_millis(), *timeout as u128);
+                let read: Vec<(SocketAddr, u32)> = pool.endpoints().iter().map(|e| (e.addr, e.weight)).collect();
+                let written: Vec<(SocketAddr, u32)> = backends.iter().map(|(ip, port, w)| (SocketAddr::from((*ip, *port)), *w)).collect();
+                prop_assert_eq!(read, written);
+            }
+        }
+
+        /// A misspelt key anywhere is refused, with the line it is on.
+        #[test]
+        fn a_misspelt_key_is_refused_where_it_is(model in model(), at in any::<prop::sample::Index>()) {
+            let text = model.yaml();
+            let lines: Vec<&str> = text.lines().collect();
+            let keys = [
+                "listeners", "pools", "listen", "pool", "max_connections", "balance",
+                "retries", "connect_timeout", "health", "backends", "address", "weight",
+            ];
+            let key_at = |line: &str| -> Option<usize> {
+                let start = line.len() - line.trim_start().len();
+                let start = if line[start..].starts_with("- ") { start + 2 } else { start };
+                let (key, _) = line[start..].split_once(':')?;
+                keys.contains(&key).then_some(start)
+            };
+            let keyed: Vec<usize> = (0..lines.len()).filter(|&i| key_at(lines[i]).is_some()).collect();
+            let target = keyed[at.index(keyed.len())];
+            let mut broken: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+            let start = key_at(lines[target]).unwrap();
+            broken[target].insert(start, 'x');
+            let error = parse_text(&broken.join("\n")).expect_err("a misspelt key").to_string();
+            prop_assert!(error.starts_with(&format!("sluice.yaml:{}:", target + 1)), "{} (line {})", error, target + 1);
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! The admin endpoint at `admin.listen`: Prometheus text at `GET /metrics`.
+//!
+//! A deliberately small HTTP/1.x server: one request per connection, `GET`
+//! only, a request head of at most [`MAX_REQUEST`] bytes, at most
+//! [`ADMIN_CONNECTIONS`] requests at once (more wait in the listen
+//! backlog), each with a 10-second deadline. It shares the control plane's
+//! runtime, so a slow or hostile client of the admin port must cost
+//! bounded memory and descriptors and never delay a signal or a probe.
+//! [`Request::parse`], the only code that reads bytes from such a client,
+//! is fuzzed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Semaphore;
+use tracing::{debug, warn};
+
+use crate::capacity::ADMIN_CONNECTIONS;
+
+/// Largest request head read.
+pub const MAX_REQUEST: usize = 8192;
+
+/// How long one request may take, from accept to the last byte sent.
+const DEADLINE: Duration = Duration::from_secs(10);
+
+/// What a request head asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// `GET /metrics` (with or without a query string).
+    Metrics,
+    /// `GET` of any other path.
+    NotFound,
+    /// Anything but `GET`, or no request line at all.
+    NotAllowed,
+}
+
+impl Request {
+    /// Reads the request line at the start of `head`: `METHOD PATH
+    /// VERSION`. The rest of the head (headers) is not needed.
+    pub fn parse(head: &[u8]) -> Request {
+        let line_end = head
+            .iter()
+            .position(|&b| b == b'\r' || b == b'\n')
+            .unwrap_or(head.len());
+        let mut parts = head[..line_end].split(|&b| b == b' ');
+        let (method, target) = (parts.next(), parts.next());
+        let path = target.map(|t| t.split(|&b| b == b'?').next().unwrap_or_default());
+        match (method, path) {
+            (Some(b"GET"), Some(b"/metrics")) => Request::Metrics,
+            (Some(b"GET"), _) => Request::NotFound,
+            _ => Request::NotAllowed,
+        }
+    }
+}
+
+/// Serves the admin endpoint on `listener` until the process ends. Runs on
+/// the control plane's runtime; each request is a task of its own.
+pub async fn serve(listener: tokio::net::TcpListener, handle: PrometheusHandle) {
+    let handle = Arc::new(handle);
+    // Histograms keep samples until rendered: drain them even when nobody
+    // scrapes.
+    let upkeep = handle.clone();
+    tokio::task::spawn_local(async move {
+        let mut ticker = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            ticker.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    let slots = Arc::new(Semaphore::new(ADMIN_CONNECTIONS));
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let handle = handle.clone();
+                tokio::task::spawn_local(async move {
+                    let answered = tokio::time::timeout(DEADLINE, answer(stream, &handle)).await;
+                    if !matches!(answered, Ok(Ok(()))) {
+                        debug!(%peer, "admin request failed or timed out");
+                    }
+                    drop(slot);
+                });
+            }
+            Err(e) => {
+                warn!("admin endpoint: cannot accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// One HTTP/1.x exchange: reads the request head, answers, closes.
+async fn answer(
+    mut stream: tokio::net::TcpStream,
+    handle: &PrometheusHandle,
+) -> std::io::Result<()> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let (status, content_type, body) = match Request::parse(&head) {
+        Request::Metrics => ("200 OK", "text/plain; version=0.0.4", handle.render()),
+        Request::NotFound => (
+            "404 Not Found",
+            "text/plain",
+            "not found: try /metrics\n".to_owned(),
+        ),
+        Request::NotAllowed => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "only GET\n".to_owned(),
+        ),
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn only_get_metrics_is_served() {
+        assert_eq!(
+            Request::parse(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Request::Metrics
+        );
+        assert_eq!(
+            Request::parse(b"GET /metrics?name[]=x HTTP/1.0\r\n\r\n"),
+            Request::Metrics
+        );
+        assert_eq!(Request::parse(b"GET / HTTP/1.1\r\n\r\n"), Request::NotFound);
+        assert_eq!(
+            Request::parse(b"GET /metricsx HTTP/1.1\r\n\r\n"),
+            Request::NotFound
+        );
+        assert_eq!(
+            Request::parse(b"POST /metrics HTTP/1.1\r\n\r\n"),
+            Request::NotAllowed
+        );
+        assert_eq!(Request::parse(b""), Request::NotAllowed);
+        assert_eq!(Request::parse(b"\r\n\r\n"), Request::NotAllowed);
+    }
+
+    proptest! {
+        #[test]
+        fn any_head_gets_an_answer(head in proptest::collection::vec(any::<u8>(), 0..MAX_REQUEST)) {
+            Request::parse(&head);
+        }
+
+        #[test]
+        fn headers_never_change_the_answer(
+            path in "/[a-z?=&]{0,12}",
+            headers in proptest::collection::vec("[A-Za-z-]{1,10}: [ -~]{0,40}", 0..8),
+        ) {
+            let head = format!("GET {path} HTTP/1.1\r\n{}\r\n\r\n", headers.join("\r\n"));
+            let expected = if path.split('?').next() == Some("/metrics") {
+                Request::Metrics
+            } else {
+                Request::NotFound
+            };
+            prop_assert_eq!(Request::parse(head.as_bytes()), expected);
+        }
+    }
+}
