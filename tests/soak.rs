@@ -92,10 +92,13 @@ impl Backend {
             );
             thread::spawn(move || {
                 for (id, stream) in (0u64..).zip(listener.incoming()) {
+                    let Ok(stream) = stream else { continue };
                     if stopping.load(Ordering::SeqCst) {
+                        // Killed: what it accepted last is reset, not
+                        // closed with a FIN.
+                        let _ = SockRef::from(&stream).set_linger(Some(Duration::ZERO));
                         return;
                     }
-                    let Ok(stream) = stream else { continue };
                     open.lock().unwrap().insert(id, stream.try_clone().unwrap());
                     let (open, killed, tally) = (open.clone(), killed.clone(), tally.clone());
                     thread::spawn(move || {
@@ -151,83 +154,182 @@ fn serve(mut stream: TcpStream, killed: &AtomicBool, tally: &Tally) {
 
 fn bulk_backend(stream: TcpStream, killed: &AtomicBool, tally: &Tally) {
     let mut header = [0u8; 24];
-    let mut reader = stream.try_clone().unwrap();
-    if reader.read_exact(&mut header).is_err() {
+    if (&stream).read_exact(&mut header).is_err() {
         return;
     }
     let word = |i: usize| u64::from_le_bytes(header[i * 8..i * 8 + 8].try_into().unwrap());
     let (seed, up, down) = (word(0), word(1), word(2));
-    let mut writer = stream;
-    thread::scope(|scope| {
-        let sender = scope.spawn(move || {
-            let half = if resets_halfway(seed) { down / 2 } else { down };
-            let sent = write_noise_unless(&mut writer, seed ^ 0xd0d0, half, killed);
-            if resets_halfway(seed) {
-                let _ = SockRef::from(&writer).set_linger(Some(Duration::ZERO));
-            } else if sent.is_ok() {
-                let _ = writer.shutdown(Shutdown::Write);
-            }
-        });
-        // What came up must be the client's noise, whole, then its FIN.
-        let outcome = read_noise(&mut reader, seed, up);
-        let cut = killed.load(Ordering::SeqCst);
-        match outcome {
-            _ if cut => tally.add("upstream cut by a kill", 1),
-            Check::Intact => match reader.read(&mut [0u8; 1]) {
-                Ok(0) => tally.add("upstream transfers intact", 1),
-                Ok(_) => tally.add("upstream CORRUPTED (bytes beyond the end)", 1),
-                Err(_) => tally.add("upstream cut", 1),
-            },
-            Check::Truncated => tally.add("upstream LOST (clean end too early)", 1),
-            Check::Corrupted => tally.add("upstream CORRUPTED", 1),
-            Check::Cut => tally.add("upstream cut", 1),
-            Check::Stalled => tally.add("upstream STALLED", 1),
+    let (sent, then) = if resets_halfway(seed) {
+        (down / 2, Then::Reset)
+    } else {
+        (down, Then::Fin)
+    };
+    // What comes up must be the client's noise, whole, then its FIN.
+    let outcome = exchange(&stream, (seed ^ 0xd0d0, sent, then), (seed, up), killed);
+    match outcome {
+        _ if killed.load(Ordering::SeqCst) => tally.add("upstream cut by a kill", 1),
+        Outcome::Whole { end: End::Fin } => tally.add("upstream transfers intact", 1),
+        Outcome::Whole { end: End::Reset } => tally.add("upstream cut", 1),
+        Outcome::Whole { end: End::More } => {
+            tally.add("upstream CORRUPTED (bytes beyond the end)", 1)
         }
-        let _ = sender.join();
-    });
-}
-
-/// Writes `total` bytes of `Noise::new(seed)` unless `killed` is set
-/// meanwhile (checked whenever the peer is slow to take them).
-fn write_noise_unless(
-    to: &mut TcpStream,
-    seed: u64,
-    total: u64,
-    killed: &AtomicBool,
-) -> std::io::Result<()> {
-    to.set_write_timeout(Some(Duration::from_millis(100)))?;
-    let mut noise = Noise::new(seed);
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut left = total;
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        noise.fill(&mut buf[..n]);
-        let mut written = 0;
-        while written < n {
-            match to.write(&buf[written..n]) {
-                Ok(w) => written += w,
-                Err(e) if stalled(&e) && !killed.load(Ordering::SeqCst) => {}
-                Err(e) => return Err(e),
-            }
-            if killed.load(Ordering::SeqCst) {
-                return Err(std::io::ErrorKind::ConnectionAborted.into());
-            }
-        }
-        left -= n as u64;
+        Outcome::Cut => tally.add("upstream cut", 1),
+        Outcome::Truncated => tally.add("upstream LOST (clean end too early)", 1),
+        Outcome::Corrupted => tally.add("upstream CORRUPTED", 1),
+        Outcome::Stalled => tally.add("upstream STALLED", 1),
     }
-    Ok(())
 }
 
-/// How a stream of expected noise came in.
-enum Check {
-    Intact,
-    /// A clean end of stream before the last byte.
+/// What a side does once it has sent all it sends.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Then {
+    /// Half-close: FIN.
+    Fin,
+    /// Reset when the socket is closed (SO_LINGER 0).
+    Reset,
+}
+
+/// How the received stream ended after its last expected byte.
+#[derive(Debug, PartialEq, Eq)]
+enum End {
+    Fin,
+    Reset,
+    More,
+}
+
+/// How one side's exchange went.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    /// Every expected byte came, intact, and then `end`.
+    Whole {
+        end: End,
+    },
+    /// An error (a reset) came before the last expected byte, on a read or
+    /// a write.
+    Cut,
+    /// A clean end of stream came before the last expected byte, with no
+    /// error before it: bytes lost.
     Truncated,
     Corrupted,
-    /// An error (a reset).
-    Cut,
-    /// Nothing came for the read timeout (`DEADLINE`).
+    /// Nothing moved for `DEADLINE`.
     Stalled,
+}
+
+/// Sends `send` = (seed, bytes, then) of noise and, at the same time,
+/// receives and checks `receive` = (seed, bytes) of noise and what follows,
+/// on one thread, polling the socket. One thread matters: Linux reports a
+/// reset to one system call only, and a second thread reading the socket
+/// after a writer took the error would see a clean end of stream.
+fn exchange(
+    stream: &TcpStream,
+    (send_seed, send_total, then): (u64, u64, Then),
+    (receive_seed, receive_total): (u64, u64),
+    killed: &AtomicBool,
+) -> Outcome {
+    use std::os::fd::AsRawFd;
+    stream.set_nonblocking(true).unwrap();
+    let (mut outgoing, mut out_noise) = (Chunks::default(), Noise::new(send_seed));
+    let (mut incoming, mut in_noise) = (Chunks::default(), Noise::new(receive_seed));
+    let (mut sent, mut received) = (0u64, 0u64);
+    let mut sending = true;
+    // How the receiving side ended, once it has.
+    let mut end: Option<End> = None;
+    let mut got = vec![0u8; 64 * 1024];
+    let mut last_progress = Instant::now();
+    let mut stream = stream;
+    while sending || end.is_none() {
+        if killed.load(Ordering::SeqCst) {
+            return Outcome::Cut;
+        }
+        if sending && sent == send_total {
+            sending = false;
+            match then {
+                Then::Fin => {
+                    if stream.shutdown(Shutdown::Write).is_err() {
+                        return Outcome::Cut;
+                    }
+                }
+                Then::Reset => SockRef::from(stream)
+                    .set_linger(Some(Duration::ZERO))
+                    .unwrap(),
+            }
+            continue;
+        }
+        let mut poll = libc::pollfd {
+            fd: stream.as_raw_fd(),
+            events: if end.is_none() { libc::POLLIN } else { 0 }
+                | if sending { libc::POLLOUT } else { 0 },
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut poll, 1, 100) };
+        if poll.revents == 0 {
+            if last_progress.elapsed() > DEADLINE {
+                return Outcome::Stalled;
+            }
+            continue;
+        }
+        last_progress = Instant::now();
+        if sending && poll.revents & (libc::POLLOUT | libc::POLLERR | libc::POLLHUP) != 0 {
+            let chunk = outgoing.next(&mut out_noise, sent, send_total);
+            match stream.write(chunk) {
+                Ok(n) => sent += n as u64,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return Outcome::Cut,
+            }
+        }
+        if end.is_none() && poll.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+            let room = if received < receive_total {
+                (receive_total - received).min(got.len() as u64) as usize
+            } else {
+                1
+            };
+            match stream.read(&mut got[..room]) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) if received < receive_total => return Outcome::Cut,
+                Err(_) => end = Some(End::Reset),
+                Ok(0) if received < receive_total => return Outcome::Truncated,
+                Ok(0) => end = Some(End::Fin),
+                Ok(_) if received >= receive_total => return Outcome::Whole { end: End::More },
+                Ok(n) => {
+                    let mut checked = 0;
+                    while checked < n {
+                        let want = incoming.next(&mut in_noise, received, receive_total);
+                        let take = want.len().min(n - checked);
+                        if got[checked..checked + take] != want[..take] {
+                            return Outcome::Corrupted;
+                        }
+                        checked += take;
+                        received += take as u64;
+                    }
+                }
+            }
+        }
+    }
+    Outcome::Whole {
+        end: end.expect("the loop ends once receiving has"),
+    }
+}
+
+/// Noise in the 64 KiB steps both sides generate it in: the bytes from
+/// `position` to the end of the current step.
+#[derive(Default)]
+struct Chunks {
+    buf: Vec<u8>,
+    /// Where `buf` starts in the stream.
+    start: u64,
+}
+
+impl Chunks {
+    fn next(&mut self, noise: &mut Noise, position: u64, total: u64) -> &[u8] {
+        const STEP: u64 = 64 * 1024;
+        if position == self.start + self.buf.len() as u64 && position < total {
+            self.start = position;
+            self.buf.resize((total - position).min(STEP) as usize, 0);
+            noise.fill(&mut self.buf);
+        }
+        &self.buf[(position - self.start) as usize..]
+    }
 }
 
 fn stalled(error: &std::io::Error) -> bool {
@@ -235,46 +337,6 @@ fn stalled(error: &std::io::Error) -> bool {
         error.kind(),
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
     )
-}
-
-fn write_noise(to: &mut impl Write, seed: u64, total: u64) -> std::io::Result<()> {
-    let mut noise = Noise::new(seed);
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut left = total;
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        noise.fill(&mut buf[..n]);
-        to.write_all(&buf[..n])?;
-        left -= n as u64;
-    }
-    Ok(())
-}
-
-/// Reads `total` bytes of `Noise::new(seed)`, generated in the writer's
-/// 64 KiB steps, checking each.
-fn read_noise(from: &mut impl Read, seed: u64, total: u64) -> Check {
-    let mut noise = Noise::new(seed);
-    let (mut got, mut want) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
-    let mut received = 0u64;
-    while received < total {
-        let step = (received % want.len() as u64) as usize;
-        if step == 0 {
-            let n = (total - received).min(want.len() as u64) as usize;
-            noise.fill(&mut want[..n]);
-        }
-        let room = (want.len() - step).min((total - received) as usize);
-        let n = match from.read(&mut got[..room]) {
-            Ok(0) => return Check::Truncated,
-            Ok(n) => n,
-            Err(e) if stalled(&e) => return Check::Stalled,
-            Err(_) => return Check::Cut,
-        };
-        if got[..n] != want[step..step + n] {
-            return Check::Corrupted;
-        }
-        received += n as u64;
-    }
-    Check::Intact
 }
 
 /// A small deterministic generator for sizes and choices.
@@ -343,46 +405,45 @@ fn round_trips(to: SocketAddr, from: u32, per_connection: u32, tally: &Tally) {
 
 /// One bulk transfer both ways; the client half-closes first.
 fn bulk(to: SocketAddr, from: u32, seed: u64, up: u64, down: u64, tally: &Tally) {
-    let Ok(stream) = connect(from, to) else {
+    let Ok(mut stream) = connect(from, to) else {
         tally.add("connect failed", 1);
         return;
     };
     tally.add("connections", 1);
-    let mut writer = stream.try_clone().unwrap();
     let mut header = vec![b'B'];
     for word in [seed, up, down] {
         header.extend(word.to_le_bytes());
     }
-    let sender = thread::spawn(move || {
-        writer.write_all(&header)?;
-        write_noise(&mut writer, seed, up)?;
-        writer.shutdown(Shutdown::Write)
-    });
-    let mut reader = stream;
+    if stream.write_all(&header).is_err() {
+        tally.add("cut", 1);
+        return;
+    }
     let expected = if resets_halfway(seed) { down / 2 } else { down };
-    let outcome = read_noise(&mut reader, seed ^ 0xd0d0, expected);
-    let _ = sender.join();
+    let never = AtomicBool::new(false);
+    let outcome = exchange(
+        &stream,
+        (seed, up, Then::Fin),
+        (seed ^ 0xd0d0, expected),
+        &never,
+    );
     match outcome {
-        Check::Intact if resets_halfway(seed) => match reader.read(&mut [0u8; 1]) {
-            Err(_) => {
-                tally.add("backend resets passed on as resets", 1);
-                tally.add("bytes", up + expected);
-            }
-            Ok(0) => tally.add("LOST: a backend reset passed on as a clean end", 1),
-            Ok(_) => tally.add("CORRUPTED bulk transfers", 1),
-        },
-        Check::Intact => match reader.read(&mut [0u8; 1]) {
-            Ok(0) => {
-                tally.add("bulk transfers intact", 1);
-                tally.add("bytes", up + down);
-            }
-            Ok(_) => tally.add("CORRUPTED bulk transfers", 1),
-            Err(_) => tally.add("cut", 1),
-        },
-        Check::Truncated => tally.add("LOST bulk transfers (clean end too early)", 1),
-        Check::Corrupted => tally.add("CORRUPTED bulk transfers", 1),
-        Check::Cut => tally.add("cut", 1),
-        Check::Stalled => tally.add("STALLED bulk transfers", 1),
+        Outcome::Whole { end: End::Reset } if resets_halfway(seed) => {
+            tally.add("backend resets passed on as resets", 1);
+            tally.add("bytes", up + expected);
+        }
+        Outcome::Whole { end: End::Fin } if resets_halfway(seed) => {
+            tally.add("LOST: a backend reset passed on as a clean end", 1)
+        }
+        Outcome::Whole { end: End::Fin } => {
+            tally.add("bulk transfers intact", 1);
+            tally.add("bytes", up + down);
+        }
+        Outcome::Whole { end: End::Reset } | Outcome::Cut => tally.add("cut", 1),
+        Outcome::Whole { end: End::More } | Outcome::Corrupted => {
+            tally.add("CORRUPTED bulk transfers", 1)
+        }
+        Outcome::Truncated => tally.add("LOST bulk transfers (clean end too early)", 1),
+        Outcome::Stalled => tally.add("STALLED bulk transfers", 1),
     }
 }
 
