@@ -135,25 +135,20 @@ mod tests {
 
     #[test]
     fn only_get_metrics_is_served() {
-        assert_eq!(
-            Request::parse(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
-            Request::Metrics
-        );
-        assert_eq!(
-            Request::parse(b"GET /metrics?name[]=x HTTP/1.0\r\n\r\n"),
-            Request::Metrics
-        );
-        assert_eq!(Request::parse(b"GET / HTTP/1.1\r\n\r\n"), Request::NotFound);
-        assert_eq!(
-            Request::parse(b"GET /metricsx HTTP/1.1\r\n\r\n"),
-            Request::NotFound
-        );
-        assert_eq!(
-            Request::parse(b"POST /metrics HTTP/1.1\r\n\r\n"),
-            Request::NotAllowed
-        );
-        assert_eq!(Request::parse(b""), Request::NotAllowed);
-        assert_eq!(Request::parse(b"\r\n\r\n"), Request::NotAllowed);
+        for (head, expected) in [
+            (
+                &b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+                Request::Metrics,
+            ),
+            (b"GET /metrics?name[]=x HTTP/1.0\r\n\r\n", Request::Metrics),
+            (b"GET / HTTP/1.1\r\n\r\n", Request::NotFound),
+            (b"GET /metricsx HTTP/1.1\r\n\r\n", Request::NotFound),
+            (b"POST /metrics HTTP/1.1\r\n\r\n", Request::NotAllowed),
+            (b"", Request::NotAllowed),
+            (b"\r\n\r\n", Request::NotAllowed),
+        ] {
+            assert_eq!(Request::parse(head), expected, "{}", head.escape_ascii());
+        }
     }
 
     proptest! {

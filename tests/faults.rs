@@ -69,12 +69,7 @@ fn a_manager_that_reads_notify_late_stalls_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("notify");
     let manager = UnixDatagram::bind(&path).unwrap();
-    let server = TestServer::start(|mut stream| echo(&mut stream));
-    let text = config(
-        free_addr(unique_loopback()),
-        &[("echo".into(), server.addr)],
-        "",
-    );
+    let (_server, text) = behind_echo("");
     let sluice = Sluice::spawn_with_env(&text, &[("NOTIFY_SOCKET", path.to_str().unwrap())]);
     sluice.wait_for_log("sluice is ready");
     for _ in 0..5 {
@@ -82,9 +77,7 @@ fn a_manager_that_reads_notify_late_stalls_nothing() {
         assert!(outcome.contains("configuration reloaded"), "{outcome}");
     }
     let mut open = connect_from(client_ip(1), sluice.listen_addr());
-    open.write_all(b"hi").unwrap();
-    let mut back = [0u8; 2];
-    open.read_exact(&mut back).unwrap();
+    echoes(&mut open, b"hi");
     sluice.signal(Signal::SIGTERM);
     sluice.wait_for_log("stopping: no new connections");
 
@@ -116,12 +109,7 @@ fn has_thread(pid: u32, name: &str) -> bool {
 /// sluice at once.
 #[test]
 fn a_reload_stuck_reading_its_file_never_delays_a_stop() {
-    let server = TestServer::start(|mut stream| echo(&mut stream));
-    let text = config(
-        free_addr(unique_loopback()),
-        &[("echo".into(), server.addr)],
-        "",
-    );
+    let (_server, text) = behind_echo("");
     let sluice = Sluice::start(&text);
     let listen = sluice.listen_addr();
     std::fs::remove_file(sluice.config_path()).unwrap();
@@ -137,11 +125,7 @@ fn a_reload_stuck_reading_its_file_never_delays_a_stop() {
     // A second SIGHUP waits for the first.
     sluice.signal(Signal::SIGHUP);
     // Still serving.
-    let mut stream = connect_from(client_ip(2), listen);
-    stream.write_all(b"ping").unwrap();
-    let mut back = [0u8; 4];
-    stream.read_exact(&mut back).unwrap();
-    drop(stream);
+    echoes(&mut connect_from(client_ip(2), listen), b"ping");
 
     sluice.signal(Signal::SIGTERM);
     sluice.wait_for_log("the reload under way is abandoned");
@@ -153,12 +137,7 @@ fn a_reload_stuck_reading_its_file_never_delays_a_stop() {
 /// handled at once.
 #[test]
 fn a_pathological_file_on_reload_is_refused_before_it_is_parsed() {
-    let server = TestServer::start(|mut stream| echo(&mut stream));
-    let text = config(
-        free_addr(unique_loopback()),
-        &[("echo".into(), server.addr)],
-        "",
-    );
+    let (_server, text) = behind_echo("");
     let sluice = Sluice::start(&text);
     let nested = format!(
         "{text}extra: {}{}\n",
@@ -567,17 +546,13 @@ fn a_slow_reader_keeps_memory_flat_and_gets_every_byte() {
 
 // ---- The machine -------------------------------------------------------
 
-/// sluice in front of two name servers with probes every 200 ms that take
-/// a backend out after two failures, metrics on `admin`.
-fn probed_pair(admin: SocketAddr) -> (Vec<TestServer>, String) {
+/// sluice in front of two name servers, `backend-0` and `backend-1`, with
+/// `pool` settings and metrics on `admin`.
+fn name_pair(admin: SocketAddr, pool: &str) -> (Vec<TestServer>, String) {
     let (servers, backends) = name_servers(2);
     let text = with_admin(
         admin,
-        &config(
-            free_addr(unique_loopback()),
-            &backends,
-            "    health: { interval: 200ms, timeout: 100ms, fall: 2, rise: 1 }\n",
-        ),
+        &config(free_addr(unique_loopback()), &backends, pool),
     );
     (servers, text)
 }
@@ -589,7 +564,11 @@ fn probed_pair(admin: SocketAddr) -> (Vec<TestServer>, String) {
 #[test]
 fn at_the_descriptor_capacity_clients_wait_and_no_backend_is_blamed() {
     let admin = free_addr(unique_loopback());
-    let (_servers, text) = probed_pair(admin);
+    // Probes every 200 ms; two failures take a backend out.
+    let (_servers, text) = name_pair(
+        admin,
+        "    health: { interval: 200ms, timeout: 100ms, fall: 2, rise: 1 }\n",
+    );
     let sluice = Sluice::start_with_descriptor_limit(&text, 256);
     let line = sluice.wait_for_log("descriptor limit 256: room for");
     let capacity = metric(admin, "sluice_connections_capacity", &[]) as usize;
@@ -704,14 +683,9 @@ fn lowest_free_descriptor(pid: u32) -> u64 {
 #[test]
 fn a_connect_that_fails_for_want_of_descriptors_is_not_the_backends_fault() {
     let admin = free_addr(unique_loopback());
-    let (servers, backends) = name_servers(2);
-    let text = with_admin(
+    let (_servers, text) = name_pair(
         admin,
-        &config(
-            free_addr(unique_loopback()),
-            &backends,
-            "    engine: copy\n    health: { interval: 60s, timeout: 1s, fall: 2, rise: 1 }\n",
-        ),
+        "    engine: copy\n    health: { interval: 60s, timeout: 1s, fall: 2, rise: 1 }\n",
     );
     let sluice = Sluice::start(&text);
     let pid = sluice.pid();
@@ -737,14 +711,13 @@ fn a_connect_that_fails_for_want_of_descriptors_is_not_the_backends_fault() {
     )
     .unwrap();
     assert!(resources >= 4.0, "{resources}");
-    for (backend, _) in &backends {
+    for backend in ["backend-0", "backend-1"] {
         let label = format!("backend=\"{backend}\"");
         assert_eq!(sample(&metrics, "sluice_backend_up", &[&label]), Some(1.0));
     }
     // With descriptors back, clients are served.
     let stream = connect_from(client_ip(50), sluice.listen_addr());
     assert!(read_name(&stream).unwrap().starts_with("backend-"));
-    drop(servers);
 }
 
 /// Two thousand clients at once, from two hundred addresses, through to a

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::TcpStream;
 use std::os::unix::net::UnixDatagram;
 use std::process::Command;
@@ -16,23 +16,8 @@ use common::*;
 
 /// sluice in front of one echo backend, with `extra` at the top level.
 fn echo_sluice(extra: &str) -> (Sluice, TestServer) {
-    let server = TestServer::start(|mut stream| echo(&mut stream));
-    let text = format!(
-        "{extra}{}",
-        config(
-            free_addr(unique_loopback()),
-            &[("echo".into(), server.addr)],
-            ""
-        )
-    );
-    (Sluice::start(&text), server)
-}
-
-fn echoes(stream: &mut TcpStream, message: &[u8]) {
-    stream.write_all(message).unwrap();
-    let mut back = vec![0u8; message.len()];
-    stream.read_exact(&mut back).unwrap();
-    assert_eq!(back, message);
+    let (server, text) = behind_echo("");
+    (Sluice::start(&format!("{extra}{text}")), server)
 }
 
 #[test]

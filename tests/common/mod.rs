@@ -407,6 +407,26 @@ impl Drop for TestServer {
     }
 }
 
+/// An echo server, and the configuration of sluice in front of it (see
+/// [`config`]: one listener, probes off, `extra_pool` added to the pool).
+pub fn behind_echo(extra_pool: &str) -> (TestServer, String) {
+    let server = TestServer::start(|mut stream| echo(&mut stream));
+    let text = config(
+        free_addr(unique_loopback()),
+        &[("echo".into(), server.addr)],
+        extra_pool,
+    );
+    (server, text)
+}
+
+/// Writes `message` and checks that it comes back.
+pub fn echoes(stream: &mut TcpStream, message: &[u8]) {
+    stream.write_all(message).unwrap();
+    let mut back = vec![0u8; message.len()];
+    stream.read_exact(&mut back).unwrap();
+    assert_eq!(back, message);
+}
+
 /// Echoes until the connection ends, by FIN or by error.
 pub fn echo(stream: &mut TcpStream) {
     let mut buf = [0u8; 4096];
