@@ -66,14 +66,16 @@ pub struct Budget {
 
 impl Budget {
     /// The budget of `limit` descriptors for `workers` workers, each with a
-    /// socket per listener (`listeners`), and one probe socket per backend
-    /// (`backends`).
+    /// socket per listener (`listeners`; the control plane keeps a
+    /// duplicate of each, to stop it or change its backlog), and one probe
+    /// socket per backend (`backends`).
     pub fn new(limit: u64, workers: usize, listeners: usize, backends: usize) -> Budget {
         let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);
         // A small limit keeps a small share for pipes: splicing is an
         // optimisation, connections are the point.
         let pipes_per_worker = (limit_usize / 64 / workers.max(1)).min(MAX_PIPES_PER_WORKER);
-        let reserved = RESERVED + ADMIN_CONNECTIONS + workers * (PER_WORKER + listeners) + backends;
+        let reserved =
+            RESERVED + ADMIN_CONNECTIONS + workers * (PER_WORKER + 2 * listeners) + backends;
         let pipes = 2 * pipes_per_worker * workers;
         Budget {
             limit,
@@ -138,7 +140,8 @@ impl Connections {
             .map(|_| Slot(self))
     }
 
-    /// Waits until fewer connections than the capacity are open.
+    /// Waits until fewer connections than the capacity are open. Safe to
+    /// drop while waiting (a stopped listener's loop does).
     pub async fn wait_for_room(&self) {
         loop {
             let notified = self.room.notified();
@@ -146,16 +149,28 @@ impl Connections {
             // Registered before the count is read again, so that a
             // connection ending in between is not missed.
             notified.as_mut().enable();
-            self.waiting.fetch_add(1, Ordering::SeqCst);
-            let room = self.open.load(Ordering::SeqCst) < self.capacity();
-            if !room {
-                notified.await;
-            }
-            self.waiting.fetch_sub(1, Ordering::SeqCst);
-            if room {
+            let _waiting = Waiting::new(&self.waiting);
+            if self.open.load(Ordering::SeqCst) < self.capacity() {
                 return;
             }
+            notified.await;
         }
+    }
+}
+
+/// Counts one waiting accept loop for as long as it lives.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(waiting: &'a AtomicUsize) -> Waiting<'a> {
+        waiting.fetch_add(1, Ordering::SeqCst);
+        Waiting(waiting)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -179,7 +194,7 @@ mod tests {
     fn a_budget_keeps_room_for_sluice_and_halves_the_rest() {
         let budget = Budget::new(1_048_576, 4, 2, 10);
         assert_eq!(budget.pipes_per_worker, 256);
-        assert_eq!(budget.reserved, 64 + 16 + 4 * (8 + 2) + 10);
+        assert_eq!(budget.reserved, 64 + 16 + 4 * (8 + 2 * 2) + 10);
         assert_eq!(
             budget.connections,
             (1_048_576 - budget.reserved - 2 * 256 * 4) / 2
@@ -190,7 +205,7 @@ mod tests {
     fn a_small_limit_keeps_few_pipes_and_may_leave_no_connection() {
         let budget = Budget::new(256, 2, 1, 2);
         assert_eq!(budget.pipes_per_worker, 2);
-        assert_eq!(budget.connections, (256 - (64 + 16 + 2 * 9 + 2) - 8) / 2);
+        assert_eq!(budget.connections, (256 - (64 + 16 + 2 * 10 + 2) - 8) / 2);
         assert_eq!(Budget::new(64, 2, 1, 2).connections, 0);
     }
 

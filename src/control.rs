@@ -41,7 +41,7 @@ use crate::metrics::{self, BackendStats};
 use crate::signals::{Request, Signals};
 use crate::snapshot::{self, Backend, Pool, Snapshot};
 use crate::systemd::Notifier;
-use crate::worker::{BoundListener, Command};
+use crate::worker::{BoundListener, Command, Stop};
 use crate::{admin, net};
 
 /// What the control plane shares with the workers. Lives as long as the
@@ -50,8 +50,8 @@ pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
     /// Reports from the workers to the control plane.
     pub events: UnboundedSender<Event>,
-    /// Connections being served, all workers together, counted from the
-    /// moment a worker accepts them, against the descriptor capacity.
+    /// Connections being served, all workers together, against the
+    /// descriptor capacity; a worker counts one just before it accepts it.
     pub connections: Connections,
     /// Accept loops running, all workers together: a drain waits for them
     /// to end, so that no connection accepted at the last moment is missed.
@@ -102,15 +102,17 @@ struct ActiveListener {
     addr: SocketAddr,
     backlog: u32,
     sockets: Vec<TcpListener>,
+    stop: Arc<Stop>,
 }
 
 impl ActiveListener {
-    /// Stops accepting: each worker's accept fails and its loop ends,
-    /// closing the socket.
+    /// Stops accepting: each worker's accept fails, or its wait for room
+    /// ends, and its loop ends, closing the socket.
     fn stop(&self) {
         for socket in &self.sockets {
             let _ = SockRef::from(socket).shutdown(Shutdown::Both);
         }
+        self.stop.stop();
     }
 }
 
@@ -135,7 +137,8 @@ pub struct Controller {
     /// The descriptor limit, shared out again when a reload changes the
     /// number of listeners or backends.
     descriptor_limit: u64,
-    /// Workers, as started: their listening sockets count against the limit.
+    /// Workers, as started: how many sockets each listener is bound to, and
+    /// what the descriptor budget counts.
     worker_count: usize,
 }
 
@@ -273,6 +276,7 @@ impl Controller {
                                     info!("the reload under way is abandoned");
                                 }
                                 self.drain(signal, &signals).await;
+                                self.notifier.flush(Duration::from_secs(1)).await;
                                 return Ok(());
                             }
                         }
@@ -456,8 +460,8 @@ impl Controller {
     /// Switches to `config`. Everything that can fail (binding new
     /// listeners) happens before anything changes.
     fn apply(&mut self, config: Config) -> Result<(), String> {
-        let workers = self.workers.len();
-        let budget = budget(&config, self.worker_count, self.descriptor_limit)?;
+        let workers = self.worker_count;
+        let budget = budget(&config, workers, self.descriptor_limit)?;
         let mut added = Vec::new();
         for (name, listener) in &config.listeners {
             let unchanged = self
@@ -758,8 +762,8 @@ impl Controller {
         loop {
             tokio::select! {
                 _ = poll.tick() => {
-                    // Accept loops count what they accept before they end,
-                    // so once none runs, `active` misses no connection.
+                    // Accept loops count a connection before they accept
+                    // it, so once none runs, the count misses none.
                     let accepting = self.shared.accepting.load(Ordering::Acquire);
                     if accepting == 0 && self.shared.connections.open() == 0 {
                         info!("all connections finished; exiting");
@@ -883,6 +887,7 @@ fn bind(
     let addr = listener.listen.0;
     let mut sockets = Vec::with_capacity(workers);
     let mut kept = Vec::with_capacity(workers);
+    let stop = Arc::new(Stop::default());
     for _ in 0..workers {
         let socket = net::reuseport_listener(addr, listener.backlog)
             .map_err(|e| format!("listener {name}: cannot listen on {addr}: {e}"))?;
@@ -894,12 +899,14 @@ fn bind(
         sockets.push(BoundListener {
             name: name.to_owned(),
             socket,
+            stop: stop.clone(),
         });
     }
     let active = ActiveListener {
         addr,
         backlog: listener.backlog,
         sockets: kept,
+        stop,
     };
     Ok((active, sockets))
 }

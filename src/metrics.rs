@@ -23,9 +23,10 @@ pub enum ErrorReason {
     ConnectTimeout,
     /// One connect attempt was refused (or failed otherwise).
     ConnectRefused,
-    /// One connect attempt failed for want of a local resource: sluice
-    /// was out of descriptors, memory, socket buffers or local ports. Never
-    /// counted against the backend.
+    /// The client was turned away: a connect failed for want of a local
+    /// resource (sluice was out of descriptors, memory, socket buffers or
+    /// local ports). Never counted against the backend, and no other
+    /// backend is tried.
     OutOfResources,
     /// The client was turned away by a limit: the listener's
     /// `max_connections` or `rate_limit`, or every backend full.
@@ -171,7 +172,7 @@ pub fn install() -> Result<PrometheusHandle, String> {
     describe_gauge!("sluice_connections_active", "Connections open now.");
     describe_counter!(
         "sluice_connection_errors_total",
-        "Failed connect attempts (connect_*, out_of_resources) and clients turned away (no_backend, over_limit, proxy_header)."
+        "Failed connect attempts (connect_*) and clients turned away (no_backend, out_of_resources, over_limit, proxy_header)."
     );
     describe_counter!(
         "sluice_bytes_total",

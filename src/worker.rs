@@ -13,8 +13,9 @@
 use std::io;
 use std::net::TcpListener;
 use std::rc::Rc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -24,6 +25,7 @@ use nix::unistd::Pid;
 use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::Notify;
 use tracing::{debug, error, info, warn};
 
 use crate::control::Shared;
@@ -42,6 +44,38 @@ pub enum Command {
 pub struct BoundListener {
     pub name: String,
     pub socket: TcpListener,
+    /// Shared by the listener's sockets on every worker: set when the
+    /// control plane stops the listener.
+    pub stop: Arc<Stop>,
+}
+
+/// Tells a listener's accept loops that it is stopped. The control plane
+/// also shuts the sockets down, which ends a loop waiting to accept; this
+/// reaches one that waits for room under the descriptor capacity.
+#[derive(Default)]
+pub struct Stop {
+    stopped: AtomicBool,
+    told: Notify,
+}
+
+impl Stop {
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        self.told.notify_waiters();
+    }
+
+    /// Returns once the listener is stopped.
+    async fn wait(&self) {
+        loop {
+            let told = self.told.notified();
+            let mut told = std::pin::pin!(told);
+            told.as_mut().enable();
+            if self.stopped.load(Ordering::SeqCst) {
+                return;
+            }
+            told.await;
+        }
+    }
 }
 
 /// Accept errors other than a vanished client are logged at most once per
@@ -115,6 +149,7 @@ async fn accept_loop(listener: BoundListener, shared: &'static Shared) {
 
 async fn accept_until_stopped(listener: BoundListener, shared: &'static Shared) {
     let name: Rc<str> = listener.name.into();
+    let stop = listener.stop;
     let listener = match net::watch(listener.socket, Interest::READABLE) {
         Ok(listener) => listener,
         Err(e) => {
@@ -154,10 +189,15 @@ async fn accept_until_stopped(listener: BoundListener, shared: &'static Shared) 
                 }
             }
             // Readiness is kept: the waiting clients are accepted once
-            // there is room (or the loop ends, the listener stopped).
+            // there is room, unless the listener is stopped meanwhile.
             drop(ready);
-            connections.wait_for_room().await;
-            continue;
+            tokio::select! {
+                () = connections.wait_for_room() => continue,
+                () = stop.wait() => {
+                    debug!(listener = %name, "listener stopped");
+                    return;
+                }
+            }
         };
         if paused {
             paused = false;

@@ -634,6 +634,33 @@ fn at_the_descriptor_capacity_clients_wait_and_no_backend_is_blamed() {
     }
 }
 
+/// A listener that a reload removes while sluice is at capacity stops at
+/// once on every worker, although its accept loops were waiting for room.
+#[test]
+fn a_listener_removed_at_capacity_stops_at_once() {
+    let admin = free_addr(unique_loopback());
+    let (_servers, text) = name_pair(admin, "");
+    let text = text.replace("log:\n", "log:\n  level: debug\n");
+    let sluice = Sluice::start_with_descriptor_limit(&text, 256);
+    let capacity = metric(admin, "sluice_connections_capacity", &[]) as usize;
+    let held: Vec<TcpStream> = (0..capacity as u32)
+        .map(|i| connect_from(client_ip(3000 + i), sluice.listen_addr()))
+        .collect();
+    for stream in &held {
+        read_name(stream).unwrap();
+    }
+    // One more waits in the backlog; both workers' loops wait for room.
+    let _waiting = connect_from(client_ip(2999), sluice.listen_addr());
+    sluice.wait_for_log("all the descriptor limit allows");
+    let moved = text.replace(
+        &fmt_addr(sluice.listen_addr()),
+        &fmt_addr(free_addr(unique_loopback())),
+    );
+    sluice.reload(&moved);
+    sluice.wait_for_log_count("listener stopped", 2);
+    drop(held);
+}
+
 /// Sets the soft descriptor limit of process `pid` (0: this process) to
 /// `soft`, or to its hard limit.
 fn set_descriptor_limit(pid: u32, soft: Option<u64>) {

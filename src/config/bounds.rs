@@ -25,6 +25,8 @@ pub const MAX_DEPTH: usize = 32;
 /// Where the text first nests deeper than `MAX_DEPTH`: the 1-based (line,
 /// column) of the collection that goes too deep.
 pub fn check_depth(text: &str) -> Result<(), (usize, usize)> {
+    // libyaml skips a byte-order mark.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut walk = Walk::default();
     for (index, line) in lines(text).enumerate() {
         walk.line(index + 1, line)?;
@@ -64,6 +66,13 @@ enum Quote {
     Double,
 }
 
+/// The walk through the file, line by line.
+///
+/// It skips text (quoted scalars, comments, block scalars) only where YAML
+/// certainly does: skipping a bracket YAML counts would let deep nesting
+/// through, while counting a bracket YAML skips only overcounts. Quotes
+/// open a quoted scalar only where a node starts (a plain scalar may hold
+/// quotes: `don't`, and its continuation lines may start with one).
 #[derive(Default)]
 struct Walk {
     /// Indentation of each open block collection, innermost last.
@@ -75,34 +84,66 @@ struct Walk {
     /// Inside a block scalar (`|` or `>`): its lines are text while they
     /// are indented deeper than this.
     block_scalar: Option<usize>,
+    /// Whether a node may start at the next character: where YAML reads
+    /// `[`, `{` and quotes as indicators rather than as text.
+    node_start: bool,
+}
+
+/// Characters that end an anchor or tag and that YAML may read as a flow
+/// collection's indicators.
+fn flow_indicator(b: u8) -> bool {
+    matches!(b, b'[' | b']' | b'{' | b'}' | b',')
+}
+
+fn blank(b: Option<u8>) -> bool {
+    b.is_none_or(|b| b == b' ' || b == b'\t')
 }
 
 impl Walk {
     fn line(&mut self, number: usize, line: &str) -> Result<(), (usize, usize)> {
         let bytes = line.as_bytes();
         let indent = bytes.iter().take_while(|&&b| b == b' ').count();
-        let blank = bytes[indent..].iter().all(|b| b.is_ascii_whitespace());
+        let is_blank = bytes[indent..].iter().all(|b| b.is_ascii_whitespace());
         if let Some(parent) = self.block_scalar {
-            if blank || indent > parent {
+            if is_blank || indent > parent {
                 return Ok(());
             }
             self.block_scalar = None;
         }
+        let mut start = indent;
         if self.quote.is_none() && self.flow == 0 {
-            if blank || bytes[indent] == b'#' {
+            if is_blank || bytes[indent] == b'#' {
                 return Ok(());
             }
-            // A block collection at this indentation: close the deeper
-            // ones, open this one unless it continues a sibling.
-            while self.blocks.last().is_some_and(|&open| open > indent) {
-                self.blocks.pop();
+            // Directives, and the markers that start and end a document.
+            if indent == 0 && bytes[0] == b'%' {
+                return Ok(());
             }
-            if self.blocks.last() != Some(&indent) {
-                self.blocks.push(indent);
+            let marker = bytes.starts_with(b"---") || bytes.starts_with(b"...");
+            if indent == 0 && marker && blank(bytes.get(3).copied()) {
+                self.blocks.clear();
+                self.node_start = bytes[0] == b'-';
+                return self.scan(number, bytes, 3);
             }
-            self.too_deep(number, indent)?;
+            // A line more indented than its collection, after a line that
+            // ended in a plain scalar, continues that scalar.
+            let innermost = self.blocks.last().copied();
+            let continues = !self.node_start && innermost.is_some_and(|open| indent > open);
+            if !continues {
+                // A block collection at this indentation: close the deeper
+                // ones, open this one unless it continues a sibling.
+                while self.blocks.last().is_some_and(|&open| open > indent) {
+                    self.blocks.pop();
+                }
+                if self.blocks.last() != Some(&indent) {
+                    self.blocks.push(indent);
+                }
+                self.too_deep(number, indent)?;
+                self.node_start = true;
+            }
+            start = indent;
         }
-        self.scan(number, bytes, indent)
+        self.scan(number, bytes, start)
     }
 
     fn too_deep(&self, line: usize, index: usize) -> Result<(), (usize, usize)> {
@@ -117,63 +158,70 @@ impl Walk {
     /// sequence entries, skipping quoted text and comments.
     fn scan(&mut self, number: usize, bytes: &[u8], start: usize) -> Result<(), (usize, usize)> {
         let mut i = start;
-        // Whether a node may start here: where YAML reads `[`, `{` and
-        // quotes as indicators rather than as text of a plain scalar.
-        let mut node_start = self.quote.is_none();
         while i < bytes.len() {
             if let Some(quote) = self.quote {
                 i = self.skip_quoted(quote, bytes, i);
-                node_start = false;
+                self.node_start = false;
                 continue;
             }
             let b = bytes[i];
             let next = bytes.get(i + 1).copied();
-            let next_is_blank = next.is_none_or(|n| n == b' ' || n == b'\t');
             match b {
                 b' ' | b'\t' => {}
                 b'#' if i == 0 || matches!(bytes[i - 1], b' ' | b'\t') => return Ok(()),
-                b'[' | b'{' if node_start || self.flow > 0 => {
+                b'[' | b'{' if self.node_start || self.flow > 0 => {
                     self.flow += 1;
                     self.too_deep(number, i)?;
-                    node_start = true;
+                    self.node_start = true;
                 }
                 b']' | b'}' if self.flow > 0 => {
                     self.flow -= 1;
-                    node_start = false;
+                    self.node_start = false;
                 }
-                b',' if self.flow > 0 => node_start = true,
-                b'"' if node_start => {
+                b',' if self.flow > 0 => self.node_start = true,
+                b'"' if self.node_start => {
                     self.quote = Some(Quote::Double);
                     i += 1;
                     continue;
                 }
-                b'\'' if node_start => {
+                b'\'' if self.node_start => {
                     self.quote = Some(Quote::Single);
                     i += 1;
                     continue;
                 }
                 // A block sequence entry nested on the same line (`- - x`)
-                // is one level deeper.
-                b'-' if node_start && self.flow == 0 && next_is_blank => {
-                    self.blocks.push(i + 1);
+                // is one level deeper; its content starts after the blanks.
+                b'-' if self.node_start && self.flow == 0 && blank(next) => {
+                    let content = i + 1 + bytes[i + 1..].iter().take_while(|&&c| c == b' ').count();
+                    self.blocks.push(content);
                     self.too_deep(number, i)?;
                 }
-                b'?' | b':' if next_is_blank || (self.flow > 0 && b == b':') => {
-                    node_start = true;
+                // A value or a complex key starts after `:` or `?` and a
+                // blank; in a flow collection, also before an indicator
+                // (`a:[`). Within a word (`a:b`) it is text.
+                b'?' | b':'
+                    if blank(next) || (self.flow > 0 && next.is_some_and(flow_indicator)) =>
+                {
+                    self.node_start = true;
                 }
-                // Anchors and tags come before a node's content.
-                b'&' | b'!' if node_start => {
-                    while i < bytes.len() && !matches!(bytes[i], b' ' | b'\t') {
+                // Anchors and tags come before a node's content. YAML ends
+                // them at a blank or at a flow indicator; stopping at
+                // either is never later than YAML does.
+                b'&' | b'!' if self.node_start => {
+                    while i < bytes.len() && !blank(Some(bytes[i])) && !flow_indicator(bytes[i]) {
                         i += 1;
                     }
                     continue;
                 }
-                b'|' | b'>' if node_start && self.flow == 0 => {
-                    // The lines after a block scalar header are its text.
-                    self.block_scalar = Some(bytes.iter().take_while(|&&c| c == b' ').count());
+                b'|' | b'>' if self.node_start && self.flow == 0 => {
+                    // The lines after a block scalar header are its text,
+                    // as long as they are indented deeper than the
+                    // collection it is in.
+                    self.block_scalar = Some(self.blocks.last().copied().unwrap_or(0));
+                    self.node_start = true;
                     return Ok(());
                 }
-                _ => node_start = false,
+                _ => self.node_start = false,
             }
             i += 1;
         }
@@ -272,6 +320,34 @@ mod tests {
             .map(|i| format!("{}k{i}:\r", " ".repeat(i)))
             .collect();
         assert_eq!(check_depth(&deep), Err((MAX_DEPTH + 1, MAX_DEPTH + 1)));
+    }
+
+    #[test]
+    fn no_way_around_the_count() {
+        let deep = "[".repeat(40);
+        // Found in review: a document marker, a byte-order mark, a colon
+        // inside a word before a quote.
+        for text in [
+            format!("--- {deep}\n"),
+            format!("\u{feff}{deep}\n"),
+            format!("\u{feff}a: {deep}\n"),
+            format!("a: [a:\"x, {deep}]\n"),
+            format!("a: [?\"a:\", {deep}]\n"),
+            // A quote at the start of a line that continues a plain
+            // scalar, in block and in flow context.
+            format!("a: b\n  'x\nc: {deep}\n"),
+            format!("a: [b,\n  c\n  'x, {deep}]\n"),
+            // Anchors and tags end at a flow indicator.
+            format!("a: &x{deep}\n"),
+            format!("a: !t{deep}\n"),
+            format!("a: [&x{deep}]\n"),
+            // Text of a block scalar is only what is indented deeper than
+            // its collection.
+            format!("- a: |\n {deep}\n"),
+            format!("%YAML 1.2\n--- {deep}\n"),
+        ] {
+            assert!(check_depth(&text).is_err(), "{text:?}");
+        }
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::fmt;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-pub use bounds::{MAX_DEPTH, MAX_FILE_BYTES};
+pub use bounds::{check_depth, MAX_DEPTH, MAX_FILE_BYTES};
 pub use schema::{
     Balance, Config, Endpoint, Engine, HashKey, HealthProbe, LogFormat, LogLevel, Pool, Workers,
 };
@@ -78,17 +78,23 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         message,
     };
     // One byte more than the limit tells a file at the limit from a larger
-    // one, without reading a huge file (or an endless one) whole.
-    let mut text = String::new();
+    // one, without reading a huge file (or an endless one) whole. The size
+    // is judged before the text is decoded: the limit may cut a character.
+    let mut bytes = Vec::new();
     std::fs::File::open(path)
-        .and_then(|file| file.take(MAX_FILE_BYTES + 1).read_to_string(&mut text))
+        .and_then(|file| file.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes))
         .map_err(|e| error(format!("cannot read the configuration: {e}")))?;
-    if text.len() as u64 > MAX_FILE_BYTES {
+    if bytes.len() as u64 > MAX_FILE_BYTES {
         return Err(error(format!(
             "the file is larger than the limit of {} KiB",
             MAX_FILE_BYTES / 1024
         )));
     }
+    let text = String::from_utf8(bytes).map_err(|e| {
+        error(format!(
+            "cannot read the configuration: it is not UTF-8 text ({e})"
+        ))
+    })?;
     parse(path, &text, Resolver::Dns)
 }
 

@@ -51,7 +51,7 @@ static NO_BACKEND: Throttle = Throttle::new();
 /// So are connections turned away by a limit or for their PROXY header.
 static TURNED_AWAY: Throttle = Throttle::new();
 
-/// And connects that fail for want of a local resource.
+/// And clients closed because sluice lacked a local resource to connect.
 static OUT_OF_RESOURCES: Throttle = Throttle::new();
 
 thread_local! {
@@ -335,12 +335,23 @@ async fn open(
             lease,
         }),
         Err((reason, error)) => {
-            let why = format!("no backend reachable, closing the client: {error}");
             route.stats.error(reason);
-            if let Some(suppressed) = NO_BACKEND.allow() {
+            let (throttle, why, close) = match reason {
+                ErrorReason::OutOfResources => (
+                    &OUT_OF_RESOURCES,
+                    format!("cannot connect to a backend, closing the client; not counted against it: {error}"),
+                    "out of resources",
+                ),
+                _ => (
+                    &NO_BACKEND,
+                    format!("no backend reachable, closing the client: {error}"),
+                    "no backend",
+                ),
+            };
+            if let Some(suppressed) = throttle.allow() {
                 warn!(listener, pool = %pool.name, client = %client_addr, suppressed, "{why}");
             }
-            log_closed(listener, client_addr, "-", (0, 0), accepted, "no backend");
+            log_closed(listener, client_addr, "-", (0, 0), accepted, close);
             None
         }
     }
@@ -415,17 +426,15 @@ async fn dial(
                     _lease: lease,
                 });
             }
+            // Out of descriptors, memory or local ports: no other backend
+            // would fare better, and this one is not to blame.
             Err(error) if health::is_local_error(&error) => {
-                listener_stats.error(ErrorReason::OutOfResources);
-                if let Some(suppressed) = OUT_OF_RESOURCES.allow() {
-                    warn!(
-                        backend = %backend.name, suppressed,
-                        "cannot connect to the backend, not counted against it: {error}"
-                    );
-                }
-                last_error = Some(io::Error::new(
-                    error.kind(),
-                    format!("{} ({}): {error}", backend.name, backend.addr),
+                return Err((
+                    ErrorReason::OutOfResources,
+                    io::Error::new(
+                        error.kind(),
+                        format!("{} ({}): {error}", backend.name, backend.addr),
+                    ),
                 ));
             }
             Err(error) => {
