@@ -38,47 +38,12 @@ use crate::config::{self, Config, ConfigError, HealthProbe, Resolver};
 use crate::health::{self, PassiveHealth, ProbeFailure, Verdict};
 use crate::logging::Throttle;
 use crate::metrics::{self, BackendStats};
+use crate::shared::{Event, Shared};
 use crate::signals::{Request, Signals};
 use crate::snapshot::{self, Backend, Pool, Snapshot};
 use crate::systemd::Notifier;
 use crate::worker::{BoundListener, Command, Stop};
 use crate::{admin, net};
-
-/// What the control plane shares with the workers. Lives as long as the
-/// process, so it is leaked once and handed out as `&'static`.
-pub struct Shared {
-    pub snapshot: ArcSwap<Snapshot>,
-    /// Reports from the workers to the control plane.
-    pub events: UnboundedSender<Event>,
-    /// Connections being served, all workers together, against the
-    /// descriptor capacity; a worker counts one just before it accepts it.
-    pub connections: Connections,
-    /// Accept loops running, all workers together: a drain waits for them
-    /// to end, so that no connection accepted at the last moment is missed.
-    pub accepting: AtomicUsize,
-    /// Pipes each worker may keep for splicing (see [`Budget`]).
-    pub pipes_per_worker: usize,
-}
-
-/// An input of the control plane other than a signal.
-#[derive(Debug)]
-pub enum Event {
-    /// A probe of backend `id` ended.
-    Probe {
-        id: u64,
-        outcome: Result<(), ProbeFailure>,
-    },
-    /// Backend `id` failed its pool's `fall` connections in a row.
-    Ejected { id: u64 },
-    /// Fresh DNS answers for the host-name entries of `pool`: (index of the
-    /// backend entry, the address looked up, its addresses or the
-    /// resolver's error). The address guards against an answer that was
-    /// under way while a reload changed the entries.
-    Resolved {
-        pool: String,
-        answers: Vec<(usize, String, Result<Vec<SocketAddr>, String>)>,
-    },
-}
 
 /// A backend is known by its pool, name and address: a backend whose
 /// address changes under the same name is a new server with a fresh verdict.

@@ -15,6 +15,7 @@
 //! - [`net`]: socket options, listening and connecting.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`admin`]: the admin endpoint that serves them.
+//! - [`shared`]: what the control plane and the workers share.
 //! - [`signals`], [`systemd`], [`logging`]: process plumbing.
 //! - [`explain`]: `sluice explain`, routing computed from the file alone.
 
@@ -31,6 +32,7 @@ pub mod metrics;
 pub mod net;
 pub mod proxy_protocol;
 pub mod relay;
+pub mod shared;
 pub mod signals;
 pub mod snapshot;
 pub mod systemd;

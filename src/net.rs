@@ -9,16 +9,21 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd};
 use std::time::Duration;
 
-use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use socket2::{Domain, Protocol, SockRef, Type};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tracing::debug;
+
+/// A connected TCP socket, non-blocking and registered with the calling
+/// thread's reactor: what the relay moves bytes between.
+pub type Socket = AsyncFd<TcpStream>;
 
 /// A listening socket on `addr` that other sockets of this process (one per
 /// worker) and of a second sluice process (a binary upgrade) may share; the
 /// kernel spreads new connections over them.
 pub fn reuseport_listener(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    let socket =
+        socket2::Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     if addr.is_ipv6() {
@@ -40,8 +45,8 @@ pub fn reuseport_listener(addr: SocketAddr, backlog: u32) -> io::Result<std::net
 /// The connect is driven by readiness rather than an io_uring op so that a
 /// timed-out attempt closes its socket at once: an abandoned io_uring connect
 /// would keep the descriptor until the kernel gives up on the SYN (minutes).
-pub async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<AsyncFd<TcpStream>> {
-    let socket = Socket::new(
+pub async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<Socket> {
+    let socket = socket2::Socket::new(
         Domain::for_address(addr),
         Type::STREAM.nonblocking(),
         Some(Protocol::TCP),

@@ -15,8 +15,7 @@ use ppp::{v1, v2, HeaderResult, PartialResult};
 use tokio::io::Ready;
 
 use crate::config::schema::SendProxy;
-use crate::net;
-use crate::relay::Socket;
+use crate::net::{self, Socket};
 
 /// How long a client has to send its whole header.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);

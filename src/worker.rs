@@ -28,8 +28,8 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::Notify;
 use tracing::{debug, error, info, warn};
 
-use crate::control::Shared;
 use crate::logging::Throttle;
+use crate::shared::Shared;
 use crate::{metrics, net, relay};
 
 /// What the control plane asks of a running worker.

@@ -15,7 +15,7 @@
 
 mod pump;
 
-pub use pump::{keep_pipes, Socket};
+pub use pump::keep_pipes;
 
 use std::borrow::Cow;
 use std::future::{poll_fn, Future};
@@ -37,12 +37,12 @@ use crate::balancer::load::Lease;
 use crate::capacity::Slot;
 use crate::config::schema::SendProxy;
 use crate::config::Engine;
-use crate::control::{Event, Shared};
 use crate::health::{self, PassiveHealth};
 use crate::logging::{self, Throttle};
 use crate::metrics::{BackendStats, ErrorReason, ListenerStats};
-use crate::net;
+use crate::net::{self, Socket};
 use crate::proxy_protocol;
+use crate::shared::{Event, Shared};
 use crate::snapshot::Pool;
 
 /// "No backend reachable" is logged at most once per interval, with a count.
@@ -67,7 +67,7 @@ pub fn close_all() {
 /// The backend a connection was given: what it needs once the snapshot it
 /// came from is released.
 struct Dialed {
-    socket: pump::Socket,
+    socket: Socket,
     name: Arc<str>,
     passive: Arc<PassiveHealth>,
     stats: Arc<BackendStats>,

@@ -31,18 +31,17 @@
 
 use std::cell::{Cell, RefCell};
 use std::io;
-use std::net::{Shutdown, TcpStream};
+use std::net::Shutdown;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::ptr;
 use std::task::{ready, Context, Poll};
 
-use tokio::io::unix::AsyncFd;
 use tokio::io::Ready;
 use tracing::warn;
 
 use crate::config::Engine;
 use crate::logging::Throttle;
-use crate::net;
+use crate::net::{self, Socket};
 
 use super::{Failure, Side};
 
@@ -74,9 +73,6 @@ thread_local! {
 pub fn keep_pipes(budget: usize) {
     PIPE_BUDGET.with(|b| b.set(budget));
 }
-
-/// A relayed socket, registered with the worker's reactor.
-pub type Socket = AsyncFd<TcpStream>;
 
 /// Bytes that the destination has not taken yet.
 enum Pending {
