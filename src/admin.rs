@@ -12,12 +12,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
 use crate::capacity::ADMIN_CONNECTIONS;
+use crate::metrics::Metrics;
 
 /// Largest request head read.
 pub const MAX_REQUEST: usize = 8192;
@@ -57,18 +57,7 @@ impl Request {
 
 /// Serves the admin endpoint on `listener` until the process ends. Runs on
 /// the control plane's runtime; each request is a task of its own.
-pub async fn serve(listener: tokio::net::TcpListener, handle: PrometheusHandle) {
-    let handle = Arc::new(handle);
-    // Histograms keep samples until rendered: drain them even when nobody
-    // scrapes.
-    let upkeep = handle.clone();
-    tokio::task::spawn_local(async move {
-        let mut ticker = tokio::time::interval(Duration::from_secs(5));
-        loop {
-            ticker.tick().await;
-            upkeep.run_upkeep();
-        }
-    });
+pub async fn serve(listener: tokio::net::TcpListener, metrics: Metrics) {
     let slots = Arc::new(Semaphore::new(ADMIN_CONNECTIONS));
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
@@ -76,9 +65,9 @@ pub async fn serve(listener: tokio::net::TcpListener, handle: PrometheusHandle) 
         };
         match listener.accept().await {
             Ok((stream, peer)) => {
-                let handle = handle.clone();
+                let metrics = metrics.clone();
                 tokio::task::spawn_local(async move {
-                    let answered = tokio::time::timeout(DEADLINE, answer(stream, &handle)).await;
+                    let answered = tokio::time::timeout(DEADLINE, answer(stream, &metrics)).await;
                     if !matches!(answered, Ok(Ok(()))) {
                         debug!(%peer, "admin request failed or timed out");
                     }
@@ -94,10 +83,7 @@ pub async fn serve(listener: tokio::net::TcpListener, handle: PrometheusHandle) 
 }
 
 /// One HTTP/1.x exchange: reads the request head, answers, closes.
-async fn answer(
-    mut stream: tokio::net::TcpStream,
-    handle: &PrometheusHandle,
-) -> std::io::Result<()> {
+async fn answer(mut stream: tokio::net::TcpStream, metrics: &Metrics) -> std::io::Result<()> {
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST {
@@ -108,7 +94,7 @@ async fn answer(
         head.extend_from_slice(&buf[..n]);
     }
     let (status, content_type, body) = match Request::parse(&head) {
-        Request::Metrics => ("200 OK", "text/plain; version=0.0.4", handle.render()),
+        Request::Metrics => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
         Request::NotFound => (
             "404 Not Found",
             "text/plain",

@@ -347,6 +347,12 @@ impl Verdict {
         false
     }
 
+    /// Forgets the outcomes counted towards a flip: they were counted
+    /// against other `rise`/`fall` settings.
+    pub fn restart_streak(&mut self) {
+        self.streak = 0;
+    }
+
     /// Takes the backend out now (passive ejection); it needs `rise`
     /// successful probes to come back.
     pub fn eject(&mut self) -> bool {

@@ -1,17 +1,35 @@
-//! Prometheus metrics (SPEC "Metrics"), served by the [admin
-//! endpoint](crate::admin).
+//! Prometheus metrics (SPEC "Metrics"): the series sluice exports, served as
+//! text by the [admin endpoint](crate::admin).
 //!
-//! The data path never formats a label nor looks a metric up: every handle
-//! it touches ([`ListenerStats`], [`BackendStats`]) is registered when a
-//! snapshot is built, by the control plane, and reaches the workers inside
-//! the snapshot. Each handle is one shared atomic. Without `admin.listen` no
-//! recorder is installed and the handles do nothing.
+//! Series follow the configuration. [`Metrics`] is the registry of every
+//! series, owned by the control plane: a series exists while something of
+//! the running configuration (a listener, a backend, a route between them)
+//! names it, and is removed when a reload or a DNS answer takes that away,
+//! so that a retired backend's `sluice_backend_up 0` does not fire an alert
+//! forever. Each full rebuild of the routing state opens a generation
+//! ([`Metrics::renew`]), registers every live series again, and then
+//! [`Metrics::sweep`] removes the series it did not register; process-wide
+//! series are permanent. Counters with known labels are created at 0.
+//!
+//! The data path never formats a label nor looks a series up: every handle
+//! it touches ([`ListenerStats`], [`BackendStats`]) is made by the control
+//! plane and reaches the workers inside the snapshot. A handle is one shared
+//! atomic, behind the `metrics` crate's `Counter`, `Gauge` and `Histogram`;
+//! a handle of a removed series still counts, into nothing. Without
+//! `admin.listen` the registry is off and every handle does nothing.
+//!
+//! metrics-exporter-prometheus's recorder cannot remove a series, so the
+//! registry is this module's; the exporter's formatting writes the text.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
-use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
-use metrics::{Counter, Gauge, Histogram, Unit};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics::{Counter, Gauge, Histogram, HistogramFn, Key, Label};
+use metrics_exporter_prometheus::formatting::{
+    write_help_line, write_metric_line, write_type_line,
+};
+use metrics_exporter_prometheus::LabelSet;
 
 /// Why a connection failed, as the `reason` label of
 /// `sluice_connection_errors_total`.
@@ -44,16 +62,392 @@ const REASONS: [(ErrorReason, &str); 6] = [
     (ErrorReason::ProxyHeader, "proxy_header"),
 ];
 
+/// The results of a probe, as the `result` label of
+/// `sluice_health_checks_total`.
+pub const PROBE_RESULTS: [&str; 3] = ["ok", "fail", "timeout"];
+
+/// Connect latency buckets, in seconds: loopback to cross-region.
+const CONNECT_BUCKETS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// Every metric family, in the order they are rendered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Family {
+    ConnectionsTotal,
+    ConnectionsActive,
+    ConnectionErrors,
+    Bytes,
+    BackendConnectSeconds,
+    BackendUp,
+    HealthChecks,
+    ConfigReloads,
+    BuildInfo,
+    ConnectionsCapacity,
+    AcceptPaused,
+    ConnectionsUnrouted,
+}
+
+impl Family {
+    const ALL: [Family; 12] = [
+        Family::ConnectionsTotal,
+        Family::ConnectionsActive,
+        Family::ConnectionErrors,
+        Family::Bytes,
+        Family::BackendConnectSeconds,
+        Family::BackendUp,
+        Family::HealthChecks,
+        Family::ConfigReloads,
+        Family::BuildInfo,
+        Family::ConnectionsCapacity,
+        Family::AcceptPaused,
+        Family::ConnectionsUnrouted,
+    ];
+
+    /// Name, Prometheus type and help text.
+    fn describe(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            Family::ConnectionsTotal => (
+                "sluice_connections_total",
+                "counter",
+                "Connections relayed to a backend.",
+            ),
+            Family::ConnectionsActive => (
+                "sluice_connections_active",
+                "gauge",
+                "Connections open now.",
+            ),
+            Family::ConnectionErrors => (
+                "sluice_connection_errors_total",
+                "counter",
+                "Failed connect attempts (connect_*) and clients turned away (no_backend, out_of_resources, over_limit, proxy_header).",
+            ),
+            Family::Bytes => (
+                "sluice_bytes_total",
+                "counter",
+                "Bytes relayed, counted as they move.",
+            ),
+            Family::BackendConnectSeconds => (
+                "sluice_backend_connect_seconds",
+                "histogram",
+                "Time to establish a backend connection.",
+            ),
+            Family::BackendUp => (
+                "sluice_backend_up",
+                "gauge",
+                "1 if the backend is in rotation, 0 if not.",
+            ),
+            Family::HealthChecks => (
+                "sluice_health_checks_total",
+                "counter",
+                "Active probes by result.",
+            ),
+            Family::ConfigReloads => (
+                "sluice_config_reloads_total",
+                "counter",
+                "Configuration reloads by result.",
+            ),
+            Family::BuildInfo => (
+                "sluice_build_info",
+                "gauge",
+                "Always 1; the version is a label.",
+            ),
+            Family::ConnectionsCapacity => (
+                "sluice_connections_capacity",
+                "gauge",
+                "Connections the descriptor limit allows; at it, new clients wait in the listen backlog.",
+            ),
+            Family::AcceptPaused => (
+                "sluice_accept_paused_total",
+                "counter",
+                "Times a worker stopped accepting on a listener because the descriptor capacity was reached.",
+            ),
+            Family::ConnectionsUnrouted => (
+                "sluice_connections_unrouted_total",
+                "counter",
+                "Connections accepted just as a reload removed their listener, closed unserved.",
+            ),
+        }
+    }
+}
+
+/// Label pairs in the order they are written.
+type Labels = Vec<(&'static str, String)>;
+
+/// The registry of every series. Cheap to share: clones are one registry.
+#[derive(Clone, Default)]
+pub struct Metrics(Option<Arc<Mutex<Registry>>>);
+
+#[derive(Default)]
+struct Registry {
+    series: BTreeMap<(Family, Labels), Entry>,
+    /// Opened by every full rebuild: a series registered since carries it.
+    generation: u64,
+}
+
+struct Entry {
+    value: Value,
+    /// The generation it was last registered in; `None`: permanent.
+    registered: Option<u64>,
+}
+
+enum Value {
+    Counter(Arc<AtomicU64>),
+    /// An `f64`, as its bits.
+    Gauge(Arc<AtomicU64>),
+    Histogram(Arc<Buckets>),
+}
+
+impl Metrics {
+    /// The registry, or (`enabled` false) one that keeps nothing and hands
+    /// out handles that do nothing.
+    pub fn new(enabled: bool) -> Metrics {
+        if !enabled {
+            return Metrics(None);
+        }
+        let metrics = Metrics(Some(Arc::default()));
+        metrics
+            .permanent_gauge(
+                Family::BuildInfo,
+                vec![("version", env!("CARGO_PKG_VERSION").to_owned())],
+            )
+            .set(1.0);
+        metrics
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// A counter of the running configuration, made at 0 if new.
+    pub fn counter(&self, family: Family, labels: Labels) -> Counter {
+        match self.register(family, labels, false, || Value::Counter(Arc::default())) {
+            Some(Value::Counter(atomic)) => Counter::from_arc(atomic),
+            _ => Counter::noop(),
+        }
+    }
+
+    pub fn gauge(&self, family: Family, labels: Labels) -> Gauge {
+        match self.register(family, labels, false, || Value::Gauge(Arc::default())) {
+            Some(Value::Gauge(atomic)) => Gauge::from_arc(atomic),
+            _ => Gauge::noop(),
+        }
+    }
+
+    pub fn histogram(&self, family: Family, labels: Labels) -> Histogram {
+        match self.register(family, labels, false, || Value::Histogram(Arc::default())) {
+            Some(Value::Histogram(buckets)) => Histogram::from_arc(buckets),
+            _ => Histogram::noop(),
+        }
+    }
+
+    /// A counter that lives as long as the process.
+    pub fn permanent_counter(&self, family: Family, labels: Labels) -> Counter {
+        match self.register(family, labels, true, || Value::Counter(Arc::default())) {
+            Some(Value::Counter(atomic)) => Counter::from_arc(atomic),
+            _ => Counter::noop(),
+        }
+    }
+
+    pub fn permanent_gauge(&self, family: Family, labels: Labels) -> Gauge {
+        match self.register(family, labels, true, || Value::Gauge(Arc::default())) {
+            Some(Value::Gauge(atomic)) => Gauge::from_arc(atomic),
+            _ => Gauge::noop(),
+        }
+    }
+
+    /// The series, new or already there, marked as part of the running
+    /// configuration.
+    fn register(
+        &self,
+        family: Family,
+        labels: Labels,
+        permanent: bool,
+        new: impl FnOnce() -> Value,
+    ) -> Option<Value> {
+        let mut registry = self.0.as_ref()?.lock().unwrap_or_else(|e| e.into_inner());
+        let generation = registry.generation;
+        let entry = registry
+            .series
+            .entry((family, labels))
+            .or_insert_with(|| Entry {
+                value: new(),
+                registered: None,
+            });
+        entry.registered = (!permanent).then_some(generation);
+        Some(match &entry.value {
+            Value::Counter(atomic) => Value::Counter(atomic.clone()),
+            Value::Gauge(atomic) => Value::Gauge(atomic.clone()),
+            Value::Histogram(buckets) => Value::Histogram(buckets.clone()),
+        })
+    }
+
+    /// Starts a full rebuild: the series registered from now on are those
+    /// of the configuration being built.
+    pub fn renew(&self) {
+        if let Some(registry) = &self.0 {
+            registry
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .generation += 1;
+        }
+    }
+
+    /// Ends a full rebuild: removes every series not registered since
+    /// [`Metrics::renew`], what the configuration no longer names.
+    pub fn sweep(&self) {
+        let Some(registry) = &self.0 else {
+            return;
+        };
+        let mut registry = registry.lock().unwrap_or_else(|e| e.into_inner());
+        let generation = registry.generation;
+        registry
+            .series
+            .retain(|_, entry| entry.registered.is_none_or(|g| g == generation));
+    }
+
+    /// Every series, in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let Some(registry) = &self.0 else {
+            return out;
+        };
+        let registry = registry.lock().unwrap_or_else(|e| e.into_inner());
+        for family in Family::ALL {
+            let (name, kind, help) = family.describe();
+            let mut series = registry
+                .series
+                .range((family, Vec::new())..)
+                .take_while(|((f, _), _)| *f == family)
+                .peekable();
+            if series.peek().is_none() {
+                continue;
+            }
+            write_help_line(&mut out, name, None, None, help);
+            write_type_line(&mut out, name, None, None, kind);
+            for ((_, labels), entry) in series {
+                let labels = label_set(name, labels);
+                match &entry.value {
+                    Value::Counter(atomic) => {
+                        let value = atomic.load(Ordering::Relaxed);
+                        write_metric_line(
+                            &mut out,
+                            name,
+                            None,
+                            &labels,
+                            None::<(&str, &str)>,
+                            value,
+                            None,
+                        );
+                    }
+                    Value::Gauge(atomic) => {
+                        let value = f64::from_bits(atomic.load(Ordering::Relaxed));
+                        write_metric_line(
+                            &mut out,
+                            name,
+                            None,
+                            &labels,
+                            None::<(&str, &str)>,
+                            value,
+                            None,
+                        );
+                    }
+                    Value::Histogram(buckets) => buckets.render(&mut out, name, &labels),
+                }
+            }
+        }
+        out
+    }
+}
+
+fn label_set(name: &str, labels: &Labels) -> LabelSet {
+    let labels: Vec<Label> = labels
+        .iter()
+        .map(|(key, value)| Label::new(*key, value.clone()))
+        .collect();
+    LabelSet::from_key_and_global(
+        &Key::from_parts(name.to_owned(), labels),
+        &Default::default(),
+    )
+}
+
+/// A histogram over [`CONNECT_BUCKETS`]: a count per bucket, the sum (in
+/// nanoseconds) and the count of all observations.
+#[derive(Default)]
+pub struct Buckets {
+    counts: [AtomicU64; CONNECT_BUCKETS.len() + 1],
+    sum_nanos: AtomicU64,
+}
+
+impl HistogramFn for Buckets {
+    fn record(&self, seconds: f64) {
+        let bucket = CONNECT_BUCKETS
+            .iter()
+            .position(|&bound| seconds <= bound)
+            .unwrap_or(CONNECT_BUCKETS.len());
+        self.counts[bucket].fetch_add(1, Ordering::Relaxed);
+        self.sum_nanos
+            .fetch_add((seconds * 1e9) as u64, Ordering::Relaxed);
+    }
+}
+
+impl Buckets {
+    fn render(&self, out: &mut String, name: &str, labels: &LabelSet) {
+        let mut cumulative = 0;
+        for (i, count) in self.counts.iter().enumerate() {
+            cumulative += count.load(Ordering::Relaxed);
+            let le = CONNECT_BUCKETS
+                .get(i)
+                .map_or_else(|| "+Inf".to_owned(), f64::to_string);
+            write_metric_line(
+                out,
+                name,
+                Some("bucket"),
+                labels,
+                Some(("le", le)),
+                cumulative,
+                None,
+            );
+        }
+        let sum = self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        write_metric_line(
+            out,
+            name,
+            Some("sum"),
+            labels,
+            None::<(&str, &str)>,
+            sum,
+            None,
+        );
+        write_metric_line(
+            out,
+            name,
+            Some("count"),
+            labels,
+            None::<(&str, &str)>,
+            cumulative,
+            None,
+        );
+    }
+}
+
 /// Handles of one listener.
 pub struct ListenerStats {
     errors: [Counter; REASONS.len()],
 }
 
 impl ListenerStats {
-    pub fn new(listener: &str) -> ListenerStats {
+    /// The listener's series, every error reason at 0 if new.
+    pub fn new(metrics: &Metrics, listener: &str) -> ListenerStats {
         ListenerStats {
             errors: REASONS.map(|(_, reason)| {
-                counter!("sluice_connection_errors_total", "listener" => listener.to_owned(), "reason" => reason)
+                metrics.counter(
+                    Family::ConnectionErrors,
+                    vec![
+                        ("listener", listener.to_owned()),
+                        ("reason", reason.to_owned()),
+                    ],
+                )
             }),
         }
     }
@@ -67,10 +461,12 @@ impl ListenerStats {
     }
 }
 
-/// Handles of one backend: its connect latency, and per listener that
-/// feeds its pool, its connections and bytes.
+/// Handles of one backend: its connect latency, up/down and probe results,
+/// and per listener that feeds its pool, its connections and bytes.
 pub struct BackendStats {
     pub connect_seconds: Histogram,
+    pub up: Gauge,
+    probes: [Counter; PROBE_RESULTS.len()],
     routes: Vec<(Arc<str>, RouteStats)>,
 }
 
@@ -84,22 +480,24 @@ pub struct RouteStats {
 }
 
 impl BackendStats {
-    pub fn new(backend: &str, listeners: &[&str]) -> BackendStats {
+    /// The series of backend `backend` of `pool`, fed by `listeners`.
+    pub fn new(metrics: &Metrics, pool: &str, backend: &str, listeners: &[&str]) -> BackendStats {
+        let of_backend = || vec![("pool", pool.to_owned()), ("backend", backend.to_owned())];
         let routes = listeners
             .iter()
             .map(|&listener| {
-                let labels = [
+                let labels = vec![
                     ("listener", listener.to_owned()),
                     ("backend", backend.to_owned()),
                 ];
-                let bytes = |direction: &'static str| {
-                    let mut labels = labels.to_vec();
+                let bytes = |direction: &str| {
+                    let mut labels = labels.clone();
                     labels.push(("direction", direction.to_owned()));
-                    counter!("sluice_bytes_total", &labels)
+                    metrics.counter(Family::Bytes, labels)
                 };
                 let stats = RouteStats {
-                    connections: counter!("sluice_connections_total", &labels),
-                    active: gauge!("sluice_connections_active", &labels),
+                    connections: metrics.counter(Family::ConnectionsTotal, labels.clone()),
+                    active: metrics.gauge(Family::ConnectionsActive, labels.clone()),
                     to_backend: bytes("to_backend"),
                     to_client: bytes("to_client"),
                 };
@@ -107,7 +505,13 @@ impl BackendStats {
             })
             .collect();
         BackendStats {
-            connect_seconds: histogram!("sluice_backend_connect_seconds", "backend" => backend.to_owned()),
+            connect_seconds: metrics.histogram(Family::BackendConnectSeconds, of_backend()),
+            up: metrics.gauge(Family::BackendUp, of_backend()),
+            probes: PROBE_RESULTS.map(|result| {
+                let mut labels = of_backend();
+                labels.push(("result", result.to_owned()));
+                metrics.counter(Family::HealthChecks, labels)
+            }),
             routes,
         }
     }
@@ -120,89 +524,110 @@ impl BackendStats {
             .find(|(name, _)| &**name == listener)
             .map(|(_, stats)| stats)
     }
+
+    /// Counts a probe by its result, one of [`PROBE_RESULTS`].
+    pub fn probed(&self, result: &str) {
+        if let Some(i) = PROBE_RESULTS.iter().position(|r| *r == result) {
+            self.probes[i].increment(1);
+        }
+    }
 }
 
-/// Control-plane metrics: set where they happen, off the data path.
-pub fn backend_up(pool: &str, backend: &str, up: bool) {
-    gauge!("sluice_backend_up", "pool" => pool.to_owned(), "backend" => backend.to_owned())
-        .set(if up { 1.0 } else { 0.0 });
+/// Process-wide handles, made once.
+pub struct ProcessStats {
+    reloads_ok: Counter,
+    reloads_failed: Counter,
+    pub capacity: Gauge,
+    pub accept_paused: Counter,
+    pub unrouted: Counter,
 }
 
-pub fn health_check(pool: &str, backend: &str, result: &'static str) {
-    counter!("sluice_health_checks_total", "pool" => pool.to_owned(), "backend" => backend.to_owned(), "result" => result)
-        .increment(1);
+impl ProcessStats {
+    pub fn new(metrics: &Metrics) -> ProcessStats {
+        let reloads = |result: &str| {
+            metrics.permanent_counter(Family::ConfigReloads, vec![("result", result.to_owned())])
+        };
+        ProcessStats {
+            reloads_ok: reloads("ok"),
+            reloads_failed: reloads("fail"),
+            capacity: metrics.permanent_gauge(Family::ConnectionsCapacity, Vec::new()),
+            accept_paused: metrics.permanent_counter(Family::AcceptPaused, Vec::new()),
+            unrouted: metrics.permanent_counter(Family::ConnectionsUnrouted, Vec::new()),
+        }
+    }
+
+    pub fn reload(&self, ok: bool) {
+        match ok {
+            true => self.reloads_ok.increment(1),
+            false => self.reloads_failed.increment(1),
+        }
+    }
 }
 
-/// Connections the descriptor limit allows.
-pub fn capacity(connections: usize) {
-    gauge!("sluice_connections_capacity").set(connections as f64);
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// A worker stopped accepting on a listener: the descriptor capacity is
-/// reached.
-pub fn accept_paused() {
-    counter!("sluice_accept_paused_total").increment(1);
-}
+    #[test]
+    fn series_follow_what_is_registered_between_sweeps() {
+        let metrics = Metrics::new(true);
+        let _process = ProcessStats::new(&metrics);
+        let a = BackendStats::new(&metrics, "p", "a", &["front"]);
+        let _b = BackendStats::new(&metrics, "p", "b", &["front"]);
+        a.up.set(1.0);
+        metrics.sweep();
+        let text = metrics.render();
+        assert!(
+            text.contains("sluice_backend_up{pool=\"p\",backend=\"a\"} 1\n"),
+            "{text}"
+        );
+        assert!(text.contains(
+            "sluice_health_checks_total{pool=\"p\",backend=\"b\",result=\"timeout\"} 0\n"
+        ));
+        assert!(text.contains("sluice_config_reloads_total{result=\"fail\"} 0\n"));
 
-pub fn reload(ok: bool) {
-    counter!("sluice_config_reloads_total", "result" => if ok { "ok" } else { "fail" })
-        .increment(1);
-}
+        // The next configuration has only `a`: `b` goes, `a` keeps its values.
+        metrics.renew();
+        let a = BackendStats::new(&metrics, "p", "a", &["front"]);
+        metrics.sweep();
+        let text = metrics.render();
+        assert!(
+            text.contains("sluice_backend_up{pool=\"p\",backend=\"a\"} 1\n"),
+            "{text}"
+        );
+        assert!(!text.contains("backend=\"b\""), "{text}");
+        assert!(
+            text.contains("sluice_build_info{version="),
+            "permanent series stay"
+        );
+        // A handle of a removed series counts into nothing.
+        drop(a);
+    }
 
-/// Connect latency buckets, in seconds: loopback to cross-region.
-const CONNECT_BUCKETS: [f64; 14] = [
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-];
+    #[test]
+    fn a_histogram_renders_cumulative_buckets() {
+        let metrics = Metrics::new(true);
+        let stats = BackendStats::new(&metrics, "p", "a", &[]);
+        stats.connect_seconds.record(0.0003);
+        stats.connect_seconds.record(3.0);
+        let text = metrics.render();
+        assert!(text.contains("sluice_backend_connect_seconds_bucket{pool=\"p\",backend=\"a\",le=\"0.00025\"} 0\n"), "{text}");
+        assert!(text.contains(
+            "sluice_backend_connect_seconds_bucket{pool=\"p\",backend=\"a\",le=\"0.0005\"} 1\n"
+        ));
+        assert!(text.contains(
+            "sluice_backend_connect_seconds_bucket{pool=\"p\",backend=\"a\",le=\"+Inf\"} 2\n"
+        ));
+        assert!(text.contains("sluice_backend_connect_seconds_count{pool=\"p\",backend=\"a\"} 2\n"));
+        assert!(text.contains("# TYPE sluice_backend_connect_seconds histogram\n"));
+    }
 
-/// Installs the process-wide Prometheus recorder; call once, before any
-/// snapshot is built.
-pub fn install() -> Result<PrometheusHandle, String> {
-    let handle = PrometheusBuilder::new()
-        .set_buckets_for_metric(
-            Matcher::Full("sluice_backend_connect_seconds".into()),
-            &CONNECT_BUCKETS,
-        )
-        .map_err(|e| format!("metrics: {e}"))?
-        .install_recorder()
-        .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
-    describe_counter!(
-        "sluice_connections_total",
-        "Connections relayed to a backend."
-    );
-    describe_gauge!("sluice_connections_active", "Connections open now.");
-    describe_counter!(
-        "sluice_connection_errors_total",
-        "Failed connect attempts (connect_*) and clients turned away (no_backend, out_of_resources, over_limit, proxy_header)."
-    );
-    describe_counter!(
-        "sluice_bytes_total",
-        Unit::Bytes,
-        "Bytes relayed, counted as they move."
-    );
-    describe_histogram!(
-        "sluice_backend_connect_seconds",
-        Unit::Seconds,
-        "Time to establish a backend connection."
-    );
-    describe_gauge!(
-        "sluice_backend_up",
-        "1 if the backend is in rotation, 0 if not."
-    );
-    describe_counter!("sluice_health_checks_total", "Active probes by result.");
-    describe_counter!(
-        "sluice_config_reloads_total",
-        "Configuration reloads by result."
-    );
-    describe_gauge!("sluice_build_info", "Always 1; the version is a label.");
-    describe_gauge!(
-        "sluice_connections_capacity",
-        "Connections the descriptor limit allows; at it, new clients wait in the listen backlog."
-    );
-    describe_counter!(
-        "sluice_accept_paused_total",
-        "Times a worker stopped accepting on a listener because the descriptor capacity was reached."
-    );
-    counter!("sluice_accept_paused_total").absolute(0);
-    gauge!("sluice_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
-    Ok(handle)
+    #[test]
+    fn a_disabled_registry_keeps_nothing() {
+        let metrics = Metrics::new(false);
+        BackendStats::new(&metrics, "p", "a", &["front"])
+            .up
+            .set(1.0);
+        assert_eq!(metrics.render(), "");
+    }
 }

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::AtomicUsize;
 
 use arc_swap::ArcSwap;
+use metrics::Counter;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::capacity::Connections;
@@ -28,6 +29,10 @@ pub struct Shared {
     pub accepting: AtomicUsize,
     /// Pipes each worker may keep for splicing (see [`Budget`](crate::capacity::Budget)).
     pub pipes_per_worker: usize,
+    /// Counts a worker's pauses at the descriptor capacity.
+    pub accept_paused: Counter,
+    /// Counts connections accepted just as a reload removed their listener.
+    pub unrouted: Counter,
 }
 
 /// An input of the control plane other than a signal.

@@ -1,14 +1,20 @@
 //! The routing state every worker reads: an immutable [`Snapshot`] behind an
 //! `ArcSwap`.
 //!
-//! A snapshot holds everything needed to route a new connection: which pool
-//! each listener feeds, the pools' backends with their health, and the Maglev
-//! tables built from the backends that are up. The control plane builds a new
+//! A snapshot holds everything needed to route a new connection: each
+//! listening address's [`Route`] (its listener, the pool it feeds, what it
+//! lets in), the pools' backends with their health, and the Maglev tables
+//! built from the backends that are up. The control plane builds a new
 //! snapshot off the data path (on reload, re-resolution or a health change)
 //! and publishes it with one atomic swap; a worker loads the current one per
-//! connection without a lock. Pools are shared between snapshots, so a health
-//! change rebuilds only its own pool's table. A connection that has picked its
-//! backend keeps it, whatever is published afterwards.
+//! connection without a lock. Pools are shared between snapshots, so a
+//! health change rebuilds only its own pool's table.
+//!
+//! Routes are keyed by the listening address, the one thing of a listener
+//! that a reload keeps while the socket lives (a rename keeps the socket).
+//! A connection takes its route when it is accepted and the pool when it is
+//! ready to dial; it keeps the backend it was given, whatever is published
+//! afterwards.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -21,20 +27,21 @@ use crate::config::schema::SendProxy;
 use crate::config::{self, Balance, Config, Engine, HashKey};
 use crate::health::PassiveHealth;
 use crate::limits::Gate;
-use crate::metrics::{BackendStats, ListenerStats};
+use crate::metrics::{BackendStats, ListenerStats, Metrics};
 
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct Snapshot {
-    routes: HashMap<String, Route>,
+    routes: HashMap<SocketAddr, Arc<Route>>,
     pools: Vec<Arc<Pool>>,
 }
 
 /// Where a listener's connections go, what it lets in, and its metric
 /// handles.
-#[derive(Clone)]
 pub struct Route {
-    /// Index into `Snapshot::pools`.
-    pool: usize,
+    /// The listener's name, for logs and metric labels.
+    pub listener: Arc<str>,
+    /// The pool its connections go to.
+    pub pool: String,
     pub gate: Arc<Gate>,
     /// Connections start with a PROXY protocol header.
     pub accept_proxy: bool,
@@ -83,23 +90,23 @@ pub struct Backend {
 }
 
 impl Snapshot {
-    pub fn new(routes: HashMap<String, Route>, pools: Vec<Arc<Pool>>) -> Snapshot {
+    pub fn new(routes: HashMap<SocketAddr, Arc<Route>>, pools: Vec<Arc<Pool>>) -> Snapshot {
         Snapshot { routes, pools }
     }
 
-    /// The snapshot of `config` with every backend up: what a fresh process
-    /// routes by, and what `sluice explain` shows.
+    /// The snapshot of `config` with every backend up and no metrics: what
+    /// `sluice explain` shows.
     pub fn from_config(config: &Config) -> Snapshot {
+        let metrics = Metrics::new(false);
         let pools = config
             .pools
             .iter()
             .map(|(name, pool)| {
-                let listeners = listeners_of(config, name);
                 let backends = pool
                     .endpoints()
                     .into_iter()
                     .map(|e| {
-                        let stats = Arc::new(BackendStats::new(&e.name, &listeners));
+                        let stats = Arc::new(BackendStats::new(&metrics, name, &e.name, &[]));
                         Backend::new(
                             &e,
                             true,
@@ -112,7 +119,8 @@ impl Snapshot {
                 Arc::new(Pool::build(name, pool, backends))
             })
             .collect();
-        Snapshot::new(routes(config, None), pools)
+        let stats = |name: &str| Arc::new(ListenerStats::new(&metrics, name));
+        Snapshot::new(routes(config, None, stats), pools)
     }
 
     /// This snapshot with the pool at `index` replaced.
@@ -122,12 +130,10 @@ impl Snapshot {
         next
     }
 
-    /// The pool that connections accepted by `listener` go to, and the
-    /// listener's route.
-    pub fn pool_for(&self, listener: &str) -> Option<(&Pool, &Route)> {
-        self.routes
-            .get(listener)
-            .map(|route| (&*self.pools[route.pool], route))
+    /// The route of connections accepted on the listening address `addr`,
+    /// if a listener of the configuration in use is bound there.
+    pub fn route(&self, addr: SocketAddr) -> Option<&Arc<Route>> {
+        self.routes.get(&addr)
     }
 
     pub fn pool(&self, name: &str) -> Option<&Pool> {
@@ -139,34 +145,34 @@ impl Snapshot {
     }
 }
 
-/// Every listener's route: its pool's index in `config.pools` (a
-/// `BTreeMap`, so pools are indexed in name order wherever snapshots are
-/// built), its gate and its metric handles.
-pub fn routes(config: &Config, previous: Option<&Snapshot>) -> HashMap<String, Route> {
+/// Every listener's route, keyed by its listening address, with its gate
+/// and its metric handles (`stats`). A listener that stays keeps counting
+/// its open connections, and keeps its rate buckets if its limits did not
+/// change (`previous`: the snapshot in use).
+pub fn routes(
+    config: &Config,
+    previous: Option<&Snapshot>,
+    stats: impl Fn(&str) -> Arc<ListenerStats>,
+) -> HashMap<SocketAddr, Arc<Route>> {
     config
         .listeners
         .iter()
         .map(|(name, listener)| {
-            let pool = config
-                .pools
-                .keys()
-                .position(|p| *p == listener.pool)
-                .expect("validation checked that every listener's pool exists");
-            // A listener that stays keeps counting its open connections,
-            // and keeps its rate buckets if its limits did not change.
-            let before = previous.and_then(|snapshot| snapshot.routes.get(name));
+            let addr = listener.listen.0;
+            let before = previous.and_then(|snapshot| snapshot.routes.get(&addr));
             let gate = match before {
                 Some(route) if route.gate.enforces(listener) => route.gate.clone(),
                 Some(route) => Arc::new(Gate::new(listener, route.gate.open().clone())),
                 None => Arc::new(Gate::new(listener, Arc::default())),
             };
             let route = Route {
-                pool,
+                listener: name.as_str().into(),
+                pool: listener.pool.clone(),
                 gate,
                 accept_proxy: listener.accept_proxy,
-                stats: Arc::new(ListenerStats::new(name)),
+                stats: stats(name),
             };
-            (name.clone(), route)
+            (addr, Arc::new(route))
         })
         .collect()
 }

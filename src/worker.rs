@@ -11,8 +11,7 @@
 //! down, which ends its accept loop.
 
 use std::io;
-use std::net::TcpListener;
-use std::rc::Rc;
+use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -30,7 +29,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::logging::Throttle;
 use crate::shared::Shared;
-use crate::{metrics, net, relay};
+use crate::{net, relay};
 
 /// What the control plane asks of a running worker.
 pub enum Command {
@@ -42,7 +41,8 @@ pub enum Command {
 
 /// A listening socket bound for one worker.
 pub struct BoundListener {
-    pub name: String,
+    /// The address it listens on: the key of its route in the snapshot.
+    pub addr: SocketAddr,
     pub socket: TcpListener,
     /// Shared by the listener's sockets on every worker: set when the
     /// control plane stops the listener.
@@ -148,12 +148,14 @@ async fn accept_loop(listener: BoundListener, shared: &'static Shared) {
 }
 
 async fn accept_until_stopped(listener: BoundListener, shared: &'static Shared) {
-    let name: Rc<str> = listener.name.into();
+    // Logged by address: a reload may rename the listener and keep its
+    // socket.
+    let address = listener.addr;
     let stop = listener.stop;
     let listener = match net::watch(listener.socket, Interest::READABLE) {
         Ok(listener) => listener,
         Err(e) => {
-            error!(listener = %name, "cannot watch the listening socket: {e}");
+            error!(%address, "cannot watch the listening socket: {e}");
             return;
         }
     };
@@ -168,7 +170,7 @@ async fn accept_until_stopped(listener: BoundListener, shared: &'static Shared) 
         let mut ready = match listener.readable().await {
             Ok(ready) => ready,
             Err(e) => {
-                error!(listener = %name, "cannot wait for connections: {e}");
+                error!(%address, "cannot wait for connections: {e}");
                 return;
             }
         };
@@ -178,10 +180,10 @@ async fn accept_until_stopped(listener: BoundListener, shared: &'static Shared) 
         let Some(slot) = connections.take() else {
             if !paused {
                 paused = true;
-                metrics::accept_paused();
+                shared.accept_paused.increment(1);
                 if let Some(suppressed) = AT_CAPACITY.allow() {
                     warn!(
-                        listener = %name, suppressed,
+                        %address, suppressed,
                         "{} connections are open, all the descriptor limit allows: \
                          new clients wait in the listen backlog until some close",
                         connections.capacity()
@@ -194,7 +196,7 @@ async fn accept_until_stopped(listener: BoundListener, shared: &'static Shared) 
             tokio::select! {
                 () = connections.wait_for_room() => continue,
                 () = stop.wait() => {
-                    debug!(listener = %name, "listener stopped");
+                    debug!(%address, "listener stopped");
                     return;
                 }
             }
@@ -202,7 +204,7 @@ async fn accept_until_stopped(listener: BoundListener, shared: &'static Shared) 
         if paused {
             paused = false;
             if let Some(suppressed) = RESUMED.allow() {
-                info!(listener = %name, suppressed, "accepting again: connections have closed");
+                info!(%address, suppressed, "accepting again: connections have closed");
             }
         }
         let accepted = match ready.try_io(|listener| net::accept(listener.get_ref())) {
@@ -212,9 +214,15 @@ async fn accept_until_stopped(listener: BoundListener, shared: &'static Shared) 
         };
         match accepted {
             Ok((client, client_addr)) => {
-                let name = name.clone();
+                // The route as of now: a reload published after this
+                // moment does not take it away.
+                let Some(route) = shared.snapshot.load().route(address).cloned() else {
+                    // Accepted just as a reload removed the listener.
+                    shared.unrouted.increment(1);
+                    continue;
+                };
                 tokio_uring::spawn(async move {
-                    relay::serve(client, client_addr, &name, slot, shared).await;
+                    relay::serve(client, client_addr, route, slot, shared).await;
                 });
             }
             Err(e) => {
@@ -225,13 +233,13 @@ async fn accept_until_stopped(listener: BoundListener, shared: &'static Shared) 
                     // listener, or sluice is stopping) leaves the socket no
                     // longer listening; any other EINVAL is an error.
                     Some(Errno::EINVAL) if stopped() => {
-                        debug!(listener = %name, "listener stopped");
+                        debug!(%address, "listener stopped");
                         return;
                     }
                     _ => {}
                 }
                 if let Some(suppressed) = ACCEPT_ERROR.allow() {
-                    error!(listener = %name, suppressed, "cannot accept connections: {e}");
+                    error!(%address, suppressed, "cannot accept connections: {e}");
                 }
                 // Out of descriptors or memory after all (the limit was
                 // lowered under us, say): back off instead of spinning,

@@ -74,7 +74,7 @@ fn every_family_moves_with_the_traffic() {
             "sluice_health_checks_total",
             &[r#"backend="backend-1""#, r#"result="ok""#],
         )
-        .is_some()
+        .is_some_and(|ok| ok >= 1.0)
     });
     servers[1].stop();
     sluice.wait_for_log("backend is down");
@@ -192,4 +192,56 @@ fn the_admin_endpoint_answers_only_get_metrics() {
     stream.read_to_string(&mut response).unwrap();
     assert!(response.starts_with("HTTP/1.1 405"), "{response}");
     drop(sluice);
+}
+
+/// Series follow the configuration: a backend or a listener that a reload
+/// removes takes its series with it (a retired backend's `backend_up 0`
+/// would otherwise fire a "backend down" alert forever), while the series
+/// of what stays keep their values.
+#[test]
+fn series_follow_the_configuration() {
+    let (_servers, backends) = name_servers(3);
+    let admin = free_addr(unique_loopback());
+    let extra = free_addr(unique_loopback());
+    let listen = free_addr(unique_loopback());
+    let text = |backends: &[(String, std::net::SocketAddr)], with_extra: bool| {
+        let mut text = format!(
+            "admin:\n  listen: {admin}\n{}",
+            config(listen, backends, "")
+        );
+        if with_extra {
+            text = text.replace(
+                "pools:\n",
+                &format!("  extra:\n    listen: {extra}\n    pool: back\npools:\n"),
+            );
+        }
+        text
+    };
+    let sluice = Sluice::start(&text(&backends, true));
+    assert_eq!(round_trip(client_ip(1), listen).map(|_| ()), Ok(()));
+    let before = scrape(admin);
+    for series in [
+        r#"sluice_backend_up{pool="back",backend="backend-2"} 1"#,
+        r#"sluice_connection_errors_total{listener="extra",reason="no_backend"} 0"#,
+        r#"sluice_bytes_total{listener="extra",backend="backend-2",direction="to_client"} 0"#,
+    ] {
+        assert!(before.contains(series), "{series} missing:\n{before}");
+    }
+    let total_before = sample(
+        &before,
+        "sluice_connections_total",
+        &[r#"listener="front""#],
+    );
+
+    let outcome = sluice.reload(&text(&backends[..2], false));
+    assert!(outcome.contains("configuration reloaded"), "{outcome}");
+    let after = scrape(admin);
+    assert!(!after.contains(r#"backend="backend-2""#), "{after}");
+    assert!(!after.contains(r#"listener="extra""#), "{after}");
+    assert!(after.contains(r#"sluice_backend_up{pool="back",backend="backend-1"} 1"#));
+    assert_eq!(
+        sample(&after, "sluice_connections_total", &[r#"listener="front""#]),
+        total_before,
+        "what stays keeps its values"
+    );
 }

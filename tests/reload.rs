@@ -185,6 +185,10 @@ impl HostsEntry {
     }
 
     fn write(&self, addrs: &[IpAddr]) {
+        // Tests edit the file one at a time: each reads it, changes its own
+        // line and writes it back.
+        static EDITING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _editing = EDITING.lock().unwrap_or_else(|e| e.into_inner());
         let hosts = std::fs::read_to_string("/etc/hosts").unwrap();
         let mut lines: Vec<String> = hosts
             .lines()
@@ -235,5 +239,91 @@ fn host_names_are_re_resolved_every_resolve_interval() {
     sluice.wait_for_log_count("now resolves to", 2);
     for i in 0..20 {
         assert_eq!(backend_for(client_ip(i), sluice.listen_addr()), "second");
+    }
+}
+
+/// A host name that gains an address keeps the verdict, the load and the
+/// name of the address it had: a dead first address stays out of
+/// rotation when a second one appears, instead of coming back as a new
+/// backend that starts up.
+#[test]
+fn a_host_name_gaining_an_address_keeps_the_first_ones_verdict() {
+    let dead = free_addr(unique_loopback());
+    let live = name_server_on("live", SocketAddr::new(unique_loopback(), dead.port()));
+    let host = format!("sluice-gain-{}.invalid", std::process::id());
+    let hosts = HostsEntry::set(&host, &[dead.ip()]);
+    let admin = free_addr(unique_loopback());
+    let text = format!(
+        "admin:\n  listen: {admin}\nworkers: 2\nlisteners:\n  front:\n    listen: {}\n    pool: back\npools:\n  back:\n    resolve_interval: 100ms\n    health: {{ interval: 100ms, timeout: 50ms, fall: 1, rise: 1 }}\n    backends:\n      - address: {host}:{}\n        name: cache\n",
+        free_addr(unique_loopback()),
+        dead.port()
+    );
+    let sluice = Sluice::start(&text);
+    let first = format!("backend=\"cache/{}\"", dead.ip());
+    sluice.wait_for_log("backend is down");
+    assert_eq!(
+        sample(&scrape(admin), "sluice_backend_up", &[&first]),
+        Some(0.0)
+    );
+
+    hosts.write(&[dead.ip(), live.addr.ip()]);
+    sluice.wait_for_log("now resolves to");
+    let body = scrape(admin);
+    assert_eq!(
+        sample(&body, "sluice_backend_up", &[&first]),
+        Some(0.0),
+        "{body}"
+    );
+    let second = format!("backend=\"cache/{}\"", live.addr.ip());
+    assert_eq!(sample(&body, "sluice_backend_up", &[&second]), Some(1.0));
+    for i in 0..20 {
+        assert_eq!(backend_for(client_ip(i), sluice.listen_addr()), "live");
+    }
+    assert_eq!(
+        sluice.log_count("INFO backend is down"),
+        1,
+        "{}",
+        sluice.log_lines().join("\n")
+    );
+}
+
+/// Renaming a listener keeps its sockets, and the connections in their
+/// backlog: forty renames under four client loops fail no connection.
+#[test]
+fn renaming_a_listener_keeps_its_sockets_under_load() {
+    let (_servers, backends) = name_servers(2);
+    let listen = free_addr(unique_loopback());
+    let text = config(listen, &backends, "");
+    let sluice = Sluice::start(&text);
+    let loops = ClientLoops::start(4, listen);
+    for i in 0..40 {
+        let name = if i % 2 == 0 { "renamed" } else { "front" };
+        let outcome = sluice.reload(&text.replace("  front:\n", &format!("  {name}:\n")));
+        assert!(outcome.contains("configuration reloaded"), "{outcome}");
+        loops.wait_for(5);
+    }
+    let failures = loops.stop();
+    assert!(
+        failures.is_empty(),
+        "{} failed: {failures:?}",
+        failures.len()
+    );
+    sluice.wait_for_log("listener front renamed renamed, its sockets kept");
+}
+
+/// Keys that apply only on restart warn on every reload that changes
+/// them, not only on the first.
+#[test]
+fn a_restart_only_change_warns_on_every_reload() {
+    let (_servers, backends) = name_servers(1);
+    let text = config(free_addr(unique_loopback()), &backends, "");
+    let sluice = Sluice::start(&text);
+    let changed = text.replace("workers: 2", "workers: 3");
+    for reloads in 1..=2 {
+        sluice.reload(&changed);
+        assert_eq!(
+            sluice.log_count("workers changed: it takes effect when sluice restarts"),
+            reloads
+        );
     }
 }

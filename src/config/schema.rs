@@ -49,7 +49,7 @@ pub struct Admin {
     pub listen: Option<ListenAddr>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Log {
     #[serde(default)]
@@ -271,11 +271,15 @@ impl Backend {
     }
 }
 
-/// One address to connect to, as a backend entry expands: an entry whose
-/// host name resolves to several addresses becomes one endpoint per address.
+/// One address to connect to, as a backend entry expands: an entry with an
+/// IP address is one endpoint; an entry with a host name is one endpoint per
+/// address it resolves to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
-    /// The entry's name, or `NAME/IP` when the entry has several addresses.
+    /// The backend's identity: the entry's name, or `NAME/IP` for each
+    /// address of a host-name entry, however many it has, so that an
+    /// address keeps its name (and with it its health, its load and its
+    /// place in the Maglev table) when the host name gains or loses others.
     pub name: String,
     pub addr: SocketAddr,
     pub weight: u32,
@@ -289,10 +293,10 @@ impl Pool {
         let mut endpoints = Vec::new();
         for backend in &self.backends {
             for &addr in &backend.resolved {
-                let name = if backend.resolved.len() == 1 {
-                    backend.name().to_owned()
-                } else {
+                let name = if backend.has_host_name() {
                     format!("{}/{}", backend.name(), addr.ip())
+                } else {
+                    backend.name().to_owned()
                 };
                 endpoints.push(Endpoint {
                     name,

@@ -43,7 +43,7 @@ use crate::metrics::{BackendStats, ErrorReason, ListenerStats};
 use crate::net::{self, Socket};
 use crate::proxy_protocol;
 use crate::shared::{Event, Shared};
-use crate::snapshot::Pool;
+use crate::snapshot::{Pool, Route};
 
 /// "No backend reachable" is logged at most once per interval, with a count.
 static NO_BACKEND: Throttle = Throttle::new();
@@ -105,16 +105,19 @@ enum Ended {
 }
 
 /// Serves one accepted connection from `client_addr` on `listener`, which
-/// holds `slot` of the process's connection capacity until it ends.
-/// `client` must be non-blocking.
+/// holds `slot` of the process's connection capacity until it ends, by
+/// the `route` of the listener that accepted it. `client` must be
+/// non-blocking.
 pub async fn serve(
     client: TcpStream,
     mut client_addr: SocketAddr,
-    listener: &str,
+    route: Arc<Route>,
     slot: Slot,
     shared: &'static Shared,
 ) {
     let accepted = Instant::now();
+    let listener = route.listener.clone();
+    let listener = &*listener;
     let client = match net::watch(client, Interest::READABLE | Interest::WRITABLE) {
         Ok(client) => client,
         Err(e) => {
@@ -125,10 +128,11 @@ pub async fn serve(
     // Boxed: what admission and dialing need is large and short-lived;
     // inline, it would make every connection's task that much bigger for
     // its whole life.
-    let Some(opened) = Box::pin(open(&client, client_addr, listener, shared, accepted)).await
-    else {
+    let Some(opened) = Box::pin(open(&client, client_addr, &route, shared, accepted)).await else {
         return;
     };
+    // A long connection need not keep its listener's route alive.
+    drop(route);
     let Opened {
         backend,
         client_addr: carried,
@@ -252,15 +256,11 @@ pub async fn serve(
 async fn open(
     client: &Socket,
     accepted_from: SocketAddr,
-    listener: &str,
+    route: &Route,
     shared: &'static Shared,
     accepted: Instant,
 ) -> Option<Opened> {
-    // Held only until the backend is dialed: a long connection must not
-    // keep an old snapshot alive.
-    let snapshot = shared.snapshot.load();
-    // None: the listener was removed from the configuration since accept.
-    let (pool, route) = snapshot.pool_for(listener)?;
+    let listener = &*route.listener;
     let turn_away = |reason: ErrorReason, why: &dyn std::fmt::Display, client: SocketAddr| {
         route.stats.error(reason);
         if let Some(suppressed) = TURNED_AWAY.allow() {
@@ -301,6 +301,15 @@ async fn open(
         turn_away(ErrorReason::OverLimit, &refusal, client_addr);
         return None;
     }
+    // Loaded only now, and held only until the backend is dialed: a
+    // client slow to send its header, or a long connection, must not keep
+    // an old snapshot alive.
+    let snapshot = shared.snapshot.load();
+    let Some(pool) = snapshot.pool(&route.pool) else {
+        // A reload removed the pool since the connection was accepted.
+        turn_away(ErrorReason::NoBackend, &"its pool was removed", client_addr);
+        return None;
+    };
     let proxy_header = match pool.send_proxy {
         SendProxy::Off => None,
         version => {

@@ -1,0 +1,347 @@
+//! The backend registry: what the control plane knows of each backend
+//! beyond any one snapshot.
+//!
+//! A backend's identity is its [`BackendKey`]: its pool, its name (for an
+//! address of a host-name entry, `NAME/IP`: see
+//! [`Endpoint`](crate::config::Endpoint)) and its address. Everything that
+//! must outlive a snapshot hangs off that key and nothing else: the health
+//! verdict, the passive failure count, the count of open connections, the
+//! probe task and the metric series. A backend that stays through a reload
+//! or a DNS answer keeps all of it; one that goes takes all of it away (its
+//! series with it, at the next sweep); one whose address changes under the
+//! same name is a new server, with a fresh verdict.
+
+use std::collections::hash_map::RandomState;
+use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasher;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::task::JoinHandle;
+
+use crate::balancer::load::Load;
+use crate::config::{Config, Endpoint, HealthProbe};
+use crate::health::{self, PassiveHealth, ProbeFailure, Verdict};
+use crate::metrics::{BackendStats, Metrics};
+use crate::shared::Event;
+use crate::snapshot::{self, Backend};
+
+/// A backend's identity.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BackendKey {
+    pub pool: String,
+    pub name: String,
+    pub addr: SocketAddr,
+}
+
+/// Every backend of the running configuration.
+#[derive(Default)]
+pub struct Backends {
+    entries: HashMap<BackendKey, Entry>,
+    /// The key of each backend by the number its probes and passive reports
+    /// carry.
+    ids: HashMap<u64, BackendKey>,
+    next_id: u64,
+}
+
+struct Entry {
+    id: u64,
+    passive: Arc<PassiveHealth>,
+    /// Its open connections, across workers and reloads.
+    load: Arc<Load>,
+    /// Made again at every sync: the listeners that feed its pool may
+    /// change.
+    stats: Arc<BackendStats>,
+    verdict: Verdict,
+    /// The running probe task and the settings it runs with.
+    prober: Option<(HealthProbe, JoinHandle<()>)>,
+}
+
+/// What a probe outcome or a passive report did to a backend.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Change {
+    /// Nothing visible: the verdict holds.
+    None,
+    /// The backend is up again, or down now.
+    Flipped { up: bool },
+}
+
+impl Backends {
+    /// Makes the registry match `config`: new backends start up, backends
+    /// that are gone are forgotten, and every backend's metric series are
+    /// registered anew. With `events` (once the control plane's runtime
+    /// runs), each backend gets a probe task with its pool's settings, and
+    /// a backend whose settings changed starts counting afresh.
+    pub fn sync(
+        &mut self,
+        config: &Config,
+        metrics: &Metrics,
+        events: Option<&UnboundedSender<Event>>,
+    ) {
+        let mut present = HashSet::new();
+        for (pool_name, pool) in &config.pools {
+            let settings = pool.health.probe();
+            let listeners = snapshot::listeners_of(config, pool_name);
+            for endpoint in pool.endpoints() {
+                let key = BackendKey {
+                    pool: pool_name.clone(),
+                    name: endpoint.name.clone(),
+                    addr: endpoint.addr,
+                };
+                present.insert(key.clone());
+                let stats = Arc::new(BackendStats::new(
+                    metrics,
+                    pool_name,
+                    &endpoint.name,
+                    &listeners,
+                ));
+                if !self.entries.contains_key(&key) {
+                    self.next_id += 1;
+                    let id = self.next_id;
+                    self.ids.insert(id, key.clone());
+                    let entry = Entry {
+                        id,
+                        passive: Arc::new(PassiveHealth::new(id)),
+                        load: Arc::default(),
+                        stats: stats.clone(),
+                        verdict: Verdict::up(),
+                        prober: None,
+                    };
+                    self.entries.insert(key.clone(), entry);
+                }
+                let entry = self.entries.get_mut(&key).expect("inserted above");
+                stats.up.set(if entry.verdict.up { 1.0 } else { 0.0 });
+                entry.stats = stats;
+                if let Some(events) = events {
+                    entry.run_prober(settings.as_ref(), endpoint.addr, events);
+                }
+            }
+        }
+        let gone: Vec<BackendKey> = self
+            .entries
+            .keys()
+            .filter(|key| !present.contains(*key))
+            .cloned()
+            .collect();
+        for key in gone {
+            let entry = self.entries.remove(&key).expect("listed above");
+            if let Some((_, task)) = entry.prober {
+                task.abort();
+            }
+            self.ids.remove(&entry.id);
+        }
+    }
+
+    /// The backend that probes and reports call `id`, if it is still there.
+    pub fn key(&self, id: u64) -> Option<&BackendKey> {
+        self.ids.get(&id)
+    }
+
+    /// Applies one probe outcome of backend `id`, whose pool probes with
+    /// `probe`. A probe that could not run for want of a local resource is
+    /// not counted at all.
+    pub fn probed(
+        &mut self,
+        id: u64,
+        outcome: &Result<(), ProbeFailure>,
+        probe: &HealthProbe,
+    ) -> Change {
+        let Some(entry) = self.ids.get(&id).and_then(|key| self.entries.get_mut(key)) else {
+            return Change::None;
+        };
+        if matches!(outcome, Err(ProbeFailure::Local(_))) {
+            return Change::None;
+        }
+        entry.stats.probed(match outcome {
+            Ok(()) => "ok",
+            Err(ProbeFailure::Timeout(_)) => "timeout",
+            Err(_) => "fail",
+        });
+        if !entry
+            .verdict
+            .observe(outcome.is_ok(), probe.rise, probe.fall)
+        {
+            return Change::None;
+        }
+        if outcome.is_ok() {
+            entry.passive.record_success();
+        }
+        entry.flipped()
+    }
+
+    /// Takes backend `id` out at once: its pool's `fall` connections in a
+    /// row failed. Probes bring it back.
+    pub fn eject(&mut self, id: u64) -> Change {
+        let Some(entry) = self.ids.get(&id).and_then(|key| self.entries.get_mut(key)) else {
+            return Change::None;
+        };
+        // The next streak starts from zero.
+        entry.passive.record_success();
+        if !entry.verdict.eject() {
+            return Change::None;
+        }
+        entry.flipped()
+    }
+
+    /// Backend `endpoint` of `pool` as a snapshot routes to it.
+    pub fn backend(&self, pool: &str, endpoint: &Endpoint) -> Backend {
+        let key = BackendKey {
+            pool: pool.to_owned(),
+            name: endpoint.name.clone(),
+            addr: endpoint.addr,
+        };
+        let entry = &self.entries[&key];
+        Backend::new(
+            endpoint,
+            entry.verdict.up,
+            entry.passive.clone(),
+            entry.load.clone(),
+            entry.stats.clone(),
+        )
+    }
+
+    /// (backends up, all backends).
+    pub fn up(&self) -> (usize, usize) {
+        let up = self.entries.values().filter(|e| e.verdict.up).count();
+        (up, self.entries.len())
+    }
+}
+
+impl Entry {
+    fn flipped(&self) -> Change {
+        let up = self.verdict.up;
+        self.stats.up.set(if up { 1.0 } else { 0.0 });
+        Change::Flipped { up }
+    }
+
+    /// Runs a probe task with `settings` (none: probes are off), unless one
+    /// with the same settings runs already.
+    fn run_prober(
+        &mut self,
+        settings: Option<&HealthProbe>,
+        addr: SocketAddr,
+        events: &UnboundedSender<Event>,
+    ) {
+        let current = self.prober.as_ref().map(|(settings, _)| settings);
+        if current == settings {
+            return;
+        }
+        if let Some((_, task)) = self.prober.take() {
+            task.abort();
+        }
+        // Streaks counted against other settings (another `rise` or
+        // `fall`) start again, the passive one and the probes' alike.
+        self.passive.record_success();
+        self.verdict.restart_streak();
+        self.prober = settings.map(|settings| {
+            let task = start_prober(self.id, addr, settings.clone(), events.clone());
+            (settings.clone(), task)
+        });
+        if self.prober.is_none() && !self.verdict.up {
+            // Probes were turned off: nothing would bring it back.
+            self.verdict = Verdict::up();
+            self.stats.up.set(1.0);
+        }
+    }
+}
+
+/// Probes `addr` every `settings.interval`, starting at a random point of
+/// the first interval so that the probes of many backends do not fire
+/// together. The interval itself is not jittered, which keeps the detection
+/// time within `fall` x `interval` + `timeout`.
+fn start_prober(
+    id: u64,
+    addr: SocketAddr,
+    settings: HealthProbe,
+    events: UnboundedSender<Event>,
+) -> JoinHandle<()> {
+    tokio::task::spawn_local(async move {
+        let interval = settings.interval;
+        let phase = RandomState::new().hash_one(id) % (interval.as_millis() as u64).max(1);
+        let start = tokio::time::Instant::now() + Duration::from_millis(phase);
+        let mut ticker = tokio::time::interval_at(start, interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let outcome = health::probe(addr, &settings).await;
+            if events.send(Event::Probe { id, outcome }).is_err() {
+                return;
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::{self, Resolver};
+
+    fn config(text: &str) -> Config {
+        config::parse(Path::new("t.yaml"), text, Resolver::Offline).unwrap()
+    }
+
+    const TWO: &str = "listeners:\n  l: { listen: 127.0.0.1:7000, pool: p }\npools:\n  p:\n    health: { fall: 3, rise: 2 }\n    backends:\n      - { address: 10.0.0.1:1, name: a }\n      - { address: 10.0.0.2:1, name: b }\n";
+
+    #[test]
+    fn a_backend_that_stays_keeps_its_verdict_and_one_that_goes_is_forgotten() {
+        let metrics = Metrics::new(true);
+        let mut backends = Backends::default();
+        backends.sync(&config(TWO), &metrics, None);
+        let probe = HealthProbe::default();
+        let a = backends
+            .ids
+            .iter()
+            .find(|(_, k)| k.name == "a")
+            .map(|(id, _)| *id)
+            .unwrap();
+        assert_eq!(backends.eject(a), Change::Flipped { up: false });
+        // `b` leaves the file; `a` stays, down.
+        backends.sync(
+            &config(&TWO.replace("      - { address: 10.0.0.2:1, name: b }\n", "")),
+            &metrics,
+            None,
+        );
+        assert_eq!(backends.up(), (0, 1));
+        let fail = Err(ProbeFailure::Connect("refused".into()));
+        assert_eq!(backends.probed(a, &fail, &probe), Change::None);
+        assert_eq!(backends.probed(a, &Ok(()), &probe), Change::None);
+        assert_eq!(
+            backends.probed(a, &Ok(()), &probe),
+            Change::Flipped { up: true }
+        );
+        // A new address under the same name is a new server, up.
+        backends.eject(a);
+        backends.sync(
+            &config(&TWO.replace("10.0.0.1:1", "10.0.0.9:1")),
+            &metrics,
+            None,
+        );
+        assert_eq!(backends.up(), (2, 2));
+        assert_eq!(
+            backends.key(a),
+            None,
+            "reports about the old one are ignored"
+        );
+    }
+
+    #[test]
+    fn a_probe_that_could_not_run_counts_for_nothing() {
+        let metrics = Metrics::new(true);
+        let mut backends = Backends::default();
+        backends.sync(&config(TWO), &metrics, None);
+        let probe = HealthProbe {
+            fall: 1,
+            ..HealthProbe::default()
+        };
+        let local = Err(ProbeFailure::Local("Too many open files".into()));
+        for id in [1, 2] {
+            assert_eq!(backends.probed(id, &local, &probe), Change::None);
+        }
+        assert_eq!(backends.up(), (2, 2));
+        assert!(!metrics.render().contains("result=\"fail\"} 1"));
+    }
+}

@@ -1,0 +1,565 @@
+//! The control plane: everything that changes routing, on one thread.
+//!
+//! The [`Controller`] runs on the main thread, in its own io_uring runtime,
+//! and reacts to four kinds of input: signals (SIGHUP reloads, SIGTERM and
+//! SIGINT drain and stop), probe outcomes, passive-ejection reports from the
+//! workers, and the periodic re-resolution of host names. Each change ends in
+//! a new [`Snapshot`] published to the workers with one atomic swap; the
+//! workers never wait for the control plane, and it never touches a
+//! connection. Its parts, each in a file of its own:
+//!
+//! - [`listeners`]: the listening sockets, keyed by address;
+//! - [`backends`]: the backend registry, one identity per backend, with its
+//!   health, load, probe and metric series;
+//! - [`publish`]: the next snapshot, a pure function of the configuration,
+//!   the registries and the snapshot in use;
+//! - `drain`: stopping; `resolve`: re-resolving host names.
+//!
+//! A reload reads as: load (on a thread of its own), bind the new
+//! listeners (which can fail, so first), apply listeners, publish.
+//!
+//! Nothing here waits without a bound. Work that may block (reading and
+//! resolving the file, DNS lookups) runs on a thread of its own and comes
+//! back as a message, so that a signal is handled while it runs: SIGTERM
+//! during a slow reload abandons the reload. Notify messages are queued,
+//! never sent with a blocking call (see [`systemd`](crate::systemd)).
+
+mod backends;
+mod drain;
+mod listeners;
+mod publish;
+mod resolve;
+
+use std::collections::HashSet;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use tokio::sync::oneshot;
+use tracing::{debug, error, info, warn};
+
+use crate::admin;
+use crate::capacity::{Budget, Connections};
+use crate::config::{self, Config, ConfigError};
+use crate::health::ProbeFailure;
+use crate::logging::Throttle;
+use crate::metrics::{Metrics, ProcessStats};
+use crate::shared::{Event, Shared};
+use crate::signals::{Request, Signals};
+use crate::snapshot::{Pool, Snapshot};
+use crate::systemd::Notifier;
+use crate::worker::{BoundListener, Command};
+
+use backends::{Backends, Change};
+use listeners::Listeners;
+use resolve::Resolvers;
+
+pub struct Controller {
+    path: PathBuf,
+    /// The configuration in effect: the file's, but for the keys that
+    /// apply only when sluice restarts, which keep their values from the
+    /// start.
+    config: Config,
+    shared: &'static Shared,
+    events: UnboundedReceiver<Event>,
+    /// Where to send each worker new listening sockets.
+    workers: Vec<UnboundedSender<Command>>,
+    /// Workers, as started: how many sockets each listener is bound to, and
+    /// what the descriptor budget counts.
+    worker_count: usize,
+    listeners: Listeners,
+    backends: Backends,
+    resolvers: Resolvers,
+    /// Whether probes run: from [`Controller::run`] on, when the runtime
+    /// they run on exists.
+    probing: bool,
+    metrics: Metrics,
+    process: ProcessStats,
+    /// Pools routing over all backends because none is up.
+    panicking: HashSet<String>,
+    /// The admin endpoint's socket, until `run` serves it.
+    admin: Option<TcpListener>,
+    reloads: (u64, u64),
+    notifier: Notifier,
+    /// The descriptor limit, shared out again when a reload changes the
+    /// number of listeners or backends.
+    descriptor_limit: u64,
+}
+
+/// A reload under way: the file is read and resolved on a thread of its
+/// own.
+struct Reloading {
+    loaded: oneshot::Receiver<Result<Config, ConfigError>>,
+    /// Another SIGHUP came meanwhile: read the file again once this is done,
+    /// as it may have changed after it was read.
+    again: bool,
+}
+
+impl Controller {
+    /// Binds every listener once per worker and publishes the first
+    /// snapshot; shares `descriptor_limit` out between connections and the
+    /// rest. Nothing runs yet: the workers are started with the sockets
+    /// returned, and [`Controller::run`] follows.
+    pub fn new(
+        path: PathBuf,
+        config: Config,
+        workers: usize,
+        descriptor_limit: u64,
+    ) -> Result<(Controller, Vec<Vec<BoundListener>>), String> {
+        let budget = budget(&config, workers, descriptor_limit)?;
+        info!(
+            limit = descriptor_limit,
+            capacity = budget.connections,
+            "descriptor limit {descriptor_limit}: room for {} connections (2 descriptors each; \
+             {} kept for pipes, {} for listeners, probes and sluice itself)",
+            budget.connections,
+            budget.pipe_descriptors(workers),
+            budget.reserved
+        );
+        let admin_addr = config.admin.as_ref().and_then(|a| a.listen);
+        let metrics = Metrics::new(admin_addr.is_some());
+        let admin = match admin_addr {
+            Some(addr) => Some(
+                TcpListener::bind(addr.0)
+                    .and_then(|s| s.set_nonblocking(true).map(|()| s))
+                    .map_err(|e| format!("admin: cannot listen on {}: {e}", addr.0))?,
+            ),
+            None => None,
+        };
+        let (listeners, bound) = Listeners::bind(&config, workers, &metrics)?;
+        let process = ProcessStats::new(&metrics);
+        process.capacity.set(budget.connections as f64);
+        let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
+        let shared: &'static Shared = Box::leak(Box::new(Shared {
+            snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            events: events_tx,
+            connections: Connections::new(budget.connections),
+            accepting: AtomicUsize::new(0),
+            pipes_per_worker: budget.pipes_per_worker,
+            accept_paused: process.accept_paused.clone(),
+            unrouted: process.unrouted.clone(),
+        }));
+        let mut controller = Controller {
+            path,
+            config,
+            shared,
+            events,
+            workers: Vec::new(),
+            worker_count: workers,
+            listeners,
+            backends: Backends::default(),
+            resolvers: Resolvers::default(),
+            probing: false,
+            metrics,
+            process,
+            panicking: HashSet::new(),
+            admin,
+            reloads: (0, 0),
+            notifier: Notifier::from_env(),
+            descriptor_limit,
+        };
+        controller.publish_all();
+        Ok((controller, bound))
+    }
+
+    pub fn shared(&self) -> &'static Shared {
+        self.shared
+    }
+
+    /// Registers the channel over which worker `i` receives listeners added
+    /// by a reload.
+    pub fn add_worker(&mut self, commands: UnboundedSender<Command>) {
+        self.workers.push(commands);
+    }
+
+    /// Runs until the process should exit, on an io_uring runtime of the
+    /// calling thread.
+    pub fn run(mut self) -> Result<(), String> {
+        tokio_uring::start(async move {
+            let signals = Signals::open().map_err(|e| format!("cannot read signals: {e}"))?;
+            self.notifier.start();
+            if let Some(socket) = self.admin.take() {
+                let address = socket.local_addr().map_err(|e| format!("admin: {e}"))?;
+                let socket =
+                    tokio::net::TcpListener::from_std(socket).map_err(|e| format!("admin: {e}"))?;
+                tokio::task::spawn_local(admin::serve(socket, self.metrics.clone()));
+                info!(%address, "metrics at http://{address}/metrics");
+            }
+            self.probing = true;
+            self.backends
+                .sync(&self.config, &self.metrics, Some(&self.shared.events));
+            self.resolvers.restart(&self.config, &self.shared.events);
+            for (name, listener) in &self.config.listeners {
+                info!(listener = %name, address = %listener.listen.0, pool = %listener.pool, "listening");
+            }
+            info!(
+                version = env!("CARGO_PKG_VERSION"),
+                workers = self.workers.len(),
+                config = %self.path.display(),
+                "sluice is ready"
+            );
+            self.notifier.ready(&self.status());
+            let mut reloading: Option<Reloading> = None;
+            loop {
+                tokio::select! {
+                    request = signals.next() => {
+                        match request.map_err(|e| format!("reading signals: {e}"))? {
+                            Request::Reload => match &mut reloading {
+                                Some(under_way) => {
+                                    debug!("SIGHUP during a reload: reading the file again after it");
+                                    under_way.again = true;
+                                }
+                                None => reloading = Some(self.start_reload()),
+                            },
+                            Request::Stop(signal) => {
+                                if reloading.is_some() {
+                                    info!("the reload under way is abandoned");
+                                }
+                                self.drain(signal, &signals).await;
+                                self.notifier.flush(Duration::from_secs(1)).await;
+                                return Ok(());
+                            }
+                        }
+                    }
+                    Some(event) = self.events.recv() => self.handle(event),
+                    loaded = loaded(&mut reloading) => {
+                        let again = reloading.take().is_some_and(|r| r.again);
+                        self.finish_reload(loaded);
+                        if again {
+                            reloading = Some(self.start_reload());
+                        }
+                    }
+                }
+            }
+        })
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Probe { id, outcome } => self.on_probe(id, outcome),
+            Event::Ejected { id } => self.on_ejected(id),
+            Event::Resolved { pool, answers } => self.on_resolved(&pool, answers),
+        }
+    }
+
+    fn on_probe(&mut self, id: u64, outcome: Result<(), ProbeFailure>) {
+        // A probe of a backend that a reload just removed.
+        let Some(key) = self.backends.key(id).cloned() else {
+            return;
+        };
+        let Some(probe) = self.config.pools[&key.pool].health.probe() else {
+            return;
+        };
+        if let Err(failure @ ProbeFailure::Local(_)) = &outcome {
+            static LOCAL: Throttle = Throttle::new();
+            if let Some(suppressed) = LOCAL.allow() {
+                warn!(pool = %key.pool, backend = %key.name, address = %key.addr, suppressed, "{failure}; not counted against the backend");
+            }
+        }
+        let Change::Flipped { up } = self.backends.probed(id, &outcome, &probe) else {
+            return;
+        };
+        // Publish first: once the line is logged, routing already agrees.
+        self.publish_pool(&key.pool);
+        match (&outcome, up) {
+            (_, true) => info!(
+                pool = %key.pool, backend = %key.name, address = %key.addr,
+                "backend is up: {} probes in a row succeeded", probe.rise
+            ),
+            (Err(failure), false) => info!(
+                pool = %key.pool, backend = %key.name, address = %key.addr,
+                "backend is down: {failure} ({} probes in a row failed)", probe.fall
+            ),
+            (Ok(()), false) => {}
+        }
+    }
+
+    fn on_ejected(&mut self, id: u64) {
+        let Some(key) = self.backends.key(id).cloned() else {
+            return;
+        };
+        // Probes may have been turned off since the report was sent: then
+        // nothing would bring the backend back.
+        let Some(probe) = self.config.pools[&key.pool].health.probe() else {
+            return;
+        };
+        if self.backends.eject(id) == Change::None {
+            return;
+        }
+        self.publish_pool(&key.pool);
+        info!(
+            pool = %key.pool, backend = %key.name, address = %key.addr,
+            "backend is down: {} connections in a row failed; probes will bring it back", probe.fall
+        );
+    }
+
+    /// Applies fresh DNS answers for one pool; keeps the old addresses of an
+    /// entry whose lookup failed.
+    fn on_resolved(
+        &mut self,
+        pool_name: &str,
+        answers: Vec<(usize, String, Result<Vec<SocketAddr>, String>)>,
+    ) {
+        let Some(pool) = self.config.pools.get_mut(pool_name) else {
+            return;
+        };
+        let mut changes = Vec::new();
+        for (index, address, answer) in answers {
+            let Some(backend) = pool
+                .backends
+                .get_mut(index)
+                .filter(|b| b.address == address)
+            else {
+                continue;
+            };
+            match answer {
+                Ok(addrs) if addrs != backend.resolved => {
+                    let list: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+                    changes.push((
+                        backend.name().to_owned(),
+                        backend.address.clone(),
+                        list.join(", "),
+                    ));
+                    backend.resolved = addrs;
+                }
+                Ok(_) => {}
+                Err(e) => warn!(
+                    pool = pool_name,
+                    backend = %backend.name(),
+                    "cannot re-resolve {}, keeping its addresses: {e}",
+                    backend.address
+                ),
+            }
+        }
+        if changes.is_empty() {
+            return;
+        }
+        self.publish_all();
+        for (name, address, addrs) in changes {
+            info!(pool = pool_name, backend = %name, "{address} now resolves to {addrs}");
+        }
+    }
+
+    /// SIGHUP: starts reading the file again. Reading and resolving host
+    /// names may take seconds (a slow DNS server, a file on a stalled
+    /// mount): it runs on a thread of its own, and [`Controller::run`]
+    /// goes on handling signals and probes meanwhile.
+    fn start_reload(&mut self) -> Reloading {
+        self.notifier.reloading();
+        let path = self.path.clone();
+        Reloading {
+            loaded: off_thread("sluice-reload", move || config::load(&path)),
+            again: false,
+        }
+    }
+
+    /// The file of a reload is read: if it is valid, apply it, otherwise
+    /// keep everything as it is.
+    fn finish_reload(&mut self, loaded: Result<Result<Config, ConfigError>, String>) {
+        let outcome = loaded
+            .and_then(|loaded| loaded.map_err(|e| e.to_string()))
+            .and_then(|config| self.apply(config));
+        match outcome {
+            Ok(()) => {
+                self.process.reload(true);
+                self.reloads.0 += 1;
+                let (up, backends) = self.backends.up();
+                info!(config = %self.path.display(), up, backends, "configuration reloaded");
+            }
+            Err(e) => {
+                self.process.reload(false);
+                self.reloads.1 += 1;
+                error!("reload failed, the configuration in use is unchanged: {e}");
+            }
+        }
+        self.notifier.ready(&self.status());
+    }
+
+    /// Switches to `config`. Everything that can fail (the descriptor
+    /// budget, binding new listeners) happens before anything changes.
+    fn apply(&mut self, mut config: Config) -> Result<(), String> {
+        let budget = budget(&config, self.worker_count, self.descriptor_limit)?;
+        let bound = self.listeners.bind_new(&config, &self.metrics)?;
+        self.keep_restart_only(&mut config);
+        // Listeners that go away stop before the new routes are published,
+        // and new ones are handed to the workers after: an accepted
+        // connection finds the route of its address.
+        let sockets = self.listeners.apply(&config, bound);
+        self.config = config;
+        self.publish_all();
+        self.resolvers.restart(&self.config, &self.shared.events);
+        for (worker, sockets) in self.workers.iter().zip(sockets) {
+            for socket in sockets {
+                // A worker that is gone has taken the process with it.
+                let _ = worker.send(Command::Listen(socket));
+            }
+        }
+        let capacity = &self.shared.connections;
+        if capacity.capacity() != budget.connections {
+            info!(
+                "room for {} connections now (was {}): the reload changed what the descriptor limit must also hold",
+                budget.connections,
+                capacity.capacity()
+            );
+            capacity.set_capacity(budget.connections);
+            self.process.capacity.set(budget.connections as f64);
+        }
+        Ok(())
+    }
+
+    /// Keys that apply only when sluice restarts keep the values in effect
+    /// in `config`; a reload that changes them says so, each time, until
+    /// the restart.
+    fn keep_restart_only(&self, config: &mut Config) {
+        let running = &self.config;
+        let changed = [
+            ("workers", config.workers != running.workers),
+            ("pin_workers", config.pin_workers != running.pin_workers),
+            ("log.level", config.log.level != running.log.level),
+            ("log.format", config.log.format != running.log.format),
+            (
+                "log.connections",
+                config.log.connections != running.log.connections,
+            ),
+            (
+                "admin.listen",
+                config.admin.as_ref().map(|a| a.listen) != running.admin.as_ref().map(|a| a.listen),
+            ),
+        ];
+        for (key, changed) in changed {
+            if changed {
+                warn!("{key} changed: it takes effect when sluice restarts");
+            }
+        }
+        config.workers = running.workers;
+        config.pin_workers = running.pin_workers;
+        config.log = running.log.clone();
+        config.admin = running.admin;
+    }
+
+    /// Rebuilds the whole routing state from the configuration: the backend
+    /// registry follows it, every live metric series is registered anew
+    /// and the others are removed, and the new snapshot is published.
+    fn publish_all(&mut self) {
+        self.metrics.renew();
+        let events = self.probing.then_some(&self.shared.events);
+        self.backends.sync(&self.config, &self.metrics, events);
+        self.listeners.renew_stats(&self.metrics);
+        let previous = self.shared.snapshot.load();
+        let listeners = &self.listeners;
+        let snapshot = publish::snapshot(
+            &self.config,
+            &self.backends,
+            |name| listeners.stats(name),
+            Some(&previous),
+        );
+        self.metrics.sweep();
+        self.panicking
+            .retain(|name| self.config.pools.contains_key(name));
+        for pool in snapshot.pools() {
+            self.note_panic(pool);
+        }
+        self.shared.snapshot.store(Arc::new(snapshot));
+        self.notifier.status(&self.status());
+    }
+
+    /// Rebuilds one pool's table (after a health change), sharing the rest.
+    fn publish_pool(&mut self, name: &str) {
+        let index = self
+            .config
+            .pools
+            .keys()
+            .position(|p| p == name)
+            .expect("the pool is configured");
+        let pool = publish::pool(&self.config, name, &self.backends);
+        self.note_panic(&pool);
+        let snapshot = self.shared.snapshot.load().with_pool(index, Arc::new(pool));
+        self.shared.snapshot.store(Arc::new(snapshot));
+        self.notifier.status(&self.status());
+    }
+
+    /// Logs a pool entering or leaving panic routing (every backend down).
+    fn note_panic(&mut self, pool: &Pool) {
+        if pool.panic && self.panicking.insert(pool.name.clone()) {
+            warn!(
+                pool = %pool.name,
+                "every backend is down: routing over all of them until one is back"
+            );
+        } else if !pool.panic && self.panicking.remove(&pool.name) {
+            info!(
+                pool = %pool.name,
+                "a backend is up again: no longer routing over down backends"
+            );
+        }
+    }
+
+    /// One line for systemd's STATUS.
+    fn status(&self) -> String {
+        let (up, backends) = self.backends.up();
+        let mut status = format!(
+            "{} listeners, {up}/{backends} backends up, {} connections, reloads {} ok {} failed",
+            self.listeners.len(),
+            self.shared.connections.open(),
+            self.reloads.0,
+            self.reloads.1
+        );
+        if !self.panicking.is_empty() {
+            let mut pools: Vec<&str> = self.panicking.iter().map(String::as_str).collect();
+            pools.sort();
+            status.push_str(&format!(", all backends down in: {}", pools.join(", ")));
+        }
+        status
+    }
+}
+
+/// How `descriptor_limit` is shared out under `config`; an error if it
+/// leaves no room for a single connection.
+fn budget(config: &Config, workers: usize, descriptor_limit: u64) -> Result<Budget, String> {
+    let backends = config.pools.values().map(|p| p.endpoints().len()).sum();
+    let budget = Budget::new(descriptor_limit, workers, config.listeners.len(), backends);
+    if budget.connections == 0 {
+        return Err(format!(
+            "the descriptor limit of {descriptor_limit} leaves no room for connections: \
+             {workers} workers, {} listeners and {backends} backends need {} descriptors; \
+             raise LimitNOFILE (ulimit -n)",
+            config.listeners.len(),
+            budget.reserved + budget.pipe_descriptors(workers)
+        ));
+    }
+    Ok(budget)
+}
+
+/// Runs `work` on a thread of its own; its result arrives on the receiver,
+/// which errs if the thread could not start (logged). Nothing waits for the
+/// thread: a stop that comes meanwhile leaves it behind, and the process
+/// exits without it.
+fn off_thread<T: Send + 'static>(
+    name: &str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> oneshot::Receiver<T> {
+    let (result, received) = oneshot::channel();
+    let started = std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || {
+            let _ = result.send(work());
+        });
+    if let Err(e) = started {
+        error!("cannot start the {name} thread: {e}");
+    }
+    received
+}
+
+/// The outcome of the reload under way, once there is one; never, while
+/// none is under way.
+async fn loaded(reloading: &mut Option<Reloading>) -> Result<Result<Config, ConfigError>, String> {
+    match reloading {
+        Some(under_way) => (&mut under_way.loaded)
+            .await
+            .map_err(|_| "the configuration could not be read: no thread to read it".into()),
+        None => std::future::pending().await,
+    }
+}
