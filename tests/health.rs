@@ -1,29 +1,16 @@
 //! Health: probes take a dead backend out within `fall` x `interval` +
 //! `timeout` and bring it back after `rise` probes, moving only its own
 //! clients; send/expect probes against a real redis-server; passive ejection
-//! of a backend that accepts probes but resets real connections.
+//! of a backend that refuses connections, and none for one that resets them
+//! (which any client could provoke).
 
 mod common;
 
 use std::collections::HashMap;
+use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use common::*;
-
-/// Like `backend_for`, for a connection that may be reset: `None` if it
-/// ended without a name.
-fn try_backend_for(client: std::net::IpAddr, to: std::net::SocketAddr) -> Option<String> {
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).ok()?;
-    socket
-        .bind(&std::net::SocketAddr::new(client, 0).into())
-        .ok()?;
-    socket.connect_timeout(&to.into(), DEADLINE).ok()?;
-    let stream: std::net::TcpStream = socket.into();
-    stream.set_read_timeout(Some(DEADLINE)).ok()?;
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(stream), &mut line).ok()?;
-    line.strip_suffix('\n').map(str::to_owned)
-}
 
 const CLIENTS: u32 = 200;
 
@@ -140,19 +127,14 @@ fn send_expect_takes_out_only_the_silent_and_the_wrong_backend() {
     }
 }
 
+/// Refused connects on the data path take a backend out before the next
+/// probe: `fall` of them in a row.
 #[test]
-fn a_backend_that_resets_real_connections_is_ejected_before_the_next_probe() {
-    // Accepts (so plain TCP probes pass) and resets every connection.
-    let resetter = TestServer::start(|stream| {
-        socket2::SockRef::from(&stream)
-            .set_linger(Some(Duration::ZERO))
-            .unwrap();
-    });
+fn a_backend_that_refuses_is_ejected_before_the_next_probe() {
+    // Nothing listens there.
+    let refusing = free_addr(unique_loopback());
     let good = name_server("good");
-    let backends = [
-        ("bad".to_owned(), resetter.addr),
-        ("good".to_owned(), good.addr),
-    ];
+    let backends = [("bad".to_owned(), refusing), ("good".to_owned(), good.addr)];
     // Probes every 60 s: only the data path can take the backend out here.
     let sluice = Sluice::start(&config(
         free_addr(unique_loopback()),
@@ -165,21 +147,61 @@ fn a_backend_that_resets_real_connections_is_ejected_before_the_next_probe() {
         .collect();
     assert_eq!(bad_clients.len(), 3);
     for &i in &bad_clients {
-        // The reset either reaches the client as the end of its connection
-        // or, when it comes before the connect completed, sends it on to
-        // its retry: never anything else.
-        if let Some(answer) = try_backend_for(client_ip(i), sluice.listen_addr()) {
-            assert_eq!(answer, "good");
-        }
+        // Retried onto the next backend.
+        assert_eq!(backend_for(client_ip(i), sluice.listen_addr()), "good");
     }
     let line = sluice.wait_for_log("backend is down");
     assert!(
         line.contains("backend=bad") && line.contains("3 connections in a row failed"),
         "{line}"
     );
-    for &i in &bad_clients {
-        assert_eq!(backend_for(client_ip(i), sluice.listen_addr()), "good");
+}
+
+/// No client can get a healthy backend ejected: a backend that resets a
+/// connection whose bytes it rejects (here PostgreSQL, given a startup
+/// packet with an impossible length, which it closes with the rest unread,
+/// and a server that resets whatever it is sent) is not failing. Ten such
+/// connections against `fall: 2` leave every backend in rotation.
+#[test]
+fn no_client_can_get_a_healthy_backend_ejected() {
+    let postgres = postgres();
+    let resetter = TestServer::start(|mut stream| {
+        let mut buf = [0u8; 1];
+        let _ = stream.read(&mut buf);
+        socket2::SockRef::from(&stream)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+    });
+    let admin = free_addr(unique_loopback());
+    let text = format!(
+        "admin:\n  listen: {admin}\n{}",
+        config(
+            free_addr(unique_loopback()),
+            &[
+                ("postgres".to_owned(), postgres.addr),
+                ("resetter".to_owned(), resetter.addr),
+            ],
+            "    health: { interval: 60s, timeout: 1s, fall: 2, rise: 1 }\n",
+        )
+    );
+    let sluice = Sluice::start(&text);
+    for i in 0..10 {
+        let mut stream = connect_from(client_ip(200 + i), sluice.listen_addr());
+        // Length 4: shorter than any startup packet; then bytes left unread.
+        let _ = stream.write_all(b"\x00\x00\x00\x04garbage that is never read");
+        let mut buf = [0u8; 64];
+        while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
     }
+    let body = scrape(admin);
+    for backend in ["postgres", "resetter"] {
+        let label = format!("backend=\"{backend}\"");
+        assert_eq!(
+            sample(&body, "sluice_backend_up", &[&label]),
+            Some(1.0),
+            "{backend}"
+        );
+    }
+    assert_eq!(sluice.log_count("backend is down"), 0);
 }
 
 #[test]

@@ -7,17 +7,17 @@
 //! FIN. An error or reset on either side ends both directions at once and is
 //! passed on as a reset.
 //!
-//! Each connection also tells its backend's [`PassiveHealth`] how it went: a
-//! refused or timed-out connect, or a reset before the backend sent a byte,
-//! is a failure; anything else ends a failure streak.
+//! How each attempt and each connection ended decides its log line, whether
+//! its sides are reset, and what its backend's [`PassiveHealth`] hears:
+//! [`ending::classify`] holds those rules, for every data path.
 //!
 //! How the bytes move (splice or copy) is [`pump`]'s business.
 
+pub mod ending;
 mod pump;
 
 pub use pump::keep_pipes;
 
-use std::borrow::Cow;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::net::{SocketAddr, TcpStream};
@@ -37,13 +37,15 @@ use crate::balancer::load::Lease;
 use crate::capacity::Slot;
 use crate::config::schema::SendProxy;
 use crate::config::Engine;
-use crate::health::{self, PassiveHealth};
+use crate::health::PassiveHealth;
 use crate::logging::{self, Throttle};
 use crate::metrics::{BackendStats, ErrorReason, ListenerStats};
 use crate::net::{self, Socket};
 use crate::proxy_protocol;
+
 use crate::shared::{Event, Shared};
 use crate::snapshot::{Pool, Route};
+use ending::{Ending, Passive, Side};
 
 /// "No backend reachable" is logged at most once per interval, with a count.
 static NO_BACKEND: Throttle = Throttle::new();
@@ -189,50 +191,28 @@ pub async fn serve(
         route.active.decrement(1.0);
     }
     let (to_backend, to_client) = (to_backend.total, to_client.total);
-    let abort_both = || {
+    let ending = match &outcome {
+        Ended::Shutdown => Ending::Shutdown,
+        Ended::Idle => Ending::Idle { stalled },
+        Ended::Relayed(Ok(())) => Ending::Finished {
+            first_fin: first_fin.unwrap_or(Side::Client),
+        },
+        Ended::Relayed(Err(failure)) => Ending::Failed {
+            side: failure.side,
+            error: &failure.error,
+        },
+    };
+    let classified = ending::classify(&ending);
+    if classified.reset {
         net::abort(&client);
         net::abort(&backend.socket);
-    };
-    let close: Cow<'static, str> = match outcome {
-        Ended::Shutdown => {
-            abort_both();
-            "shutdown".into()
-        }
-        // Nothing in flight: both sides get a plain FIN. A destination that
-        // stopped reading would lose bytes: both sides get a reset.
-        Ended::Idle if stalled => {
-            abort_both();
-            "idle timeout (stalled)".into()
-        }
-        Ended::Idle => "idle timeout".into(),
-        Ended::Relayed(Ok(())) => {
-            backend.passive.record_success();
-            match first_fin {
-                Some(Side::Backend) => "backend FIN".into(),
-                _ => "client FIN".into(),
-            }
-        }
-        Ended::Relayed(Err(failure)) => {
-            // A backend that resets before saying anything is failing, the
-            // same as one that refuses the connection; one that answered
-            // worked. A client that leaves early says nothing either way.
-            let reset = matches!(
-                failure.error.kind(),
-                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
-            );
-            if to_client > 0 {
-                backend.passive.record_success();
-            } else if failure.side == Side::Backend && reset {
-                report_failure(&backend.passive, backend.eject_after, shared);
-            }
-            abort_both();
-            if reset {
-                format!("{} reset", failure.side).into()
-            } else {
-                format!("{} error: {}", failure.side, failure.error).into()
-            }
-        }
-    };
+    }
+    judge(
+        classified.passive,
+        &backend.passive,
+        backend.eject_after,
+        shared,
+    );
     // Close both sockets and free the connection's places (the listener's
     // and the backend's limits, the capacity) before saying it closed:
     // whoever reads that line may open the next connection at once.
@@ -246,7 +226,7 @@ pub async fn serve(
         &backend_name,
         (to_backend, to_client),
         accepted,
-        &close,
+        &classified.close,
     );
 }
 
@@ -420,6 +400,16 @@ async fn dial(
                 }
                 Ok(socket)
             });
+        let classified = ending::classify(&match &connected {
+            Ok(_) => Ending::Connected,
+            Err(error) => Ending::ConnectFailed(error),
+        });
+        judge(
+            classified.passive,
+            &backend.passive,
+            pool.eject_after,
+            shared,
+        );
         match connected {
             Ok(socket) => {
                 backend
@@ -435,29 +425,21 @@ async fn dial(
                     _lease: lease,
                 });
             }
-            // Out of descriptors, memory or local ports: no other backend
-            // would fare better, and this one is not to blame.
-            Err(error) if health::is_local_error(&error) => {
-                return Err((
-                    ErrorReason::OutOfResources,
-                    io::Error::new(
-                        error.kind(),
-                        format!("{} ({}): {error}", backend.name, backend.addr),
-                    ),
-                ));
-            }
             Err(error) => {
-                debug!(backend = %backend.name, client = %client_addr, "connect failed: {error}");
-                listener_stats.error(if error.kind() == io::ErrorKind::TimedOut {
-                    ErrorReason::ConnectTimeout
-                } else {
-                    ErrorReason::ConnectRefused
-                });
-                report_failure(&backend.passive, pool.eject_after, shared);
-                last_error = Some(io::Error::new(
+                let error = io::Error::new(
                     error.kind(),
                     format!("{} ({}): {error}", backend.name, backend.addr),
-                ));
+                );
+                // Out of descriptors, memory or local ports: no other
+                // backend would fare better, and this one is not to blame.
+                if classified.counted == Some(ErrorReason::OutOfResources) {
+                    return Err((ErrorReason::OutOfResources, error));
+                }
+                debug!(client = %client_addr, "connect failed: {error}");
+                if let Some(reason) = classified.counted {
+                    listener_stats.error(reason);
+                }
+                last_error = Some(error);
             }
         }
     }
@@ -474,38 +456,25 @@ async fn dial(
     })
 }
 
-/// Counts a failed connection; the one that completes a streak of
-/// `eject_after` asks the control plane to take the backend out.
-fn report_failure(passive: &PassiveHealth, eject_after: Option<u32>, shared: &'static Shared) {
-    if let Some(threshold) = eject_after {
-        if passive.record_failure(threshold) {
-            let _ = shared.events.send(Event::Ejected { id: passive.id });
+/// Applies what an ending says about the backend (see [`ending`]): a
+/// failure that completes a streak of `eject_after` asks the control plane
+/// to take the backend out.
+fn judge(
+    passive: Passive,
+    health: &PassiveHealth,
+    eject_after: Option<u32>,
+    shared: &'static Shared,
+) {
+    match passive {
+        Passive::Healthy => health.record_success(),
+        Passive::Failing => {
+            if let Some(threshold) = eject_after {
+                if health.record_failure(threshold) {
+                    let _ = shared.events.send(Event::Ejected { id: health.id });
+                }
+            }
         }
-    }
-}
-
-/// Which peer a relay error came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Side {
-    Client,
-    Backend,
-}
-
-impl Side {
-    fn other(self) -> Side {
-        match self {
-            Side::Client => Side::Backend,
-            Side::Backend => Side::Client,
-        }
-    }
-}
-
-impl std::fmt::Display for Side {
-    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str(match self {
-            Side::Client => "client",
-            Side::Backend => "backend",
-        })
+        Passive::Silent => {}
     }
 }
 
