@@ -11,7 +11,8 @@
 //! "generic cell rate algorithm"): one atomic word per bucket, the time at
 //! which the bucket will be full again. Per-client buckets live in a map
 //! split into shards, each behind its own mutex, held only to read and
-//! update one entry.
+//! update one entry. An IPv6 client is its /64 (settable): a host given a
+//! /64 must not dodge its limit by rotating addresses.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -21,7 +22,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use crate::balancer::load::{Lease, Load};
-use crate::config::schema::{Listener, RateLimit, TokenBucket};
+use crate::config::schema::{ClientRate, Listener, RateLimit, TokenBucket};
 
 /// What a listener lets in.
 pub struct Gate {
@@ -63,7 +64,7 @@ impl Gate {
                 rate: limit.rate,
                 burst: limit.burst,
             }),
-            per_client: ClientBuckets::new(&limit.per_client),
+            per_client: ClientBuckets::new(&limit.per_client, SWEEP_AT, SHARD_CAPACITY),
         }
     }
 
@@ -87,22 +88,31 @@ impl Gate {
             .ok_or(Refusal::TooManyConnections)
     }
 
-    /// Takes a token for a new connection from `client` (the address a
-    /// PROXY header carries, if any), or says which rate it is over.
+    /// Takes a token for a new connection from `client`, or says which
+    /// rate it is over.
     pub fn pace(&self, client: IpAddr) -> Result<(), Refusal> {
-        if self.per_client.is_none() && self.rate.is_none() {
-            // No rate limit: no clock read on every new connection.
-            return Ok(());
-        }
-        let now = now();
-        if let Some(per_client) = &self.per_client {
-            if !per_client.take(client, now) {
-                return Err(Refusal::ClientRate);
-            }
-        }
+        self.pace_client(client)?;
+        self.pace_listener()
+    }
+
+    /// Takes a token of the listener-wide rate: for a connection that is
+    /// to send a PROXY header, before it has (the client is known after).
+    pub fn pace_listener(&self) -> Result<(), Refusal> {
         match &self.rate {
-            Some(rate) if !rate.take(now) => Err(Refusal::Rate),
-            _ => Ok(()),
+            // No rate limit: no clock read on every new connection.
+            None => Ok(()),
+            Some(rate) if rate.take(now()) => Ok(()),
+            Some(_) => Err(Refusal::Rate),
+        }
+    }
+
+    /// Takes a token of `client`'s own rate (the address a PROXY header
+    /// carries, if any).
+    pub fn pace_client(&self, client: IpAddr) -> Result<(), Refusal> {
+        match &self.per_client {
+            None => Ok(()),
+            Some(per_client) if per_client.take(client, now()) => Ok(()),
+            Some(_) => Err(Refusal::ClientRate),
         }
     }
 }
@@ -180,15 +190,24 @@ const SHARDS: usize = 16;
 const SWEEP_AT: usize = 4096;
 
 /// Entries a shard never grows beyond: 1M client addresses in all. A new
-/// address that finds its shard full is not limited (fails open) rather
-/// than turned away for others' sake.
+/// address that finds its shard full of live buckets is not limited (fails
+/// open) rather than turned away for others' sake; a full shard is swept
+/// again at most once a second, so that buckets that have filled up since
+/// make room.
 const SHARD_CAPACITY: usize = 65536;
 
-/// One bucket per client address.
+/// How often a full shard is swept at most, in nanoseconds.
+const FULL_SWEEP_EVERY: u64 = 1_000_000_000;
+
+/// One bucket per client.
 struct ClientBuckets {
     shape: Shape,
+    /// An IPv6 client is its address's first this many bits.
+    ipv6_prefix: u8,
     hasher: RandomState,
     shards: [Mutex<Shard>; SHARDS],
+    sweep_at: usize,
+    capacity: usize,
 }
 
 #[derive(Default)]
@@ -197,28 +216,45 @@ struct Shard {
     full_at: HashMap<IpAddr, u64>,
     /// Size at which the next sweep runs; 0 until the first.
     sweep_at: usize,
+    /// When the last sweep ran.
+    swept: u64,
 }
 
 impl ClientBuckets {
-    fn new(bucket: &TokenBucket) -> Option<ClientBuckets> {
+    /// Buckets for `rate`, with shards swept first at `sweep_at` entries
+    /// and holding at most `capacity`.
+    fn new(rate: &ClientRate, sweep_at: usize, capacity: usize) -> Option<ClientBuckets> {
         Some(ClientBuckets {
-            shape: Shape::new(bucket)?,
+            shape: Shape::new(&TokenBucket {
+                rate: rate.rate,
+                burst: rate.burst,
+            })?,
+            ipv6_prefix: rate.ipv6_prefix,
             hasher: RandomState::new(),
             shards: Default::default(),
+            sweep_at,
+            capacity,
         })
     }
 
     fn take(&self, client: IpAddr, now: u64) -> bool {
-        let client = client.to_canonical();
+        let client = client_key(client, self.ipv6_prefix);
         let shard = self.hasher.hash_one(client) as usize % SHARDS;
         let mut shard = self.shards[shard]
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if shard.full_at.len() >= shard.sweep_at.max(SWEEP_AT) {
+        let full = shard.full_at.len() >= self.capacity;
+        let due = shard.full_at.len() >= shard.sweep_at.max(self.sweep_at)
+            && (!full || now.saturating_sub(shard.swept) >= FULL_SWEEP_EVERY);
+        if due {
             shard.full_at.retain(|_, full_at| *full_at > now);
-            shard.sweep_at = 2 * shard.full_at.len();
+            // Never beyond the capacity: a shard kept more than half full
+            // by the sweep would otherwise never be swept again, and admit
+            // every new client unlimited for good.
+            shard.sweep_at = (2 * shard.full_at.len()).min(self.capacity);
+            shard.swept = now;
         }
-        if shard.full_at.len() >= SHARD_CAPACITY && !shard.full_at.contains_key(&client) {
+        if shard.full_at.len() >= self.capacity && !shard.full_at.contains_key(&client) {
             return true;
         }
         let full_at = shard.full_at.entry(client).or_insert(0);
@@ -232,8 +268,25 @@ impl ClientBuckets {
     }
 }
 
+/// The bucket a client address falls in: itself, or for IPv6 its first
+/// `ipv6_prefix` bits. An IPv4 client seen through an IPv6 socket is itself.
+fn client_key(client: IpAddr, ipv6_prefix: u8) -> IpAddr {
+    match client.to_canonical() {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6);
+            let mask = u128::MAX
+                .checked_shl(128 - u32::from(ipv6_prefix))
+                .unwrap_or(0);
+            IpAddr::V6((bits & mask).into())
+        }
+        v4 => v4,
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
 
     const SECOND: u64 = 1_000_000_000;
@@ -267,9 +320,57 @@ mod tests {
         assert!(Bucket::new(&TokenBucket { rate: 0, burst: 9 }).is_none());
     }
 
+    fn per_client(ipv6_prefix: u8) -> ClientBuckets {
+        let rate = ClientRate {
+            rate: 1,
+            burst: 1,
+            ipv6_prefix,
+        };
+        ClientBuckets::new(&rate, SWEEP_AT, SHARD_CAPACITY).unwrap()
+    }
+
+    #[test]
+    fn an_ipv6_client_is_its_prefix() {
+        let buckets = per_client(64);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(buckets.take(ip("2001:db8:1:2::1"), SECOND));
+        assert!(
+            !buckets.take(ip("2001:db8:1:2:ffff::9"), SECOND),
+            "the same /64"
+        );
+        assert!(buckets.take(ip("2001:db8:1:3::1"), SECOND), "another /64");
+        let buckets = per_client(128);
+        assert!(buckets.take(ip("2001:db8:1:2::1"), SECOND));
+        assert!(buckets.take(ip("2001:db8:1:2::2"), SECOND));
+    }
+
+    #[test]
+    fn a_full_shard_is_swept_again_once_buckets_fill_up() {
+        // Shards of 16, swept first at 4: they fill with live buckets.
+        let rate = ClientRate {
+            rate: 1,
+            burst: 1,
+            ipv6_prefix: 64,
+        };
+        let buckets = ClientBuckets::new(&rate, 4, 16).unwrap();
+        let client = |i: u32| IpAddr::from(Ipv4Addr::from(0x0a00_0000 + i));
+        for i in 0..16 * SHARDS as u32 * 4 {
+            buckets.take(client(i), SECOND);
+        }
+        // Every bucket is full again two seconds later: a client is
+        // limited again, not let through for want of room.
+        let later = 3 * SECOND + FULL_SWEEP_EVERY;
+        let someone = client(1_000_000);
+        assert!(buckets.take(someone, later));
+        assert!(
+            !buckets.take(someone, later),
+            "limited: the shard was swept"
+        );
+    }
+
     #[test]
     fn each_client_has_its_own_bucket() {
-        let buckets = ClientBuckets::new(&TokenBucket { rate: 1, burst: 1 }).unwrap();
+        let buckets = per_client(64);
         let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
         assert!(buckets.take(a, SECOND));
         assert!(!buckets.take(a, SECOND));

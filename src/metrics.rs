@@ -51,15 +51,19 @@ pub enum ErrorReason {
     OverLimit,
     /// The client's PROXY protocol header was missing or malformed.
     ProxyHeader,
+    /// The connection came from an address `accept_proxy.from` does not
+    /// list: its PROXY header, true or forged, is not believed.
+    ProxyUntrusted,
 }
 
-const REASONS: [(ErrorReason, &str); 6] = [
+const REASONS: [(ErrorReason, &str); 7] = [
     (ErrorReason::NoBackend, "no_backend"),
     (ErrorReason::ConnectTimeout, "connect_timeout"),
     (ErrorReason::ConnectRefused, "connect_refused"),
     (ErrorReason::OutOfResources, "out_of_resources"),
     (ErrorReason::OverLimit, "over_limit"),
     (ErrorReason::ProxyHeader, "proxy_header"),
+    (ErrorReason::ProxyUntrusted, "proxy_untrusted"),
 ];
 
 /// The results of a probe, as the `result` label of
@@ -120,7 +124,7 @@ impl Family {
             Family::ConnectionErrors => (
                 "sluice_connection_errors_total",
                 "counter",
-                "Failed connect attempts (connect_*) and clients turned away (no_backend, out_of_resources, over_limit, proxy_header).",
+                "Failed connect attempts (connect_*) and clients turned away (no_backend, out_of_resources, over_limit, proxy_header, proxy_untrusted).",
             ),
             Family::Bytes => (
                 "sluice_bytes_total",

@@ -5,10 +5,10 @@
 //! Parsing and encoding are the `ppp` crate's; this module reads exactly the
 //! header off a socket, never a byte of what follows.
 
+use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io::{self, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::time::Duration;
 
 use ppp::v2::{Builder, Command, Protocol, Version};
 use ppp::{v1, v2, HeaderResult, PartialResult};
@@ -16,9 +16,6 @@ use tokio::io::Ready;
 
 use crate::config::schema::SendProxy;
 use crate::net::{self, Socket};
-
-/// How long a client has to send its whole header.
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Longest header accepted: a version 2 header with addresses and room for
 /// TLVs such as a client certificate's name (a version 1 header is at most
@@ -34,30 +31,39 @@ const MAX_V1_HEADER: usize = 107;
 /// health check from the upstream balancer itself).
 pub type Carried = Option<(SocketAddr, SocketAddr)>;
 
+thread_local! {
+    /// Where a worker peeks at headers: a connection waiting for its header
+    /// holds no buffer of its own, only between readiness and the verdict
+    /// on what it sent so far.
+    static PEEKED: RefCell<[u8; MAX_HEADER]> = const { RefCell::new([0; MAX_HEADER]) };
+}
+
 /// Reads a PROXY header, v1 or v2, from the start of `socket`: what it
 /// carries, or why it is unacceptable. The caller bounds the wait.
 pub async fn read_header(socket: &Socket) -> io::Result<Carried> {
-    let mut buf = vec![0u8; MAX_HEADER];
     loop {
         let mut ready = poll_fn(|cx| socket.poll_read_ready(cx)).await?;
-        let seen = match net::recv(socket, &mut buf, libc::MSG_PEEK) {
-            Ok(0) => return Err(malformed("the connection closed before a PROXY header")),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                ready.clear_ready_matching(Ready::READABLE);
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
-        let Some((length, carried)) = parse_header(&buf[..seen])? else {
+        let read = PEEKED.with(|peeked| -> io::Result<Option<Carried>> {
+            let mut buf = peeked.borrow_mut();
+            let seen = match net::recv(socket, &mut buf[..], libc::MSG_PEEK) {
+                Ok(0) => return Err(malformed("the connection closed before a PROXY header")),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let Some((length, carried)) = parse_header(&buf[..seen])? else {
+                return Ok(None);
+            };
+            // Take exactly the header; the client's own bytes stay queued.
+            let taken = net::recv(socket, &mut buf[..length], 0)?;
+            debug_assert_eq!(taken, length, "the header was peeked whole");
+            Ok(Some(carried))
+        })?;
+        match read {
+            Some(carried) => return Ok(carried),
             // All there is has been seen: wait for more.
-            ready.clear_ready_matching(Ready::READABLE);
-            continue;
-        };
-        // Take exactly the header; the client's own bytes stay queued.
-        let taken = net::recv(socket, &mut buf[..length], 0)?;
-        debug_assert_eq!(taken, length, "the header was peeked whole");
-        return Ok(carried);
+            None => ready.clear_ready_matching(Ready::READABLE),
+        }
     }
 }
 

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use crate::balancer::algorithms::{Balancer, Choice};
 use crate::balancer::load::{Lease, Load};
-use crate::config::schema::SendProxy;
+use crate::config::schema::{AcceptProxy, ProxySources, SendProxy};
 use crate::config::{self, Balance, Config, Engine, HashKey};
 use crate::health::PassiveHealth;
 use crate::limits::Gate;
@@ -43,8 +43,9 @@ pub struct Route {
     /// The pool its connections go to.
     pub pool: String,
     pub gate: Arc<Gate>,
-    /// Connections start with a PROXY protocol header.
-    pub accept_proxy: bool,
+    /// Connections start with a PROXY protocol header, believed from these
+    /// sources only.
+    pub accept_proxy: Option<ProxySources>,
     pub stats: Arc<ListenerStats>,
 }
 
@@ -169,7 +170,10 @@ pub fn routes(
                 listener: name.as_str().into(),
                 pool: listener.pool.clone(),
                 gate,
-                accept_proxy: listener.accept_proxy,
+                accept_proxy: match &listener.accept_proxy {
+                    AcceptProxy::Off => None,
+                    AcceptProxy::On(sources) => Some(sources.clone()),
+                },
                 stats: stats(name),
             };
             (addr, Arc::new(route))

@@ -237,3 +237,32 @@ fn a_reload_keeps_counting_the_connections_already_open() {
     assert!(c);
     assert!(!served(client_ip(54), listen).0, "three open");
 }
+
+/// An IPv6 client is its /64 unless `ipv6_prefix` says otherwise: a host
+/// rotating addresses within its /64 shares one bucket. The addresses come
+/// in PROXY headers, since loopback has a single IPv6 address.
+#[test]
+fn an_ipv6_client_rotating_within_its_slash_64_is_one_client() {
+    for (prefix, second_served) in [("", false), (", ipv6_prefix: 128", true)] {
+        let (_server, sluice, _admin) = start(
+            &format!(
+                "    accept_proxy: true\n    rate_limit: {{ per_client: {{ rate: 1, burst: 1{prefix} }} }}\n"
+            ),
+            "",
+        );
+        let served_as = |source: &str| {
+            let mut stream = connect_from(client_ip(1), sluice.listen_addr());
+            let header = format!("PROXY TCP6 {source} 2001:db8::ffff 40000 6379\r\n");
+            let _ = stream.write_all(header.as_bytes());
+            let _ = stream.write_all(b"ping");
+            let mut reply = [0u8; 4];
+            stream.read_exact(&mut reply).is_ok() && &reply == b"ping"
+        };
+        assert!(served_as("2001:db8:1:2::1"));
+        assert_eq!(served_as("2001:db8:1:2:ffff::9"), second_served, "{prefix}");
+        assert!(
+            served_as("2001:db8:1:3::1"),
+            "another /64 is another client"
+        );
+    }
+}

@@ -137,14 +137,75 @@ fn probes_send_the_header_when_asked() {
 /// sluice with `accept_proxy` in front of name servers, logging each
 /// connection.
 fn accepting() -> (Vec<TestServer>, Sluice, SocketAddr) {
+    accepting_with("    accept_proxy: true\n")
+}
+
+/// sluice in front of three name servers, with `listener` settings.
+fn accepting_with(listener: &str) -> (Vec<TestServer>, Sluice, SocketAddr) {
     let (servers, backends) = name_servers(3);
     let admin = free_addr(unique_loopback());
-    let text = config(free_addr(unique_loopback()), &backends, "").replace(
-        "    pool: back\n",
-        "    pool: back\n    accept_proxy: true\n",
-    );
+    let text = config(free_addr(unique_loopback()), &backends, "")
+        .replace("    pool: back\n", &format!("    pool: back\n{listener}"));
     let text = format!("admin:\n  listen: {admin}\nlog:\n  connections: true\n{text}");
     (servers, Sluice::start(&text), admin)
+}
+
+fn errors(admin: SocketAddr, reason: &str) -> f64 {
+    let label = format!("reason=\"{reason}\"");
+    sample(&scrape(admin), "sluice_connection_errors_total", &[&label]).unwrap_or(0.0)
+}
+
+/// Only the upstream balancers that `accept_proxy.from` lists are
+/// believed. A header from anyone else, true or forged, is refused and
+/// counted as `proxy_untrusted`: it can neither choose a backend nor dodge
+/// a rate per client (one real client with five forged addresses, through
+/// a limit of one a second). Logs name the carried address and the
+/// upstream's own.
+#[test]
+fn only_listed_upstreams_may_send_proxy_headers() {
+    let trusted = client_ip(1);
+    let (_servers, sluice, admin) = accepting_with(&format!(
+        "    accept_proxy: {{ from: [{trusted}] }}\n    rate_limit: {{ per_client: {{ rate: 1, burst: 1 }} }}\n"
+    ));
+    for i in 0..5 {
+        let forged = format!("PROXY TCP4 10.9.0.{i} 192.0.2.1 40000 6379\r\n");
+        let mut stream = connect_from(client_ip(2), sluice.listen_addr());
+        let _ = stream.write_all(forged.as_bytes());
+        let mut buf = [0u8; 64];
+        assert_eq!(stream.read(&mut buf).unwrap_or(0), 0, "refused");
+    }
+    wait_until("five untrusted headers counted", || {
+        errors(admin, "proxy_untrusted") == 5.0
+    });
+    let header = b"PROXY TCP4 10.9.0.7 192.0.2.1 40000 6379\r\n";
+    let expected = explain(sluice.config_path(), "back", "10.9.0.7").0;
+    let mut stream = connect_from(trusted, sluice.listen_addr());
+    stream.write_all(header).unwrap();
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line).unwrap();
+    assert_eq!(line.trim_end(), expected);
+    drop(stream);
+    let closed = sluice.wait_for_log("client=10.9.0.7:40000");
+    assert!(closed.contains(&format!("peer={trusted}:")), "{closed}");
+}
+
+/// Clients that never send their header are held to the listener's rate
+/// before their header is awaited (beyond it they are refused at once,
+/// instead of holding places), and `accept_proxy.timeout` bounds the wait.
+#[test]
+fn silent_clients_are_held_to_the_rate_and_the_timeout() {
+    let (_servers, sluice, admin) = accepting_with(
+        "    accept_proxy: { from: [127.0.0.0/8], timeout: 300ms }\n    rate_limit: { rate: 1, burst: 2 }\n",
+    );
+    let silent: Vec<TcpStream> = (0..5)
+        .map(|i| connect_from(client_ip(70 + i), sluice.listen_addr()))
+        .collect();
+    wait_until("three refused before any header", || {
+        errors(admin, "over_limit") == 3.0
+    });
+    sluice.wait_for_log_count("no PROXY header within 300ms", 2);
+    assert_eq!(errors(admin, "proxy_header"), 2.0);
+    drop(silent);
 }
 
 /// Writes `header` through sluice and returns the backend name, if any.

@@ -95,7 +95,7 @@ pub struct Listener {
     pub listen: ListenAddr,
     pub pool: String,
     #[serde(default)]
-    pub accept_proxy: bool,
+    pub accept_proxy: AcceptProxy,
     #[serde(default)]
     pub max_connections: u32,
     #[serde(default)]
@@ -103,6 +103,39 @@ pub struct Listener {
     #[serde(default = "defaults::backlog")]
     pub backlog: u32,
 }
+
+/// `accept_proxy: false | true | { from: [RANGE, ...], timeout: 5s }`:
+/// whether connections start with a PROXY header, whom such a header is
+/// believed from, and how long a client has to send it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum AcceptProxy {
+    #[default]
+    Off,
+    On(ProxySources),
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxySources {
+    /// The upstream balancers: addresses and ranges (`10.0.0.0/8`,
+    /// `192.0.2.7`) whose headers are believed. A connection from anywhere
+    /// else is refused.
+    pub from: Vec<Cidr>,
+    #[serde(default = "defaults::proxy_timeout", with = "duration")]
+    pub timeout: Duration,
+}
+
+impl ProxySources {
+    /// Whether a header from `peer` is believed.
+    pub fn trusts(&self, peer: std::net::IpAddr) -> bool {
+        let peer = peer.to_canonical();
+        self.from.iter().any(|range| range.0.contains(&peer))
+    }
+}
+
+/// An address range, `10.0.0.0/8`, or one address, `192.0.2.7`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr(pub ipnet::IpNet);
 
 /// `rate: 0` turns a limit off.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -113,7 +146,32 @@ pub struct RateLimit {
     #[serde(default)]
     pub burst: u32,
     #[serde(default)]
-    pub per_client: TokenBucket,
+    pub per_client: ClientRate,
+}
+
+/// A token bucket per client address.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClientRate {
+    #[serde(default)]
+    pub rate: u32,
+    #[serde(default)]
+    pub burst: u32,
+    /// IPv6 clients that share this many leading bits are one client: a
+    /// host is usually given a /64, and could otherwise rotate addresses
+    /// within it to dodge its limit.
+    #[serde(default = "defaults::ipv6_prefix")]
+    pub ipv6_prefix: u8,
+}
+
+impl Default for ClientRate {
+    fn default() -> Self {
+        ClientRate {
+            rate: 0,
+            burst: 0,
+            ipv6_prefix: defaults::ipv6_prefix(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -376,6 +434,12 @@ mod defaults {
     pub fn weight() -> u32 {
         1
     }
+    pub fn proxy_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn ipv6_prefix() -> u8 {
+        64
+    }
 }
 
 impl<'de> Deserialize<'de> for Workers {
@@ -437,6 +501,60 @@ impl<'de> Deserialize<'de> for ListenAddr {
             }
         }
         deserializer.deserialize_str(ListenAddrVisitor)
+    }
+}
+
+impl<'de> Deserialize<'de> for AcceptProxy {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct AcceptProxyVisitor;
+        impl<'de> Visitor<'de> for AcceptProxyVisitor {
+            type Value = AcceptProxy;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("`true`, `false` or `{ from: [RANGE, ...], timeout: DURATION }`")
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<AcceptProxy, E> {
+                Ok(match v {
+                    false => AcceptProxy::Off,
+                    // From anywhere: the documentation warns against it.
+                    true => AcceptProxy::On(ProxySources {
+                        from: ["0.0.0.0/0", "::/0"]
+                            .map(|range| Cidr(range.parse().expect("a valid range")))
+                            .to_vec(),
+                        timeout: defaults::proxy_timeout(),
+                    }),
+                })
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<AcceptProxy, A::Error> {
+                ProxySources::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(AcceptProxy::On)
+            }
+        }
+        deserializer.deserialize_any(AcceptProxyVisitor)
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct CidrVisitor;
+        impl Visitor<'_> for CidrVisitor {
+            type Value = Cidr;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an address range such as 10.0.0.0/8, or an address")
+            }
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<Cidr, E> {
+                let range = text
+                    .parse::<ipnet::IpNet>()
+                    .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| {
+                        E::custom(format!(
+                            "invalid address range {text:?} (expected e.g. 10.0.0.0/8, 2001:db8::/32 or 192.0.2.7)"
+                        ))
+                    })?;
+                // `10.1.2.3/8` is taken to mean `10.0.0.0/8`.
+                Ok(Cidr(range.trunc()))
+            }
+        }
+        deserializer.deserialize_str(CidrVisitor)
     }
 }
 

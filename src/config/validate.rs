@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::{SocketAddr, ToSocketAddrs};
 
-use super::schema::{Balance, Config, Health, Listener, Pool, Preset, SendProxy};
+use super::schema::{AcceptProxy, Balance, Config, Health, Listener, Pool, Preset, SendProxy};
 use super::Problem;
 use crate::balancer::maglev;
 
@@ -83,6 +83,29 @@ fn check_listener(
             format!("listeners.{name}.backlog"),
             format!("{} is out of range: use 1 to 65535", listener.backlog),
         ));
+    }
+    if !(1..=128).contains(&listener.rate_limit.per_client.ipv6_prefix) {
+        return Err(Problem::new(
+            format!("listeners.{name}.rate_limit.per_client.ipv6_prefix"),
+            format!(
+                "{} is out of range: use 1 to 128 (64: a host's usual share)",
+                listener.rate_limit.per_client.ipv6_prefix
+            ),
+        ));
+    }
+    if let AcceptProxy::On(sources) = &listener.accept_proxy {
+        if sources.from.is_empty() {
+            return Err(Problem::new(
+                format!("listeners.{name}.accept_proxy.from"),
+                "list the upstream balancers whose PROXY headers to believe (their addresses or ranges)",
+            ));
+        }
+        if sources.timeout.is_zero() {
+            return Err(Problem::new(
+                format!("listeners.{name}.accept_proxy.timeout"),
+                "must be above 0: a client that never sends its header would hold its place forever",
+            ));
+        }
     }
     let limit = &listener.rate_limit;
     for (key, rate, burst) in [

@@ -91,6 +91,9 @@ struct Opened {
     backend: Dialed,
     /// The client's address: the one a PROXY header carried, if any.
     client_addr: SocketAddr,
+    /// The connection's own peer, when a PROXY header carried another
+    /// address: logged beside it.
+    peer: Option<SocketAddr>,
     engine: Engine,
     idle_timeout: Option<Duration>,
     /// Counts the connection against its listener's `max_connections`.
@@ -138,6 +141,7 @@ pub async fn serve(
     let Opened {
         backend,
         client_addr: carried,
+        peer,
         engine,
         idle_timeout,
         lease,
@@ -222,7 +226,7 @@ pub async fn serve(
     drop(slot);
     log_closed(
         listener,
-        client_addr,
+        (client_addr, peer),
         &backend_name,
         (to_backend, to_client),
         accepted,
@@ -243,10 +247,21 @@ async fn open(
     let listener = &*route.listener;
     let turn_away = |reason: ErrorReason, why: &dyn std::fmt::Display, client: SocketAddr| {
         route.stats.error(reason);
+        let peer = (client != accepted_from).then_some(accepted_from);
         if let Some(suppressed) = TURNED_AWAY.allow() {
-            warn!(listener, client = %client, suppressed, "closing a new connection: {why}");
+            warn!(
+                listener, %client, peer = peer.map(display), suppressed,
+                "closing a new connection: {why}"
+            );
         }
-        log_closed(listener, client, "-", (0, 0), accepted, &why.to_string());
+        log_closed(
+            listener,
+            (client, peer),
+            "-",
+            (0, 0),
+            accepted,
+            &why.to_string(),
+        );
     };
     let lease = match route.gate.enter() {
         Ok(lease) => lease,
@@ -255,32 +270,58 @@ async fn open(
             return None;
         }
     };
-    let carried = if route.accept_proxy {
-        match tokio::time::timeout(
-            proxy_protocol::HEADER_TIMEOUT,
-            proxy_protocol::read_header(client),
-        )
-        .await
-        {
-            Ok(Ok(carried)) => carried,
-            Ok(Err(e)) => {
-                turn_away(ErrorReason::ProxyHeader, &e, accepted_from);
+    let (client_addr, carried) = match &route.accept_proxy {
+        None => {
+            if let Err(refusal) = route.gate.pace(accepted_from.ip()) {
+                turn_away(ErrorReason::OverLimit, &refusal, accepted_from);
                 return None;
             }
-            Err(_) => {
-                let why = "no PROXY header within 5s";
-                turn_away(ErrorReason::ProxyHeader, &why, accepted_from);
-                return None;
-            }
+            (accepted_from, None)
         }
-    } else {
-        None
+        Some(sources) => {
+            // A header from anyone else, true or forged, is not believed:
+            // it would let a client choose its backend and its rate.
+            if !sources.trusts(accepted_from.ip()) {
+                let why = format!(
+                    "{} may not send PROXY headers: accept_proxy.from does not list it",
+                    accepted_from.ip()
+                );
+                turn_away(ErrorReason::ProxyUntrusted, &why, accepted_from);
+                return None;
+            }
+            // Before the header is awaited: clients that send none are held
+            // to the listener's rate, not only to its max_connections.
+            if let Err(refusal) = route.gate.pace_listener() {
+                turn_away(ErrorReason::OverLimit, &refusal, accepted_from);
+                return None;
+            }
+            let carried =
+                match tokio::time::timeout(sources.timeout, proxy_protocol::read_header(client))
+                    .await
+                {
+                    Ok(Ok(carried)) => carried,
+                    Ok(Err(e)) => {
+                        turn_away(ErrorReason::ProxyHeader, &e, accepted_from);
+                        return None;
+                    }
+                    Err(_) => {
+                        let why = format!(
+                            "no PROXY header within {}",
+                            humantime::format_duration(sources.timeout)
+                        );
+                        turn_away(ErrorReason::ProxyHeader, &why, accepted_from);
+                        return None;
+                    }
+                };
+            let client_addr = carried.map_or(accepted_from, |(source, _)| source);
+            if let Err(refusal) = route.gate.pace_client(client_addr.ip()) {
+                turn_away(ErrorReason::OverLimit, &refusal, client_addr);
+                return None;
+            }
+            (client_addr, carried)
+        }
     };
-    let client_addr = carried.map_or(accepted_from, |(source, _)| source);
-    if let Err(refusal) = route.gate.pace(client_addr.ip()) {
-        turn_away(ErrorReason::OverLimit, &refusal, client_addr);
-        return None;
-    }
+    let peer = (client_addr != accepted_from).then_some(accepted_from);
     // Loaded only now, and held only until the backend is dialed: a
     // client slow to send its header, or a long connection, must not keep
     // an old snapshot alive.
@@ -319,6 +360,7 @@ async fn open(
         Ok(backend) => Some(Opened {
             backend,
             client_addr,
+            peer,
             engine: pool.engine,
             idle_timeout: (!pool.idle_timeout.is_zero()).then_some(pool.idle_timeout),
             lease,
@@ -338,18 +380,23 @@ async fn open(
                 ),
             };
             if let Some(suppressed) = throttle.allow() {
-                warn!(listener, pool = %pool.name, client = %client_addr, suppressed, "{why}");
+                warn!(
+                    listener, pool = %pool.name, client = %client_addr,
+                    peer = peer.map(display), suppressed, "{why}"
+                );
             }
-            log_closed(listener, client_addr, "-", (0, 0), accepted, close);
+            log_closed(listener, (client_addr, peer), "-", (0, 0), accepted, close);
             None
         }
     }
 }
 
-/// With `log.connections`, one line per closed connection.
+/// With `log.connections`, one line per closed connection: the client's
+/// address, and its connection's own peer when a PROXY header carried
+/// another.
 fn log_closed(
     listener: &str,
-    client: SocketAddr,
+    (client, peer): (SocketAddr, Option<SocketAddr>),
     backend: &str,
     (to_backend, to_client): (u64, u64),
     accepted: Instant,
@@ -359,6 +406,7 @@ fn log_closed(
         info!(
             listener,
             %client,
+            peer = peer.map(display),
             backend,
             to_backend,
             to_client,
