@@ -12,10 +12,10 @@
 //! clients wait in the kernel's listen backlog until a connection ends
 //! ([`Connections::wait_for_room`]).
 
-use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::Notify;
+use tracing::warn;
 
 /// Descriptors kept for sluice itself, whatever the configuration: standard
 /// streams, the control plane's runtime and signalfd, the notify and admin
@@ -32,10 +32,17 @@ const PER_WORKER: usize = 8;
 const MAX_PIPES_PER_WORKER: usize = 256;
 
 /// Raises the soft descriptor limit to the hard limit (capped by the
-/// kernel's `fs.nr_open`); returns the limit now in force.
-pub fn raise_descriptor_limit() -> io::Result<u64> {
+/// kernel's `fs.nr_open`); returns the limit now in force. If it cannot (a
+/// system call filter that forbids it), says so and keeps the soft limit.
+pub fn raise_descriptor_limit() -> u64 {
     use nix::sys::resource::{getrlimit, setrlimit, Resource, RLIM_INFINITY};
-    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(limits) => limits,
+        Err(e) => {
+            warn!("cannot read the descriptor limit, assuming 1024: {e}");
+            return 1024;
+        }
+    };
     let ceiling = if hard == RLIM_INFINITY {
         std::fs::read_to_string("/proc/sys/fs/nr_open")
             .ok()
@@ -44,10 +51,18 @@ pub fn raise_descriptor_limit() -> io::Result<u64> {
     } else {
         hard
     };
-    if ceiling > soft {
-        setrlimit(Resource::RLIMIT_NOFILE, ceiling, hard)?;
+    if ceiling <= soft {
+        return soft;
     }
-    Ok(ceiling.max(soft))
+    match setrlimit(Resource::RLIMIT_NOFILE, ceiling, hard) {
+        Ok(()) => ceiling,
+        Err(e) => {
+            warn!(
+                "cannot raise the descriptor limit from {soft} to {ceiling}, keeping {soft}: {e}"
+            );
+            soft
+        }
+    }
 }
 
 /// How a descriptor limit is shared out.

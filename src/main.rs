@@ -124,8 +124,7 @@ fn run(path: &Path) -> Result<(), String> {
     signals::block().map_err(|e| format!("cannot block signals: {e}"))?;
     logging::init(config.log.level, config.log.format, config.log.connections);
     abort_on_panic();
-    let descriptor_limit = capacity::raise_descriptor_limit()
-        .map_err(|e| format!("cannot raise the descriptor limit: {e}"))?;
+    let descriptor_limit = capacity::raise_descriptor_limit();
 
     let workers = worker_count(&config);
     let pin = config.pin_workers;

@@ -181,6 +181,47 @@ fn the_unit_file_passes_systemd_analyze_verify() {
     }
 }
 
+/// The unit's sandbox lets sluice do what it does (raise its descriptor
+/// limit, pin its workers) and keeps the exposure `systemd-analyze
+/// security` measures at 1.5 or below: 1.6 before PrivateMounts and UMask.
+#[test]
+fn the_unit_file_keeps_its_security_score_and_allows_what_sluice_calls() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/sluice.service"
+    ))
+    .unwrap()
+    .replace("/usr/local/bin/sluice", SLUICE);
+    let file = temp_file("sluice.service", &unit);
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--no-pager"])
+        .arg(&file.path)
+        .output()
+        .expect("systemd-analyze: `make test` installs the systemd package");
+    let report = String::from_utf8_lossy(&out.stdout);
+    let score: f64 = report
+        .lines()
+        .find_map(|l| {
+            l.split("Overall exposure level for sluice.service: ")
+                .nth(1)
+        })
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no overall exposure in:\n{report}"));
+    assert!(score <= 1.5, "exposure {score}:\n{report}");
+    // The system call filter takes setrlimit, prlimit64 and
+    // sched_setaffinity back from @resources.
+    assert!(report.contains("sched_setaffinity is allowed"), "{report}");
+    let filters: Vec<&str> = unit
+        .lines()
+        .filter(|l| l.starts_with("SystemCallFilter="))
+        .collect();
+    let allowed_after_deny = filters
+        .iter()
+        .skip_while(|l| !(l.starts_with("SystemCallFilter=~") && l.contains("@resources")))
+        .any(|l| l.contains("setrlimit") && l.contains("prlimit64"));
+    assert!(allowed_after_deny, "{filters:?}");
+}
+
 #[test]
 fn make_install_lays_out_the_files() {
     let root = tempfile::tempdir().unwrap();
