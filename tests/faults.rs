@@ -800,3 +800,40 @@ fn a_storm_of_two_thousand_clients_is_served() {
         open_descriptors(sluice.pid()) <= descriptors
     });
 }
+
+/// A resolver that never answers fails a reload within the lookup's time
+/// limit (10 s), with the name it could not resolve, instead of holding the
+/// reload for as long as the resolver's retries take (here 30 s).
+#[test]
+fn a_resolver_that_never_answers_fails_a_reload_in_ten_seconds() {
+    let Some(netns) = NetNs::new("dns") else {
+        return;
+    };
+    netns.etc(
+        "resolv.conf",
+        "nameserver 127.0.0.1\noptions timeout:30 attempts:1\n",
+    );
+    // Takes every query and answers none.
+    let _silent = netns.enter(|| std::net::UdpSocket::bind("127.0.0.1:53").unwrap());
+    let listen: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+    let text = config(
+        listen,
+        &[("ip".into(), "127.0.0.1:7001".parse().unwrap())],
+        "",
+    );
+    let sluice = Sluice::start_in(&netns, &text);
+    let host = format!("sluice-{}.invalid", std::process::id());
+    let slow = text.replace("address: 127.0.0.1:7001", &format!("address: {host}:7001"));
+    let started = Instant::now();
+    let outcome = sluice.reload(&slow);
+    assert!(
+        outcome.contains("reload failed")
+            && outcome.contains(&format!(
+                "cannot resolve host \"{host}\": no answer within 10s"
+            )),
+        "{outcome}"
+    );
+    assert!(started.elapsed() >= Duration::from_secs(10));
+    sluice.signal(Signal::SIGTERM);
+    assert_eq!(sluice.wait_exit().code(), Some(0));
+}

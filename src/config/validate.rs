@@ -4,6 +4,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::mpsc;
+use std::time::Duration;
 
 use super::schema::{AcceptProxy, Balance, Config, Health, Listener, Pool, Preset, SendProxy};
 use super::Problem;
@@ -294,6 +296,32 @@ fn check_health(pool: &str, health: &Health) -> Result<(), Problem> {
     Ok(())
 }
 
+/// How long a host name's lookup may take: a resolver that does not answer
+/// must not hold a reload (or a start) for the minutes its retries take.
+pub const LOOKUP_TIME_LIMIT: Duration = Duration::from_secs(10);
+
+/// Asks the system's resolver for `host`, giving up after
+/// [`LOOKUP_TIME_LIMIT`]. getaddrinfo cannot be cancelled: it runs on a
+/// thread of its own, left to finish (within the resolver's own retries)
+/// when the answer is no longer awaited.
+fn lookup(host: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
+    let (answer, answered) = mpsc::channel();
+    let name = host.to_owned();
+    std::thread::Builder::new()
+        .name("sluice-lookup".into())
+        .spawn(move || {
+            let addrs = (name.as_str(), port)
+                .to_socket_addrs()
+                .map(Iterator::collect::<Vec<_>>);
+            let _ = answer.send(addrs);
+        })
+        .map_err(|e| format!("cannot start a thread to look it up: {e}"))?;
+    match answered.recv_timeout(LOOKUP_TIME_LIMIT) {
+        Ok(result) => result.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer within {}s", LOOKUP_TIME_LIMIT.as_secs())),
+    }
+}
+
 /// Resolves `ip:port`, `[ipv6]:port` or `host:port` to its addresses,
 /// sorted and without duplicates, so that the same answer in another order
 /// changes nothing.
@@ -312,10 +340,9 @@ pub fn resolve(address: &str, resolver: Resolver) -> Result<Vec<SocketAddr>, Str
                 return Err(invalid());
             }
             match resolver {
-                Resolver::Dns => (host, port)
-                    .to_socket_addrs()
-                    .map_err(|e| format!("cannot resolve host {host:?}: {e}"))?
-                    .collect(),
+                Resolver::Dns => {
+                    lookup(host, port).map_err(|e| format!("cannot resolve host {host:?}: {e}"))?
+                }
                 Resolver::Offline => vec![SocketAddr::from(([192, 0, 2, 1], port))],
             }
         }

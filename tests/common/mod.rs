@@ -119,21 +119,42 @@ impl Sluice {
 
     /// Starts sluice with extra environment variables.
     pub fn spawn_with_env(config: &str, env: &[(&str, &str)]) -> Sluice {
-        Sluice::spawn_with(config, env, None)
+        Sluice::spawn_with(config, env, None, None)
+    }
+
+    /// Starts sluice inside network namespace `netns` (with its own
+    /// `/etc/netns/NAME` files), and waits until it is ready.
+    pub fn start_in(netns: &NetNs, config: &str) -> Sluice {
+        let sluice = Sluice::spawn_with(config, &[], None, Some(netns));
+        sluice.wait_for_log("sluice is ready");
+        sluice
     }
 
     /// Starts sluice with its descriptor limit (soft and hard) at
     /// `descriptors`, and waits until it is ready.
     pub fn start_with_descriptor_limit(config: &str, descriptors: u64) -> Sluice {
-        let sluice = Sluice::spawn_with(config, &[], Some(descriptors));
+        let sluice = Sluice::spawn_with(config, &[], Some(descriptors), None);
         sluice.wait_for_log("sluice is ready");
         sluice
     }
 
-    fn spawn_with(config: &str, env: &[(&str, &str)], descriptors: Option<u64>) -> Sluice {
+    fn spawn_with(
+        config: &str,
+        env: &[(&str, &str)],
+        descriptors: Option<u64>,
+        netns: Option<&NetNs>,
+    ) -> Sluice {
         use std::os::unix::process::CommandExt;
         let file = temp_file("sluice.yaml", config);
-        let mut command = Command::new(SLUICE);
+        let mut command = match netns {
+            // `ip netns exec` execs sluice: the child's pid is sluice's.
+            Some(netns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", &netns.name, SLUICE]);
+                command
+            }
+            None => Command::new(SLUICE),
+        };
         if let Some(limit) = descriptors {
             let limit = libc::rlimit {
                 rlim_cur: limit,
@@ -524,6 +545,77 @@ pub fn explain_without(
         retries.split(", ").map(name_of).collect()
     };
     (name_of(&field("backend:")), retries)
+}
+
+/// A network namespace of the test's own, with loopback up; deleted, with
+/// its `/etc/netns/NAME` files, when dropped. Needs root.
+pub struct NetNs {
+    pub name: String,
+}
+
+impl NetNs {
+    /// `None`, with the reason printed, where namespaces cannot be made
+    /// (not root): the caller skips its test.
+    pub fn new(tag: &str) -> Option<NetNs> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "sluice-{tag}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let made = Command::new("ip")
+            .args(["netns", "add", &name])
+            .output()
+            .map(|out| out.status.success())
+            .unwrap_or(false);
+        if !made {
+            eprintln!("skipped: cannot create network namespace {name} (needs root and iproute2)");
+            return None;
+        }
+        let netns = NetNs { name };
+        netns.run(&["ip", "link", "set", "lo", "up"]);
+        Some(netns)
+    }
+
+    /// Runs `command` inside the namespace; panics if it fails.
+    pub fn run(&self, command: &[&str]) {
+        let mut exec = Command::new("ip");
+        exec.args(["netns", "exec", &self.name]).args(command);
+        run_to_completion(exec);
+    }
+
+    /// Writes `/etc/netns/NAME/FILE`, which `ip netns exec` shows at
+    /// `/etc/FILE` inside the namespace.
+    pub fn etc(&self, file: &str, contents: &str) {
+        let dir = PathBuf::from("/etc/netns").join(&self.name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(file), contents).unwrap();
+    }
+
+    /// Runs `work` on a thread that has entered the namespace: sockets it
+    /// makes are the namespace's.
+    pub fn enter<T: Send>(&self, work: impl FnOnce() -> T + Send) -> T {
+        let path = format!("/var/run/netns/{}", self.name);
+        thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let file = std::fs::File::open(&path).unwrap();
+                    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+                    work()
+                })
+                .join()
+                .unwrap()
+        })
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.name])
+            .status();
+        let _ = std::fs::remove_dir_all(PathBuf::from("/etc/netns").join(&self.name));
+    }
 }
 
 /// The resident memory of process `pid`, in KiB.
