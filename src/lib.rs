@@ -11,6 +11,8 @@
 //! - [`balancer`]: client address → backend (Maglev).
 //! - [`worker`]: thread-per-core runtimes and accept loops.
 //! - [`capacity`]: how many connections the descriptor limit allows.
+//! - [`connection`]: what happens to a connection, whatever the driver:
+//!   admission, backend choice and retries, how its ending is judged.
 //! - [`relay`]: one connection: dial the backend, move the bytes.
 //! - [`net`]: socket options, listening and connecting.
 //! - [`metrics`]: Prometheus metrics.
@@ -23,6 +25,7 @@ pub mod admin;
 pub mod balancer;
 pub mod capacity;
 pub mod config;
+pub mod connection;
 pub mod control;
 pub mod explain;
 pub mod health;

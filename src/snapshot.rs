@@ -225,7 +225,12 @@ impl Pool {
     /// The backends to try for a new connection from `client`, best first,
     /// each at most once. Callers try at most `retries` + 1 of them.
     pub fn candidates(&self, client: SocketAddr) -> impl Iterator<Item = &Backend> {
-        self.balancer.candidates(client).map(|i| &self.backends[i])
+        self.candidate_indices(client).map(|i| &self.backends[i])
+    }
+
+    /// [`candidates`](Pool::candidates) as indices into `backends`.
+    pub fn candidate_indices(&self, client: SocketAddr) -> impl Iterator<Item = usize> + '_ {
+        self.balancer.candidates(client)
     }
 
     /// The Maglev table's size; 0 for other algorithms.

@@ -1,0 +1,284 @@
+//! Which backend a connection gets: the first reachable one in the
+//! client's preference order, trying at most `retries` more after the
+//! first. A backend at its `max_connections` is passed over without
+//! counting as a try.
+//!
+//! [`Dialer`] is the plan and its progress; the driver makes each connect
+//! it asks for and reports how it went. Each outcome is judged by
+//! [`classify`](super::ending::classify): a failed connect counts against
+//! its backend (and may eject it), a successful one ends its failure
+//! streak, and running out of local resources stops the retries at once
+//! (no other backend would fare better, and this one is not to blame).
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::{debug, warn};
+
+use crate::balancer::load::Lease;
+use crate::config::schema::SendProxy;
+use crate::config::Engine;
+use crate::health::PassiveHealth;
+use crate::logging::Throttle;
+use crate::metrics::{BackendStats, ErrorReason};
+use crate::proxy_protocol::{self, Carried};
+use crate::shared::Shared;
+use crate::snapshot::{Pool, Route};
+
+use super::admit::turn_away;
+use super::ending::{self, Ending};
+use super::{judge, log_closed};
+
+/// "No backend reachable" is logged at most once per interval, with a count.
+static NO_BACKEND: Throttle = Throttle::new();
+
+/// And clients closed because sluice lacked a local resource to connect.
+static OUT_OF_RESOURCES: Throttle = Throttle::new();
+
+/// The backends to try for one connection, and how far it got.
+pub struct Dialer {
+    /// Held only while dialing: a long connection does not keep its pool
+    /// (or the snapshot it came from) alive.
+    pool: Arc<Pool>,
+    client: SocketAddr,
+    /// The client's preference order, as indices into the pool's backends.
+    /// Taken once: some algorithms move on with every call.
+    order: Vec<usize>,
+    next: usize,
+    tries: u32,
+    last_error: Option<io::Error>,
+    /// The last connect failed for want of a local resource.
+    local_failure: bool,
+    proxy_header: Option<Box<[u8]>>,
+}
+
+/// One connect the driver is to make.
+pub struct Attempt {
+    pub addr: SocketAddr,
+    backend: usize,
+    lease: Lease,
+    started: Instant,
+}
+
+/// The backend a connection was given: what it needs once the pool it
+/// came from is released.
+pub struct Dialed {
+    pub name: Arc<str>,
+    pub passive: Arc<PassiveHealth>,
+    pub stats: Arc<BackendStats>,
+    pub eject_after: Option<u32>,
+    pub engine: Engine,
+    /// Close the connection when nothing moved either way this long.
+    pub idle_timeout: Option<Duration>,
+    /// Counts the connection in its backend's load until it ends.
+    pub lease: Lease,
+}
+
+/// What a failed connect leaves to do.
+pub enum Next {
+    /// Ask [`Dialer::next_attempt`] for the next backend.
+    Retry,
+    /// Stop: sluice itself lacks a resource (descriptors, memory, ports).
+    GiveUp,
+}
+
+impl Dialer {
+    /// The plan for a connection from `client` (over `peer`) on `route`,
+    /// from the snapshot of this moment. `carried` is what its PROXY
+    /// header said, and `local` tells the address it was accepted on, for
+    /// the header sent to backends. `None` if it was turned away: its pool
+    /// is gone, or it is gone itself.
+    pub fn new(
+        route: &Route,
+        (client, peer): (SocketAddr, SocketAddr),
+        carried: Carried,
+        local: impl FnOnce() -> io::Result<SocketAddr>,
+        shared: &Shared,
+        accepted: Instant,
+    ) -> Option<Dialer> {
+        // Loaded only now: a client slow to send its header must not keep
+        // an old snapshot alive.
+        let pool = shared
+            .snapshot
+            .load()
+            .pools()
+            .iter()
+            .find(|pool| pool.name == route.pool)
+            .cloned();
+        let Some(pool) = pool else {
+            // A reload removed the pool since the connection was accepted.
+            let why = "its pool was removed";
+            turn_away(
+                route,
+                ErrorReason::NoBackend,
+                &why,
+                (client, peer),
+                accepted,
+            );
+            return None;
+        };
+        let proxy_header = match pool.send_proxy {
+            SendProxy::Off => None,
+            version => {
+                let local = match carried {
+                    Some((_, destination)) => destination,
+                    None => match local() {
+                        Ok(local) => local,
+                        Err(e) => {
+                            // The client is already gone.
+                            debug!(client = %client, "no local address: {e}");
+                            return None;
+                        }
+                    },
+                };
+                Some(proxy_protocol::header(version, client, local).into_boxed_slice())
+            }
+        };
+        let order = pool.candidate_indices(client).collect();
+        Some(Dialer {
+            pool,
+            client,
+            order,
+            next: 0,
+            tries: 0,
+            last_error: None,
+            local_failure: false,
+            proxy_header,
+        })
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        self.pool.connect_timeout
+    }
+
+    /// What to send the backend first: the PROXY header of `send_proxy`.
+    pub fn proxy_header(&self) -> Option<&[u8]> {
+        self.proxy_header.as_deref()
+    }
+
+    /// The next backend to connect to, `None` when there is none left to
+    /// try.
+    pub fn next_attempt(&mut self) -> Option<Attempt> {
+        if self.local_failure {
+            return None;
+        }
+        while self.tries <= self.pool.retries {
+            let &backend = self.order.get(self.next)?;
+            self.next += 1;
+            let Some(lease) = self.pool.backends[backend].lease() else {
+                continue;
+            };
+            self.tries += 1;
+            return Some(Attempt {
+                addr: self.pool.backends[backend].addr,
+                backend,
+                lease,
+                started: Instant::now(),
+            });
+        }
+        None
+    }
+
+    /// `attempt` connected: the connection's backend.
+    pub fn connected(&self, attempt: Attempt, shared: &Shared) -> Dialed {
+        let backend = &self.pool.backends[attempt.backend];
+        let classified = ending::classify(&Ending::Connected);
+        judge(
+            classified.passive,
+            &backend.passive,
+            self.pool.eject_after,
+            shared,
+        );
+        backend
+            .stats
+            .connect_seconds
+            .record(attempt.started.elapsed().as_secs_f64());
+        Dialed {
+            name: backend.name.clone(),
+            passive: backend.passive.clone(),
+            stats: backend.stats.clone(),
+            eject_after: self.pool.eject_after,
+            engine: self.pool.engine,
+            idle_timeout: (!self.pool.idle_timeout.is_zero()).then_some(self.pool.idle_timeout),
+            lease: attempt.lease,
+        }
+    }
+
+    /// `attempt` failed with `error`: counted against its backend unless
+    /// sluice is to blame, in which case the tries stop.
+    pub fn failed(
+        &mut self,
+        attempt: Attempt,
+        error: io::Error,
+        route: &Route,
+        shared: &Shared,
+    ) -> Next {
+        let backend = &self.pool.backends[attempt.backend];
+        let classified = ending::classify(&Ending::ConnectFailed(&error));
+        judge(
+            classified.passive,
+            &backend.passive,
+            self.pool.eject_after,
+            shared,
+        );
+        let error = io::Error::new(
+            error.kind(),
+            format!("{} ({}): {error}", backend.name, backend.addr),
+        );
+        self.local_failure = classified.counted == Some(ErrorReason::OutOfResources);
+        let next = if self.local_failure {
+            Next::GiveUp
+        } else {
+            debug!(client = %self.client, "connect failed: {error}");
+            if let Some(reason) = classified.counted {
+                route.stats.error(reason);
+            }
+            Next::Retry
+        };
+        self.last_error = Some(error);
+        next
+    }
+
+    /// No backend could be reached: counts why (`no_backend`,
+    /// `out_of_resources`, or `over_limit` when every backend was full) and
+    /// logs it, with a connection log line.
+    pub fn give_up(self, route: &Route, peer: SocketAddr, accepted: Instant) {
+        let (reason, error) = match self.last_error {
+            Some(error) if self.local_failure => (ErrorReason::OutOfResources, error),
+            Some(error) => (ErrorReason::NoBackend, error),
+            None if self.pool.backends.iter().any(|b| b.weight > 0) => (
+                ErrorReason::OverLimit,
+                io::Error::other("every backend is at its max_connections"),
+            ),
+            None => (
+                ErrorReason::NoBackend,
+                io::Error::other("the pool has no backend with a weight above 0"),
+            ),
+        };
+        route.stats.error(reason);
+        let (throttle, why, close) = match reason {
+            ErrorReason::OutOfResources => (
+                &OUT_OF_RESOURCES,
+                format!("cannot connect to a backend, closing the client; not counted against it: {error}"),
+                "out of resources",
+            ),
+            _ => (
+                &NO_BACKEND,
+                format!("no backend reachable, closing the client: {error}"),
+                "no backend",
+            ),
+        };
+        let client = self.client;
+        let peer = (client != peer).then_some(peer);
+        let listener = &*route.listener;
+        if let Some(suppressed) = throttle.allow() {
+            warn!(
+                listener, pool = %self.pool.name, %client,
+                peer = peer.map(tracing::field::display), suppressed, "{why}"
+            );
+        }
+        log_closed(listener, (client, peer), "-", (0, 0), accepted, close);
+    }
+}

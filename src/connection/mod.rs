@@ -1,0 +1,91 @@
+//! What happens to a connection, whichever driver moves its bytes: who is
+//! let in ([`admit`]), which backend it is given and how a failed connect
+//! is retried ([`dial`]), and what its ending means ([`ending`]): the
+//! close reason it is logged with, whether both sides are reset, what the
+//! backend's passive health hears and what is counted.
+//!
+//! None of this does I/O. The two drivers, io_uring ([`crate::uring`]) and
+//! epoll ([`crate::relay`]), call it with what their sockets said, so the
+//! rules are written once, unit-tested without sockets, and cannot drift
+//! between drivers.
+
+pub mod admit;
+pub mod dial;
+pub mod ending;
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use metrics::Counter;
+use tracing::info;
+
+use crate::health::PassiveHealth;
+use crate::logging;
+use crate::shared::{Event, Shared};
+use ending::Passive;
+
+/// With `log.connections`, one line per closed connection: the client's
+/// address, and its connection's own peer when a PROXY header carried
+/// another.
+pub fn log_closed(
+    listener: &str,
+    (client, peer): (SocketAddr, Option<SocketAddr>),
+    backend: &str,
+    (to_backend, to_client): (u64, u64),
+    accepted: Instant,
+    close: &str,
+) {
+    if logging::log_connections() {
+        info!(
+            listener,
+            %client,
+            peer = peer.map(tracing::field::display),
+            backend,
+            to_backend,
+            to_client,
+            duration_ms = accepted.elapsed().as_millis() as u64,
+            close,
+            "connection closed"
+        );
+    }
+}
+
+/// Applies what an ending says about the backend (see [`ending`]): a
+/// failure that completes a streak of `eject_after` asks the control plane
+/// to take the backend out.
+pub fn judge(passive: Passive, health: &PassiveHealth, eject_after: Option<u32>, shared: &Shared) {
+    match passive {
+        Passive::Healthy => health.record_success(),
+        Passive::Failing => {
+            if let Some(threshold) = eject_after {
+                if health.record_failure(threshold) {
+                    let _ = shared.events.send(Event::Ejected { id: health.id });
+                }
+            }
+        }
+        Passive::Silent => {}
+    }
+}
+
+/// Bytes moved in one direction: a total for the end of the connection,
+/// and the Prometheus counter, which moves as they go.
+pub struct Bytes {
+    pub total: u64,
+    counter: Option<Counter>,
+}
+
+impl Bytes {
+    pub fn new(counter: Option<&Counter>) -> Bytes {
+        Bytes {
+            total: 0,
+            counter: counter.cloned(),
+        }
+    }
+
+    pub fn add(&mut self, n: usize) {
+        self.total += n as u64;
+        if let Some(counter) = &self.counter {
+            counter.increment(n as u64);
+        }
+    }
+}
