@@ -1,6 +1,7 @@
 # sluice: build, test, run the demo, benchmark, install.
 #
-#   make test      install what the tests need (Debian packages) and run them all
+#   make test      install what the tests need (Debian packages) and run them all,
+#                  the integration tests on both drivers (io_uring, then epoll)
 #   make run       three local redis-server backends and sluice in front of them
 #   make bench     sluice next to HAProxy, NGINX and a direct connection (benches/compare
 #                  installs the peers and writes benches/RESULTS.md), how sluice scales
@@ -35,8 +36,11 @@ build:
 deps:
 	@scripts/apt-install $(TEST_PACKAGES)
 
+# The integration suite runs twice: on the default driver (io_uring), then
+# with every configuration on epoll, the fallback.
 test: deps
 	$(CARGO) test --all-targets
+	SLUICE_TEST_IO=epoll $(CARGO) test --tests
 
 lint:
 	$(CARGO) fmt --check

@@ -9,12 +9,14 @@
 //! - [`health`]: probes and the passive failure count.
 //! - [`snapshot`]: immutable routing state, swapped atomically.
 //! - [`balancer`]: client address → backend (Maglev).
-//! - [`worker`]: thread-per-core runtimes and accept loops.
+//! - [`worker`]: thread-per-core workers, on one of two drivers:
+//!   [`uring`] (the default) or epoll ([`relay`]).
 //! - [`capacity`]: how many connections the descriptor limit allows.
 //! - [`connection`]: what happens to a connection, whatever the driver:
 //!   admission, backend choice and retries, how its ending is judged.
 //! - [`relay`]: one connection: dial the backend, move the bytes.
 //! - [`net`]: socket options, listening and connecting.
+//! - [`pipe`]: the per-worker pipes of the splice engine.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`admin`]: the admin endpoint that serves them.
 //! - [`shared`]: what the control plane and the workers share.
@@ -33,10 +35,12 @@ pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod net;
+pub mod pipe;
 pub mod proxy_protocol;
 pub mod relay;
 pub mod shared;
 pub mod signals;
 pub mod snapshot;
 pub mod systemd;
+pub mod uring;
 pub mod worker;

@@ -10,11 +10,12 @@ use std::process::ExitCode;
 
 use clap::error::ErrorKind;
 use clap::{CommandFactory, Parser, Subcommand};
-use tracing::error;
+use tracing::{error, info};
 
 use sluice::config::{self, Config, Workers};
 use sluice::control::Controller;
-use sluice::{capacity, explain, logging, signals, worker};
+use sluice::worker::{self, Driver};
+use sluice::{capacity, explain, logging, signals};
 
 #[derive(Parser)]
 #[command(
@@ -128,15 +129,18 @@ fn run(path: &Path) -> Result<(), String> {
 
     let workers = worker_count(&config);
     let pin = config.pin_workers;
+    let (driver, why) = Driver::choose(config.io)?;
+    info!(io = driver.name(), "data path on {}: {why}", driver.name());
     let (mut controller, mut bound) =
-        Controller::new(path.to_owned(), config, workers, descriptor_limit)?;
+        Controller::new(path.to_owned(), config, workers, descriptor_limit, driver)?;
     let cpus = worker::allowed_cpus();
     for (id, sockets) in bound.drain(..).enumerate() {
         let cpu = (pin && !cpus.is_empty()).then(|| cpus[id % cpus.len()]);
-        let (commands, received) = tokio::sync::mpsc::unbounded_channel();
-        worker::spawn(id, sockets, received, controller.shared(), cpu)
+        let (mailbox, inbox) =
+            worker::mailbox().map_err(|e| format!("cannot start worker {id}: {e}"))?;
+        worker::spawn(id, driver, sockets, inbox, controller.shared(), cpu)
             .map_err(|e| format!("cannot start worker {id}: {e}"))?;
-        controller.add_worker(commands);
+        controller.add_worker(mailbox);
     }
     controller.run()
 }

@@ -154,7 +154,7 @@ impl Family {
             Family::BuildInfo => (
                 "sluice_build_info",
                 "gauge",
-                "Always 1; the version is a label.",
+                "Always 1; the version and the data path's driver (io_uring or epoll) are labels.",
             ),
             Family::ConnectionsCapacity => (
                 "sluice_connections_capacity",
@@ -209,14 +209,19 @@ impl Metrics {
         if !enabled {
             return Metrics(None);
         }
-        let metrics = Metrics(Some(Arc::default()));
-        metrics
-            .permanent_gauge(
-                Family::BuildInfo,
-                vec![("version", env!("CARGO_PKG_VERSION").to_owned())],
-            )
-            .set(1.0);
-        metrics
+        Metrics(Some(Arc::default()))
+    }
+
+    /// `sluice_build_info`: the version, and the driver the workers run.
+    pub fn build_info(&self, io: &str) {
+        self.permanent_gauge(
+            Family::BuildInfo,
+            vec![
+                ("version", env!("CARGO_PKG_VERSION").to_owned()),
+                ("io", io.to_owned()),
+            ],
+        )
+        .set(1.0);
     }
 
     pub fn enabled(&self) -> bool {
@@ -575,6 +580,7 @@ mod tests {
     #[test]
     fn series_follow_what_is_registered_between_sweeps() {
         let metrics = Metrics::new(true);
+        metrics.build_info("io_uring");
         let _process = ProcessStats::new(&metrics);
         let a = BackendStats::new(&metrics, "p", "a", &["front"]);
         let _b = BackendStats::new(&metrics, "p", "b", &["front"]);

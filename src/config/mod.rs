@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 pub use bounds::{check_depth, MAX_DEPTH, MAX_FILE_BYTES};
 pub use schema::{
-    Balance, Config, Endpoint, Engine, HashKey, HealthProbe, LogFormat, LogLevel, Pool, Workers,
+    Balance, Config, Endpoint, Engine, HashKey, HealthProbe, Io, LogFormat, LogLevel, Pool, Workers,
 };
 pub use validate::{resolve, Resolver};
 

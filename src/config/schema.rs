@@ -21,6 +21,9 @@ use serde::Deserialize;
 pub struct Config {
     #[serde(default)]
     pub workers: Workers,
+    /// Which driver moves the workers' bytes.
+    #[serde(default)]
+    pub io: Io,
     #[serde(default)]
     pub pin_workers: bool,
     #[serde(default = "defaults::shutdown_timeout", with = "duration")]
@@ -41,6 +44,17 @@ pub enum Workers {
     #[default]
     Auto,
     Count(usize),
+}
+
+/// `io: auto | io_uring | epoll`: the workers' driver. `auto` is io_uring
+/// where this kernel and the process's sandbox allow it, epoll elsewhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Io {
+    #[default]
+    Auto,
+    IoUring,
+    Epoll,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]

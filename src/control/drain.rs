@@ -79,7 +79,7 @@ impl Controller {
     /// and waits a moment for them to finish doing so.
     async fn close_all(&self) {
         for worker in &self.workers {
-            let _ = worker.send(Command::CloseAll);
+            worker.send(Command::CloseAll);
         }
         let give_up = tokio::time::Instant::now() + Duration::from_secs(1);
         while self.shared.connections.open() > 0 && tokio::time::Instant::now() < give_up {

@@ -38,7 +38,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::oneshot;
 use tracing::{debug, error, info, warn};
 
@@ -52,7 +52,7 @@ use crate::shared::{Event, Shared};
 use crate::signals::{Request, Signals};
 use crate::snapshot::{Pool, Snapshot};
 use crate::systemd::Notifier;
-use crate::worker::{BoundListener, Command};
+use crate::worker::{self, BoundListener, Command, Driver, Mailbox};
 
 use backends::{Backends, Change};
 use listeners::Listeners;
@@ -67,7 +67,7 @@ pub struct Controller {
     shared: &'static Shared,
     events: UnboundedReceiver<Event>,
     /// Where to send each worker new listening sockets.
-    workers: Vec<UnboundedSender<Command>>,
+    workers: Vec<Mailbox>,
     /// Workers, as started: how many sockets each listener is bound to, and
     /// what the descriptor budget counts.
     worker_count: usize,
@@ -109,6 +109,7 @@ impl Controller {
         config: Config,
         workers: usize,
         descriptor_limit: u64,
+        driver: Driver,
     ) -> Result<(Controller, Vec<Vec<BoundListener>>), String> {
         let budget = budget(&config, workers, descriptor_limit)?;
         info!(
@@ -122,6 +123,7 @@ impl Controller {
         );
         let admin_addr = config.admin.as_ref().and_then(|a| a.listen);
         let metrics = Metrics::new(admin_addr.is_some());
+        metrics.build_info(driver.name());
         let admin = match admin_addr {
             Some(addr) => Some(
                 TcpListener::bind(addr.0)
@@ -172,14 +174,14 @@ impl Controller {
 
     /// Registers the channel over which worker `i` receives listeners added
     /// by a reload.
-    pub fn add_worker(&mut self, commands: UnboundedSender<Command>) {
-        self.workers.push(commands);
+    pub fn add_worker(&mut self, mailbox: Mailbox) {
+        self.workers.push(mailbox);
     }
 
     /// Runs until the process should exit, on an io_uring runtime of the
-    /// calling thread.
+    /// calling thread (a plain one where io_uring cannot be used).
     pub fn run(mut self) -> Result<(), String> {
-        tokio_uring::start(async move {
+        worker::block_on_local(async move {
             let signals = Signals::open().map_err(|e| format!("cannot read signals: {e}"))?;
             self.notifier.start();
             if let Some(socket) = self.admin.take() {
@@ -395,7 +397,7 @@ impl Controller {
         for (worker, sockets) in self.workers.iter().zip(sockets) {
             for socket in sockets {
                 // A worker that is gone has taken the process with it.
-                let _ = worker.send(Command::Listen(socket));
+                worker.send(Command::Listen(socket));
             }
         }
         let capacity = &self.shared.connections;
@@ -418,6 +420,7 @@ impl Controller {
         let running = &self.config;
         let changed = [
             ("workers", config.workers != running.workers),
+            ("io", config.io != running.io),
             ("pin_workers", config.pin_workers != running.pin_workers),
             ("log.level", config.log.level != running.log.level),
             ("log.format", config.log.format != running.log.format),
@@ -436,6 +439,7 @@ impl Controller {
             }
         }
         config.workers = running.workers;
+        config.io = running.io;
         config.pin_workers = running.pin_workers;
         config.log = running.log.clone();
         config.admin = running.admin;

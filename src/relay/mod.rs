@@ -15,8 +15,6 @@
 
 mod pump;
 
-pub use pump::keep_pipes;
-
 use std::fmt::Display;
 use std::future::{poll_fn, Future};
 use std::io;

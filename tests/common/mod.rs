@@ -97,6 +97,59 @@ pub fn check(config: &str) -> Output {
     sluice_command(&["--check", "-c", file.path.to_str().unwrap()])
 }
 
+/// `config` with the data path's driver the run asks for: `SLUICE_TEST_IO`
+/// (`io_uring` or `epoll`) runs the whole suite on one driver; unset, each
+/// configuration keeps its own `io` (the default: `auto`).
+pub fn with_driver(config: &str) -> String {
+    match std::env::var("SLUICE_TEST_IO") {
+        Ok(io) if !config.lines().any(|l| l.starts_with("io:")) => {
+            format!("{config}\nio: {io}\n")
+        }
+        _ => config.to_owned(),
+    }
+}
+
+/// A seccomp filter (classic BPF) that fails `io_uring_setup` with EPERM
+/// and allows everything else, as Docker's default profile does.
+fn refuse_io_uring_filter() -> Vec<libc::sock_filter> {
+    const LOAD: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+    const JUMP_IF_EQUAL: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+    const RETURN: u16 = 0x06; // BPF_RET | BPF_K
+    const ARCH_X86_64: u32 = 0xc000_003e;
+    const ALLOW: u32 = 0x7fff_0000;
+    const ERRNO: u32 = 0x0005_0000;
+    let op = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    vec![
+        op(LOAD, 0, 0, 4), // seccomp_data.arch
+        op(JUMP_IF_EQUAL, 0, 3, ARCH_X86_64),
+        op(LOAD, 0, 0, 0), // seccomp_data.nr
+        op(JUMP_IF_EQUAL, 0, 1, libc::SYS_io_uring_setup as u32),
+        op(RETURN, 0, 0, ERRNO | libc::EPERM as u32),
+        op(RETURN, 0, 0, ALLOW),
+    ]
+}
+
+fn install_filter(filter: &[libc::sock_filter]) -> std::io::Result<()> {
+    let program = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr().cast_mut(),
+    };
+    // SAFETY: plain prctl calls; `program` outlives them.
+    let installed = unsafe {
+        libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0
+            && libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                &program as *const libc::sock_fprog,
+            ) == 0
+    };
+    if installed {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// A running `sluice` process; killed when dropped.
 pub struct Sluice {
     child: Child,
@@ -119,13 +172,19 @@ impl Sluice {
 
     /// Starts sluice with extra environment variables.
     pub fn spawn_with_env(config: &str, env: &[(&str, &str)]) -> Sluice {
-        Sluice::spawn_with(config, env, None, None)
+        Sluice::spawn_with(config, env, None, None, false)
+    }
+
+    /// Starts sluice where io_uring is refused, as a container runtime's
+    /// seccomp profile refuses it: `io_uring_setup` fails with EPERM.
+    pub fn spawn_without_io_uring(config: &str) -> Sluice {
+        Sluice::spawn_with(config, &[], None, None, true)
     }
 
     /// Starts sluice inside network namespace `netns` (with its own
     /// `/etc/netns/NAME` files), and waits until it is ready.
     pub fn start_in(netns: &NetNs, config: &str) -> Sluice {
-        let sluice = Sluice::spawn_with(config, &[], None, Some(netns));
+        let sluice = Sluice::spawn_with(config, &[], None, Some(netns), false);
         sluice.wait_for_log("sluice is ready");
         sluice
     }
@@ -133,7 +192,7 @@ impl Sluice {
     /// Starts sluice with its descriptor limit (soft and hard) at
     /// `descriptors`, and waits until it is ready.
     pub fn start_with_descriptor_limit(config: &str, descriptors: u64) -> Sluice {
-        let sluice = Sluice::spawn_with(config, &[], Some(descriptors), None);
+        let sluice = Sluice::spawn_with(config, &[], Some(descriptors), None, false);
         sluice.wait_for_log("sluice is ready");
         sluice
     }
@@ -143,9 +202,10 @@ impl Sluice {
         env: &[(&str, &str)],
         descriptors: Option<u64>,
         netns: Option<&NetNs>,
+        refuse_io_uring: bool,
     ) -> Sluice {
         use std::os::unix::process::CommandExt;
-        let file = temp_file("sluice.yaml", config);
+        let file = temp_file("sluice.yaml", &with_driver(config));
         let mut command = match netns {
             // `ip netns exec` execs sluice: the child's pid is sluice's.
             Some(netns) => {
@@ -170,6 +230,14 @@ impl Sluice {
                         Err(std::io::Error::last_os_error())
                     }
                 });
+            }
+        }
+        if refuse_io_uring {
+            // SAFETY: prctl and seccomp are async-signal-safe; the filter
+            // is built before the fork and only read.
+            let filter = refuse_io_uring_filter();
+            unsafe {
+                command.pre_exec(move || install_filter(&filter));
             }
         }
         let mut child = command
@@ -271,7 +339,7 @@ impl Sluice {
     /// for the outcome and returns its log line.
     pub fn reload(&self, config: &str) -> String {
         let done = self.log_count("configuration reloaded") + self.log_count("reload failed");
-        std::fs::write(self.config_path(), config).unwrap();
+        std::fs::write(self.config_path(), with_driver(config)).unwrap();
         self.signal(nix::sys::signal::Signal::SIGHUP);
         let deadline = Instant::now() + DEADLINE;
         loop {

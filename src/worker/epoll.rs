@@ -1,82 +1,23 @@
-//! Worker threads: one tokio-uring runtime per thread, each with its own
-//! SO_REUSEPORT socket for every listener, so the kernel spreads new
-//! connections over the workers and nothing is handed between threads.
-//!
-//! A worker accepts, then runs each connection as a task on its own runtime
-//! ([`relay::serve`]). The only state shared between workers is the routing
-//! [`Snapshot`](crate::snapshot::Snapshot), read without a lock, and a few
-//! counters ([`Shared`]). Listeners added by a reload (and the order to
-//! close what is left at the end of a drain) arrive over a channel from the
-//! control plane; a listener is removed by shutting its socket
-//! down, which ends its accept loop.
+//! The epoll driver: a tokio runtime on the worker's thread, whose reactor
+//! is epoll; an accept loop per listener and a task per connection
+//! ([`relay::serve`]), moving bytes with plain system calls once a socket
+//! is ready.
 
 use std::io;
-use std::net::{SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use nix::errno::Errno;
-use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
-use nix::unistd::Pid;
 use socket2::SockRef;
 use tokio::io::Interest;
-use tokio::sync::mpsc::UnboundedReceiver;
-use tokio::sync::Notify;
 use tracing::{debug, error, info, warn};
 
+use super::{BoundListener, Command, Inbox};
 use crate::logging::Throttle;
 use crate::shared::Shared;
 use crate::{net, relay};
-
-/// What the control plane asks of a running worker.
-pub enum Command {
-    /// Start accepting on a listener a reload added.
-    Listen(BoundListener),
-    /// `shutdown_timeout` is over: close every connection still open.
-    CloseAll,
-}
-
-/// A listening socket bound for one worker.
-pub struct BoundListener {
-    /// The address it listens on: the key of its route in the snapshot.
-    pub addr: SocketAddr,
-    pub socket: TcpListener,
-    /// Shared by the listener's sockets on every worker: set when the
-    /// control plane stops the listener.
-    pub stop: Arc<Stop>,
-}
-
-/// Tells a listener's accept loops that it is stopped. The control plane
-/// also shuts the sockets down, which ends a loop waiting to accept; this
-/// reaches one that waits for room under the descriptor capacity.
-#[derive(Default)]
-pub struct Stop {
-    stopped: AtomicBool,
-    told: Notify,
-}
-
-impl Stop {
-    pub fn stop(&self) {
-        self.stopped.store(true, Ordering::SeqCst);
-        self.told.notify_waiters();
-    }
-
-    /// Returns once the listener is stopped.
-    async fn wait(&self) {
-        loop {
-            let told = self.told.notified();
-            let mut told = std::pin::pin!(told);
-            told.as_mut().enable();
-            if self.stopped.load(Ordering::SeqCst) {
-                return;
-            }
-            told.await;
-        }
-    }
-}
 
 /// Accept errors other than a vanished client are logged at most once per
 /// second.
@@ -86,57 +27,82 @@ static ACCEPT_ERROR: Throttle = Throttle::new();
 static AT_CAPACITY: Throttle = Throttle::new();
 static RESUMED: Throttle = Throttle::new();
 
-/// Starts worker `id` on its own thread, pinned to `cpu` if given, and
-/// returns once the worker is accepting on all its listeners, or with the
-/// error that kept it from starting (io_uring unavailable, say).
-pub fn spawn(
-    id: usize,
+/// Runs a worker on the calling thread: a tokio runtime whose reactor is
+/// epoll, an accept loop per listener and a task per connection. Says on
+/// `started` when it is accepting; returns only if it could not start.
+pub fn run(
     listeners: Vec<BoundListener>,
-    mut commands: UnboundedReceiver<Command>,
+    inbox: Inbox,
     shared: &'static Shared,
-    cpu: Option<usize>,
-) -> io::Result<JoinHandle<()>> {
-    let (started, outcome) = mpsc::channel::<io::Result<()>>();
-    let handle = std::thread::Builder::new()
-        .name(format!("sluice-worker-{id}"))
-        .spawn(move || {
-            relay::keep_pipes(shared.pipes_per_worker);
-            if let Some(cpu) = cpu {
-                if let Err(e) = pin_to(cpu) {
-                    warn!(worker = id, cpu, "cannot pin worker to its core: {e}");
-                }
+    started: mpsc::Sender<io::Result<()>>,
+) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            let _ = started.send(Err(io::Error::new(
+                e.kind(),
+                format!("cannot create the worker's runtime: {e}"),
+            )));
+            return;
+        }
+    };
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, async move {
+        for listener in listeners {
+            tokio::task::spawn_local(accept_loop(listener, shared));
+        }
+        let wake = match net::watch(Wake(inbox.fd()), Interest::READABLE) {
+            Ok(wake) => wake,
+            Err(e) => {
+                let _ = started.send(Err(e));
+                return;
             }
-            let runtime = match tokio_uring::Runtime::new(&tokio_uring::builder()) {
-                Ok(runtime) => runtime,
-                Err(e) => {
-                    let _ = started.send(Err(io::Error::new(
-                        e.kind(),
-                        format!("cannot create an io_uring runtime: {e}"),
-                    )));
-                    return;
-                }
-            };
-            runtime.block_on(async move {
-                for listener in listeners {
-                    tokio_uring::spawn(accept_loop(listener, shared));
-                }
-                let _ = started.send(Ok(()));
-                while let Some(command) = commands.recv().await {
-                    match command {
-                        Command::Listen(listener) => {
-                            tokio_uring::spawn(accept_loop(listener, shared));
-                        }
-                        Command::CloseAll => relay::close_all(),
+        };
+        let _ = started.send(Ok(()));
+        let mut inbox = inbox;
+        loop {
+            match wake.readable().await {
+                Ok(mut ready) => {
+                    let mut count = [0u8; 8];
+                    // SAFETY: reads 8 bytes into a live buffer.
+                    let read = unsafe { libc::read(inbox.fd(), count.as_mut_ptr().cast(), 8) };
+                    if read < 0 {
+                        ready.clear_ready();
                     }
                 }
-                // The control plane is gone: the process is exiting.
-                std::future::pending::<()>().await
-            })
-        })?;
-    match outcome.recv() {
-        Ok(Ok(())) => Ok(handle),
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(io::Error::other("the worker thread ended while starting")),
+                Err(e) => {
+                    error!("cannot wait for the control plane: {e}");
+                    return std::future::pending().await;
+                }
+            }
+            while let Some(command) = inbox.take() {
+                match command {
+                    Command::Listen(listener) => {
+                        tokio::task::spawn_local(accept_loop(listener, shared));
+                    }
+                    Command::CloseAll => relay::close_all(),
+                }
+            }
+        }
+    });
+}
+
+/// The inbox's eventfd, watched without being owned (the inbox owns it).
+struct Wake(RawFd);
+
+impl AsRawFd for Wake {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+impl AsFd for Wake {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        // SAFETY: the inbox keeps the descriptor open for the worker's life.
+        unsafe { BorrowedFd::borrow_raw(self.0) }
     }
 }
 
@@ -221,7 +187,7 @@ async fn accept_until_stopped(listener: BoundListener, shared: &'static Shared) 
                     shared.unrouted.increment(1);
                     continue;
                 };
-                tokio_uring::spawn(async move {
+                tokio::task::spawn_local(async move {
                     relay::serve(client, client_addr, route, slot, shared).await;
                 });
             }
@@ -259,22 +225,4 @@ async fn accept_until_stopped(listener: BoundListener, shared: &'static Shared) 
             }
         }
     }
-}
-
-/// The CPUs this process may run on, in order: worker `i` is pinned to the
-/// `i`-th (wrapping around when there are more workers than CPUs).
-pub fn allowed_cpus() -> Vec<usize> {
-    let Ok(set) = sched_getaffinity(Pid::from_raw(0)) else {
-        return Vec::new();
-    };
-    (0..CpuSet::count())
-        .filter(|&cpu| set.is_set(cpu).unwrap_or(false))
-        .collect()
-}
-
-fn pin_to(cpu: usize) -> nix::Result<()> {
-    let mut set = CpuSet::new();
-    set.set(cpu)?;
-    // Pid 0: the calling thread.
-    sched_setaffinity(Pid::from_raw(0), &set)
 }

@@ -1,0 +1,579 @@
+//! One connection on the ring, through its stages: waiting for a PROXY
+//! header (its bytes come in provided buffers like any others), dialing
+//! (an io_uring connect with `connect_timeout` as a linked timeout, and
+//! retries along the client's preference order), relaying (two
+//! [`Flow`](super::flow::Flow)s), and its end: everything armed on its
+//! sockets is cancelled, and once the last completion is in, its sockets
+//! are closed through the ring and it is judged and logged.
+use std::borrow::Cow;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use io_uring::{cqueue, opcode, types};
+use socket2::{Domain, Protocol, SockAddr, SockRef, Type};
+use tracing::debug;
+
+use super::flow::{error_of, source_side, Flow, Prefix, DOWN, UP};
+use super::{close_entry, FlowOp, Op, Token, Worker};
+use crate::balancer::load::Lease;
+use crate::capacity::Slot;
+use crate::config::Engine;
+use crate::connection::admit::{self, Admitted};
+use crate::connection::dial::{Attempt, Dialed, Dialer, Next};
+use crate::connection::ending::{self, Classified, Ending, Side};
+use crate::connection::{judge, log_closed, Bytes};
+use crate::metrics::RouteStats;
+use crate::net;
+use crate::proxy_protocol::{self, Carried};
+use crate::snapshot::Route;
+
+pub struct Conn {
+    pub generation: u32,
+    /// Operations whose last completion has not come yet.
+    pub(super) pending: u32,
+    pub(super) client: OwnedFd,
+    pub(super) backend: Option<OwnedFd>,
+    pub(super) stage: Stage,
+    pub(super) flows: [Flow; 2],
+    /// The connection's own peer, and the client a PROXY header named.
+    pub(super) peer: SocketAddr,
+    pub(super) client_addr: SocketAddr,
+    pub(super) accepted: Instant,
+    pub(super) listener: Arc<str>,
+    /// Counts the connection against its listener's `max_connections`.
+    pub(super) _lease: Lease,
+    /// Its place in the process's descriptor capacity.
+    pub(super) _slot: Slot,
+    pub(super) idle_timeout: Option<Duration>,
+    pub(super) last_moved: Instant,
+    pub(super) first_fin: Option<Side>,
+    /// Set once it is ending: how (nothing to log if `None` inside).
+    pub(super) ending: Option<Option<Classified>>,
+}
+
+pub(super) enum Stage {
+    /// Admitted, and about to dial; or done dialing without a backend.
+    Bare,
+    /// Waiting for a PROXY header.
+    Header(Box<HeaderWait>),
+    Dialing(Box<Dialing>),
+    Relaying(Box<Relaying>),
+}
+
+pub(super) struct HeaderWait {
+    pub(super) route: Arc<Route>,
+    pub(super) within: Duration,
+    pub(super) deadline: Instant,
+    /// What came so far (a header split over segments is rare).
+    pub(super) bytes: Vec<u8>,
+}
+
+pub(super) struct Dialing {
+    route: Arc<Route>,
+    dialer: Dialer,
+    attempt: Option<Attempt>,
+    /// Where the connect in flight goes, and its time limit: the ring reads
+    /// both after the entry is queued.
+    addr: SockAddr,
+    timeout: types::Timespec,
+}
+
+pub(super) struct Relaying {
+    dialed: Dialed,
+    stats: Option<RouteStats>,
+}
+
+impl Worker {
+    /// Admits a client accepted from `peer` and starts it on its way.
+    pub(super) fn start(
+        &mut self,
+        client: OwnedFd,
+        peer: SocketAddr,
+        route: Arc<Route>,
+        slot: Slot,
+    ) {
+        let accepted = Instant::now();
+        let Some(Admitted {
+            lease,
+            header_within,
+        }) = admit::admit(&route, peer, accepted)
+        else {
+            return;
+        };
+        let (index, generation) = self.take_slot();
+        let stage = match header_within {
+            Some(within) => Stage::Header(Box::new(HeaderWait {
+                route: route.clone(),
+                within,
+                deadline: accepted + within,
+                bytes: Vec::new(),
+            })),
+            None => Stage::Bare,
+        };
+        self.conns[index as usize] = Some(Conn {
+            generation,
+            pending: 0,
+            client,
+            backend: None,
+            stage,
+            flows: Default::default(),
+            peer,
+            client_addr: peer,
+            accepted,
+            listener: route.listener.clone(),
+            _lease: lease,
+            _slot: slot,
+            idle_timeout: None,
+            last_moved: accepted,
+            first_fin: None,
+            ending: None,
+        });
+        match header_within {
+            Some(within) => {
+                self.add_timer(accepted + within, index, generation);
+                self.arm(index, UP);
+            }
+            None => self.dial(index, route, None),
+        }
+    }
+
+    /// Completions of connection operations.
+    pub(super) fn conn_completed(&mut self, token: Token, result: i32, flags: u32) {
+        let (op, flow) = token.op();
+        let (index, generation) = (token.index(), token.generation());
+        // A buffer taken by a receive belongs to the worker whatever
+        // became of the connection.
+        let buffer = cqueue::buffer_select(flags);
+        if buffer.is_some() {
+            self.buffers.lend();
+        }
+        let last =
+            !(op == Op::Flow && flow.map(|f| f.0) == Some(FlowOp::Recv) && cqueue::more(flags));
+        let Some(conn) = super::live(&mut self.conns, index, generation) else {
+            // Cleanup entries of listeners and of freed connections.
+            if let Some(id) = buffer {
+                self.buffers.give_back(id);
+            }
+            return;
+        };
+        if last {
+            conn.pending -= 1;
+        }
+        if conn.ending.is_some() {
+            if let Some(id) = buffer {
+                self.buffers.give_back(id);
+            }
+            if conn.pending == 0 {
+                self.finish(index);
+            }
+            return;
+        }
+        match (op, flow) {
+            (Op::Connect, _) => self.connected(index, result),
+            (Op::Flow, Some((FlowOp::Recv, f))) => self.received(index, f, result, last, buffer),
+            (Op::Flow, Some((FlowOp::Send, f))) => self.sent(index, f, result),
+            (Op::Flow, Some((FlowOp::Readable, f))) => {
+                let conn = self.conns[index as usize].as_mut().expect("checked above");
+                conn.flows[f].armed = false;
+                match result {
+                    r if r >= 0 => self.splice_from(index, f),
+                    r if -r == libc::ECANCELED => self.pump(index, f),
+                    r => self.fail(index, source_side(f), error_of(r)),
+                }
+            }
+            (Op::Flow, Some((FlowOp::Writable, f))) => {
+                let conn = self.conns[index as usize].as_mut().expect("checked above");
+                conn.flows[f].sending = false;
+                match result {
+                    r if r >= 0 => {
+                        if self.drain_pipe(index, f) {
+                            self.pump(index, f);
+                        }
+                    }
+                    r => self.fail(index, source_side(f).other(), error_of(r)),
+                }
+            }
+            // A linked timeout or a cancel: counted above.
+            _ => {}
+        }
+    }
+
+    /// Queues an operation of connection `index`, counted until its last
+    /// completion.
+    pub(super) fn push_for(&mut self, index: u32, entry: io_uring::squeue::Entry) {
+        let conn = self.conns[index as usize]
+            .as_mut()
+            .expect("a live connection");
+        conn.pending += 1;
+        self.push(entry);
+    }
+
+    /// Loads the pool of `route` and makes the first connect; `carried` is
+    /// what a PROXY header said.
+    pub(super) fn dial(&mut self, index: u32, route: Arc<Route>, carried: Carried) {
+        let conn = self.conns[index as usize]
+            .as_mut()
+            .expect("a live connection");
+        let client = &conn.client;
+        let local = || {
+            SockRef::from(client)
+                .local_addr()
+                .and_then(|a| a.as_socket().ok_or_else(|| io::Error::other("not TCP/IP")))
+        };
+        let Some(dialer) = Dialer::new(
+            &route,
+            (conn.client_addr, conn.peer),
+            carried,
+            local,
+            self.shared,
+            conn.accepted,
+        ) else {
+            conn.stage = Stage::Bare;
+            return self.end(index, None);
+        };
+        let timeout = types::Timespec::from(dialer.connect_timeout());
+        conn.stage = Stage::Dialing(Box::new(Dialing {
+            route,
+            dialer,
+            attempt: None,
+            // Set before each connect.
+            addr: SockAddr::from(conn.peer),
+            timeout,
+        }));
+        self.connect_next(index);
+    }
+
+    /// Connects to the next backend of the plan, or gives up.
+    pub(super) fn connect_next(&mut self, index: u32) {
+        let conn = self.conns[index as usize]
+            .as_mut()
+            .expect("a live connection");
+        let generation = conn.generation;
+        let Stage::Dialing(dialing) = &mut conn.stage else {
+            return;
+        };
+        loop {
+            let Some(attempt) = dialing.dialer.next_attempt() else {
+                let Stage::Dialing(dialing) = std::mem::replace(&mut conn.stage, Stage::Bare)
+                else {
+                    unreachable!("dialing above")
+                };
+                dialing
+                    .dialer
+                    .give_up(&dialing.route, conn.peer, conn.accepted);
+                return self.end(index, None);
+            };
+            let socket = socket2::Socket::new(
+                Domain::for_address(attempt.addr),
+                Type::STREAM.nonblocking().cloexec(),
+                Some(Protocol::TCP),
+            )
+            .and_then(|socket| socket.set_nodelay(true).map(|()| socket));
+            let socket = match socket {
+                Ok(socket) => socket,
+                // Out of descriptors, say: the plan gives up at once.
+                Err(e) => {
+                    let _: Next = dialing
+                        .dialer
+                        .failed(attempt, e, &dialing.route, self.shared);
+                    continue;
+                }
+            };
+            dialing.addr = SockAddr::from(attempt.addr);
+            let fd = socket.as_raw_fd();
+            let connect = opcode::Connect::new(
+                types::Fd(fd),
+                dialing.addr.as_ptr().cast(),
+                dialing.addr.len(),
+            )
+            .build()
+            .user_data(Token::new(Op::Connect, index, generation).0);
+            let limited = dialing.dialer.connect_timeout() > Duration::ZERO;
+            let timeout = opcode::LinkTimeout::new(&dialing.timeout)
+                .build()
+                .user_data(Token::new(Op::ConnectTimeout, index, generation).0);
+            dialing.attempt = Some(attempt);
+            conn.backend = Some(OwnedFd::from(socket));
+            if limited {
+                self.push_for(index, connect.flags(io_uring::squeue::Flags::IO_LINK));
+                self.push_for(index, timeout);
+            } else {
+                self.push_for(index, connect);
+            }
+            return;
+        }
+    }
+
+    /// The connect in flight ended.
+    pub(super) fn connected(&mut self, index: u32, result: i32) {
+        let shared = self.shared;
+        let conn = self.conns[index as usize]
+            .as_mut()
+            .expect("a live connection");
+        let Stage::Dialing(dialing) = &mut conn.stage else {
+            return;
+        };
+        let attempt = dialing.attempt.take().expect("a connect in flight");
+        if result < 0 {
+            let error = match -result {
+                // The linked timeout fired.
+                libc::ECANCELED => io::Error::new(io::ErrorKind::TimedOut, "connect timed out"),
+                errno => io::Error::from_raw_os_error(errno),
+            };
+            if let Some(socket) = conn.backend.take() {
+                self.push(close_entry(socket.into_raw_fd()));
+            }
+            let conn = self.conns[index as usize]
+                .as_mut()
+                .expect("a live connection");
+            let Stage::Dialing(dialing) = &mut conn.stage else {
+                unreachable!()
+            };
+            // Both outcomes go on: a retry, or giving up when the plan is
+            // empty.
+            let _: Next = dialing
+                .dialer
+                .failed(attempt, error, &dialing.route, shared);
+            return self.connect_next(index);
+        }
+        let dialed = dialing.dialer.connected(attempt, shared);
+        let mut prefix = dialing
+            .dialer
+            .proxy_header()
+            .map(<[u8]>::to_vec)
+            .unwrap_or_default();
+        let uncounted = prefix.len();
+        if let Some(earlier) = conn.flows[UP].prefix.take() {
+            prefix.extend_from_slice(&earlier.bytes[earlier.sent..]);
+        }
+        if !prefix.is_empty() {
+            conn.flows[UP].prefix = Some(Box::new(Prefix {
+                bytes: prefix,
+                sent: 0,
+                uncounted,
+            }));
+        }
+        let stats = dialed.stats.route(&conn.listener).cloned();
+        if let Some(stats) = &stats {
+            stats.connections.increment(1);
+            stats.active.increment(1.0);
+        }
+        for (f, flow) in conn.flows.iter_mut().enumerate() {
+            flow.auto = dialed.engine == Engine::Auto;
+            if dialed.engine == Engine::Splice {
+                flow.splicing = true;
+            }
+            let counter = stats
+                .as_ref()
+                .map(|s| if f == UP { &s.to_backend } else { &s.to_client });
+            flow.bytes = Some(Bytes::new(counter));
+        }
+        conn.idle_timeout = dialed.idle_timeout;
+        // Waiting for a PROXY header or a backend is not idleness.
+        conn.last_moved = Instant::now();
+        let generation = conn.generation;
+        if let Some(limit) = conn.idle_timeout {
+            self.add_timer(Instant::now() + limit, index, generation);
+        }
+        let conn = self.conns[index as usize]
+            .as_mut()
+            .expect("a live connection");
+        conn.stage = Stage::Relaying(Box::new(Relaying { dialed, stats }));
+        self.pump(index, UP);
+        self.pump(index, DOWN);
+    }
+
+    /// Bytes of the PROXY header came: judge what there is so far.
+    pub(super) fn header_came(&mut self, index: u32) {
+        let conn = self.conns[index as usize]
+            .as_mut()
+            .expect("a live connection");
+        let Stage::Header(wait) = &mut conn.stage else {
+            return;
+        };
+        match proxy_protocol::parse_header(&wait.bytes) {
+            Ok(None) => {}
+            Err(e) => self.header_failed(index, &e),
+            Ok(Some((length, carried))) => {
+                let Some(client) =
+                    admit::admit_header(&wait.route, conn.peer, Ok(carried), conn.accepted)
+                else {
+                    return self.end(index, None);
+                };
+                conn.client_addr = client;
+                let rest = wait.bytes.split_off(length);
+                if !rest.is_empty() {
+                    conn.flows[UP].prefix = Some(Box::new(Prefix {
+                        bytes: rest,
+                        sent: 0,
+                        uncounted: 0,
+                    }));
+                }
+                // What comes next waits for the backend.
+                let route = wait.route.clone();
+                conn.stage = Stage::Bare;
+                self.cancel_receive(index, UP);
+                self.dial(index, route, carried);
+            }
+        }
+    }
+
+    pub(super) fn header_failed(&mut self, index: u32, why: &dyn std::fmt::Display) {
+        let conn = self.conns[index as usize]
+            .as_ref()
+            .expect("a live connection");
+        if let Stage::Header(wait) = &conn.stage {
+            admit::admit_header(&wait.route, conn.peer, Err(why), conn.accepted);
+        }
+        self.end(index, None);
+    }
+
+    /// A deadline of connection `index` came: its PROXY header's, or its
+    /// idle timeout's.
+    pub(super) fn deadline(&mut self, index: u32, generation: u32, now: Instant) {
+        let Some(conn) = self.conn(index, generation) else {
+            return;
+        };
+        if conn.ending.is_some() {
+            return;
+        }
+        match &conn.stage {
+            Stage::Header(wait) if now >= wait.deadline => {
+                let why = admit::header_too_late(wait.within);
+                self.header_failed(index, &why);
+            }
+            Stage::Relaying(_) => {
+                let Some(limit) = conn.idle_timeout else {
+                    return;
+                };
+                let due = conn.last_moved + limit;
+                if now < due {
+                    return self.add_timer(due, index, generation);
+                }
+                let stalled = conn.flows.iter().any(Flow::holding);
+                self.end(index, Some(ending::classify(&Ending::Idle { stalled })));
+            }
+            _ => {}
+        }
+    }
+
+    /// `shutdown_timeout` ran out: every connection ends now.
+    pub(super) fn close_all(&mut self) {
+        for index in 0..self.conns.len() as u32 {
+            if self.conns[index as usize]
+                .as_ref()
+                .is_some_and(|c| c.ending.is_none())
+            {
+                self.end(index, Some(ending::classify(&Ending::Shutdown)));
+            }
+        }
+    }
+
+    /// `side` failed with `error`: the connection ends, both sides reset.
+    pub(super) fn fail(&mut self, index: u32, side: Side, error: io::Error) {
+        self.end(
+            index,
+            Some(ending::classify(&Ending::Failed {
+                side,
+                error: &error,
+            })),
+        );
+    }
+
+    /// Ends connection `index`: everything armed on its sockets is
+    /// cancelled, and once the last completion is in it is closed and
+    /// logged ([`Worker::finish`]). `how` is `None` when it was turned away
+    /// (logged already).
+    pub(super) fn end(&mut self, index: u32, how: Option<Classified>) {
+        let conn = self.conns[index as usize]
+            .as_mut()
+            .expect("a live connection");
+        if conn.ending.is_some() {
+            return;
+        }
+        let generation = conn.generation;
+        if how.as_ref().is_some_and(|c| c.reset) {
+            net::abort(&conn.client);
+            if let Some(backend) = &conn.backend {
+                net::abort(backend);
+            }
+        }
+        conn.ending = Some(how);
+        let fds: Vec<RawFd> = std::iter::once(conn.client.as_raw_fd())
+            .chain(conn.backend.as_ref().map(|b| b.as_raw_fd()))
+            .collect();
+        if conn.pending == 0 {
+            return self.finish(index);
+        }
+        for fd in fds {
+            let entry = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all())
+                .build()
+                .user_data(Token::new(Op::Cleanup, index, generation).0);
+            self.push_for(index, entry);
+        }
+    }
+
+    /// Nothing is pending on connection `index` any more: close its
+    /// sockets, free its places, judge and log it.
+    pub(super) fn finish(&mut self, index: u32) {
+        let conn = self.conns[index as usize]
+            .take()
+            .expect("a live connection");
+        self.free.push(index);
+        let Conn {
+            client,
+            backend,
+            stage,
+            flows,
+            peer,
+            client_addr,
+            accepted,
+            listener,
+            _lease,
+            _slot,
+            ending,
+            ..
+        } = conn;
+        let totals = (flows[UP].total(), flows[DOWN].total());
+        for flow in flows {
+            for (id, _) in flow.queue {
+                self.buffers.give_back(id);
+            }
+        }
+        self.push(close_entry(client.into_raw_fd()));
+        if let Some(backend) = backend {
+            self.push(close_entry(backend.into_raw_fd()));
+        }
+        drop((_lease, _slot));
+        let Some(Some(classified)) = ending else {
+            return;
+        };
+        let mut name: Cow<str> = "-".into();
+        if let Stage::Relaying(relaying) = stage {
+            let Relaying { dialed, stats } = *relaying;
+            if let Some(stats) = stats {
+                stats.active.decrement(1.0);
+            }
+            judge(
+                classified.passive,
+                &dialed.passive,
+                dialed.eject_after,
+                self.shared,
+            );
+            name = String::from(&*dialed.name).into();
+        }
+        let peer = (client_addr != peer).then_some(peer);
+        log_closed(
+            &listener,
+            (client_addr, peer),
+            &name,
+            totals,
+            accepted,
+            &classified.close,
+        );
+        debug!(index, "connection closed");
+    }
+}

@@ -1,0 +1,436 @@
+//! One direction of a connection on the ring ([`Flow`]): it moves bytes
+//! from its source to its destination with one of two engines:
+//!
+//! - **copy**: a multishot receive takes provided buffers as bytes come
+//!   in; each is sent on and given back to the ring once sent. At most
+//!   [`HOLD`] buffers wait for a slow destination: then the receive is
+//!   cancelled, and re-armed once the destination has taken half. One slow
+//!   peer can neither grow memory nor empty the shared ring; a receive that
+//!   finds the ring empty (ENOBUFS) waits for buffers, the connection
+//!   lives on.
+//! - **splice**: readiness from the ring, then `splice(2)` through a pipe
+//!   from the worker's pool (io_uring's own splice always runs on kernel
+//!   worker threads).
+//!
+//! `auto` copies until a receive fills a whole buffer (bulk), splices
+//! until a splice moves less than [`SMALL`], and so on. Bytes keep their
+//! order across a switch: the splice engine starts only once what the copy
+//! engine holds is sent.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::Shutdown;
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::Instant;
+
+use io_uring::{opcode, types};
+use socket2::SockRef;
+
+use super::conn::Stage;
+use super::{FlowOp, Op, Token, Worker, BUFFER_SIZE};
+use crate::connection::ending::{self, Ending, Side};
+use crate::connection::Bytes;
+use crate::pipe::{splice, Pipe, PIPE_CAPACITY};
+
+/// Buffers a direction may hold for a slow destination before it stops
+/// receiving.
+const HOLD: usize = 4;
+
+/// Under `auto`, a splice that moves less than this goes back to copying.
+const SMALL: usize = 16 * 1024;
+
+/// The two directions: index 0 carries the client's bytes.
+pub const UP: usize = 0;
+pub const DOWN: usize = 1;
+
+/// One direction of a connection.
+#[derive(Default)]
+pub struct Flow {
+    pub(super) splicing: bool,
+    pub(super) auto: bool,
+    /// A receive (copy) or a readiness poll (splice) is armed on the source.
+    pub(super) armed: bool,
+    pub(super) cancelling: bool,
+    /// The last receive found no buffer: waiting for some to come back.
+    pub(super) starved: bool,
+    /// The source sent FIN.
+    pub(super) eof: bool,
+    /// The FIN was passed on.
+    pub(super) shut: bool,
+    /// A send (copy) or a writability poll (splice) is in flight.
+    pub(super) sending: bool,
+    /// Bytes of sluice's own to send first: the PROXY header, and what
+    /// came after the client's header.
+    pub(super) prefix: Option<Box<Prefix>>,
+    /// Received buffers not yet sent: (buffer id, length).
+    pub(super) queue: VecDeque<(u16, u32)>,
+    /// Bytes of the first queued buffer already sent.
+    pub(super) head_sent: u32,
+    /// A pipe holding bytes the destination has not taken yet.
+    pub(super) pipe: Option<(Pipe, usize)>,
+    pub(super) bytes: Option<Bytes>,
+}
+
+pub struct Prefix {
+    pub(super) bytes: Vec<u8>,
+    pub(super) sent: usize,
+    /// The first `uncounted` bytes are sluice's (a PROXY header), not the
+    /// client's.
+    pub(super) uncounted: usize,
+}
+
+impl Flow {
+    pub(super) fn holding(&self) -> bool {
+        !self.queue.is_empty() || self.pipe.is_some() || self.prefix.is_some()
+    }
+
+    pub(super) fn moved(&mut self, n: usize) {
+        if let Some(bytes) = &mut self.bytes {
+            bytes.add(n);
+        }
+    }
+
+    pub(super) fn total(&self) -> u64 {
+        self.bytes.as_ref().map_or(0, |b| b.total)
+    }
+}
+
+pub(super) fn source_side(flow: usize) -> Side {
+    if flow == UP {
+        Side::Client
+    } else {
+        Side::Backend
+    }
+}
+
+pub(super) fn error_of(result: i32) -> io::Error {
+    io::Error::from_raw_os_error(-result)
+}
+
+impl Worker {
+    /// Arms the receive (or readiness poll) of direction `f` on its source.
+    pub(super) fn arm(&mut self, index: u32, f: usize) {
+        let conn = self.conns[index as usize]
+            .as_mut()
+            .expect("a live connection");
+        let generation = conn.generation;
+        let Some(from) = (if f == UP {
+            Some(conn.client.as_raw_fd())
+        } else {
+            conn.backend.as_ref().map(|b| b.as_raw_fd())
+        }) else {
+            return;
+        };
+        let flow = &mut conn.flows[f];
+        flow.armed = true;
+        let entry = if flow.splicing {
+            opcode::PollAdd::new(types::Fd(from), libc::POLLIN as u32)
+                .build()
+                .user_data(Token::flow(FlowOp::Readable, f, index, generation).0)
+        } else {
+            opcode::RecvMulti::new(types::Fd(from), super::buffers::GROUP)
+                .build()
+                .user_data(Token::flow(FlowOp::Recv, f, index, generation).0)
+        };
+        self.push_for(index, entry);
+    }
+
+    /// Stops the multishot receive of direction `f`; its last completion
+    /// says when it has stopped.
+    pub(super) fn cancel_receive(&mut self, index: u32, f: usize) {
+        let conn = self.conns[index as usize]
+            .as_mut()
+            .expect("a live connection");
+        let flow = &mut conn.flows[f];
+        if !flow.armed || flow.cancelling {
+            return;
+        }
+        flow.cancelling = true;
+        let generation = conn.generation;
+        let target = Token::flow(FlowOp::Recv, f, index, generation);
+        let entry = opcode::AsyncCancel::new(target.0)
+            .build()
+            .user_data(Token::new(Op::Cleanup, index, generation).0);
+        self.push_for(index, entry);
+    }
+
+    pub(super) fn received(
+        &mut self,
+        index: u32,
+        f: usize,
+        result: i32,
+        last: bool,
+        buffer: Option<u16>,
+    ) {
+        let conn = self.conns[index as usize]
+            .as_mut()
+            .expect("a live connection");
+        let flow = &mut conn.flows[f];
+        if last {
+            flow.armed = false;
+            flow.cancelling = false;
+        }
+        if result > 0 {
+            let id = buffer.expect("a receive into a provided buffer");
+            let len = result as u32;
+            if let Stage::Header(wait) = &mut conn.stage {
+                wait.bytes
+                    .extend_from_slice(self.buffers.bytes(id, len as usize));
+                self.buffers.give_back(id);
+                return self.header_came(index);
+            }
+            let flow = &mut conn.flows[f];
+            flow.queue.push_back((id, len));
+            if flow.auto && !flow.splicing && len == BUFFER_SIZE {
+                // Bulk: the sender is ahead of us.
+                flow.splicing = true;
+            }
+            if flow.armed && (flow.queue.len() >= HOLD || flow.splicing) {
+                self.cancel_receive(index, f);
+            }
+            return self.pump(index, f);
+        }
+        match -result {
+            0 => {
+                flow.eof = true;
+                if let Stage::Header(_) = conn.stage {
+                    return self
+                        .header_failed(index, &"the connection closed before a PROXY header");
+                }
+                self.pump(index, f)
+            }
+            libc::ENOBUFS => {
+                flow.starved = true;
+                let generation = conn.generation;
+                self.starved.push((index, generation, f));
+            }
+            libc::ECANCELED => self.pump(index, f),
+            _ => {
+                let error = error_of(result);
+                if let Stage::Header(_) = conn.stage {
+                    return self.header_failed(index, &error);
+                }
+                self.fail(index, source_side(f), error)
+            }
+        }
+    }
+
+    /// Sends what direction `f` holds, passes its FIN on, and receives more
+    /// when there is room: whatever its state calls for next.
+    pub(super) fn pump(&mut self, index: u32, f: usize) {
+        let conn = self.conns[index as usize]
+            .as_mut()
+            .expect("a live connection");
+        if conn.ending.is_some() {
+            return;
+        }
+        let Stage::Relaying(_) = conn.stage else {
+            return;
+        };
+        let generation = conn.generation;
+        let backend = conn.backend.as_ref().expect("relaying").as_raw_fd();
+        let client = conn.client.as_raw_fd();
+        let to = if f == UP { backend } else { client };
+        let flow = &mut conn.flows[f];
+        if !flow.sending && flow.pipe.is_none() {
+            let next = match (&flow.prefix, flow.queue.front()) {
+                (Some(prefix), _) => Some(&prefix.bytes[prefix.sent..]),
+                (None, Some(&(id, len))) => {
+                    Some(&self.buffers.bytes(id, len as usize)[flow.head_sent as usize..])
+                }
+                (None, None) => None,
+            };
+            if let Some(bytes) = next {
+                flow.sending = true;
+                let entry = opcode::Send::new(types::Fd(to), bytes.as_ptr(), bytes.len() as u32)
+                    .flags(libc::MSG_NOSIGNAL)
+                    .build()
+                    .user_data(Token::flow(FlowOp::Send, f, index, generation).0);
+                self.push_for(index, entry);
+            }
+        }
+        let conn = self.conns[index as usize]
+            .as_mut()
+            .expect("a live connection");
+        let flow = &mut conn.flows[f];
+        if flow.eof && !flow.shut && !flow.sending && !flow.holding() {
+            // A peer already gone is the other direction's to notice.
+            if let Err(e) = SockRef::from(&borrowed(to)).shutdown(Shutdown::Write) {
+                if e.kind() != io::ErrorKind::NotConnected {
+                    return self.fail(index, source_side(f).other(), e);
+                }
+            }
+            flow.shut = true;
+            conn.first_fin.get_or_insert(source_side(f));
+            if conn.flows.iter().all(|flow| flow.shut) {
+                let first_fin = conn.first_fin.unwrap_or(Side::Client);
+                self.end(
+                    index,
+                    Some(ending::classify(&Ending::Finished { first_fin })),
+                );
+            }
+            return;
+        }
+        let ready = !flow.armed && !flow.eof && !flow.starved;
+        let room = if flow.splicing {
+            !flow.sending && !flow.holding()
+        } else {
+            flow.queue.len() <= HOLD / 2 && flow.pipe.is_none()
+        };
+        if ready && room {
+            self.arm(index, f);
+        }
+    }
+
+    pub(super) fn sent(&mut self, index: u32, f: usize, result: i32) {
+        let conn = self.conns[index as usize]
+            .as_mut()
+            .expect("a live connection");
+        let flow = &mut conn.flows[f];
+        flow.sending = false;
+        if result < 0 {
+            return self.fail(index, source_side(f).other(), error_of(result));
+        }
+        let mut n = result as usize;
+        if let Some(prefix) = &mut flow.prefix {
+            let before = prefix.sent;
+            prefix.sent += n;
+            n = prefix.sent.saturating_sub(prefix.uncounted)
+                - before.saturating_sub(prefix.uncounted);
+            if prefix.sent == prefix.bytes.len() {
+                flow.prefix = None;
+            }
+        } else {
+            flow.head_sent += n as u32;
+            let &(id, len) = flow.queue.front().expect("a send of a queued buffer");
+            if flow.head_sent == len {
+                flow.queue.pop_front();
+                flow.head_sent = 0;
+                self.buffers.give_back(id);
+            }
+        }
+        flow.moved(n);
+        conn.last_moved = Instant::now();
+        self.pump(index, f);
+    }
+
+    /// The source of direction `f` is readable: splice what it has.
+    pub(super) fn splice_from(&mut self, index: u32, f: usize) {
+        loop {
+            let conn = self.conns[index as usize]
+                .as_mut()
+                .expect("a live connection");
+            let from = if f == UP {
+                conn.client.as_raw_fd()
+            } else {
+                conn.backend.as_ref().expect("relaying").as_raw_fd()
+            };
+            let flow = &mut conn.flows[f];
+            let Some(pipe) = Pipe::take() else {
+                // Out of pipes: copy instead.
+                flow.splicing = false;
+                break;
+            };
+            let n = match splice(&borrowed(from), &pipe.write, PIPE_CAPACITY) {
+                Ok(0) => {
+                    pipe.give_back();
+                    flow.eof = true;
+                    break;
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    pipe.give_back();
+                    break;
+                }
+                Err(e) => {
+                    pipe.give_back();
+                    return self.fail(index, source_side(f), e);
+                }
+            };
+            flow.pipe = Some((pipe, n));
+            if flow.auto && n < SMALL {
+                flow.splicing = false;
+            }
+            // A full pipe: the source may well have more.
+            let again = n == PIPE_CAPACITY && flow.splicing;
+            if !self.drain_pipe(index, f) || !again {
+                break;
+            }
+        }
+        self.pump(index, f)
+    }
+
+    /// Moves what the pipe of direction `f` holds on to its destination:
+    /// `true` once it is empty, `false` while the destination is full (a
+    /// writability poll is armed) or after a failure.
+    pub(super) fn drain_pipe(&mut self, index: u32, f: usize) -> bool {
+        let conn = self.conns[index as usize]
+            .as_mut()
+            .expect("a live connection");
+        let generation = conn.generation;
+        let backend = conn.backend.as_ref().expect("relaying").as_raw_fd();
+        let to = if f == UP {
+            backend
+        } else {
+            conn.client.as_raw_fd()
+        };
+        let flow = &mut conn.flows[f];
+        let Some((pipe, mut len)) = flow.pipe.take() else {
+            return true;
+        };
+        let total = len;
+        while len > 0 {
+            match splice(&pipe.read, &borrowed(to), len) {
+                Ok(0) => {
+                    let error = io::Error::from(io::ErrorKind::WriteZero);
+                    self.fail(index, source_side(f).other(), error);
+                    return false;
+                }
+                Ok(out) => len -= out,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    self.fail(index, source_side(f).other(), e);
+                    return false;
+                }
+            }
+        }
+        flow.moved(total - len);
+        if total > len {
+            conn.last_moved = Instant::now();
+        }
+        if len == 0 {
+            pipe.give_back();
+            return true;
+        }
+        flow.pipe = Some((pipe, len));
+        flow.sending = true;
+        let entry = opcode::PollAdd::new(types::Fd(to), libc::POLLOUT as u32)
+            .build()
+            .user_data(Token::flow(FlowOp::Writable, f, index, generation).0);
+        self.push_for(index, entry);
+        false
+    }
+
+    /// Directions that found no buffer: armed again once there are some.
+    pub(super) fn feed_starved(&mut self) {
+        if self.starved.is_empty() || self.buffers.available() < super::BUFFER_COUNT / 8 {
+            return;
+        }
+        for (index, generation, f) in std::mem::take(&mut self.starved) {
+            if let Some(conn) = self.conn(index, generation) {
+                conn.flows[f].starved = false;
+                if matches!(conn.stage, Stage::Header(_)) {
+                    self.arm(index, f);
+                } else {
+                    self.pump(index, f);
+                }
+            }
+        }
+    }
+}
+
+/// A descriptor seen as a socket for one call, without owning it.
+pub(super) fn borrowed(fd: RawFd) -> std::os::fd::BorrowedFd<'static> {
+    // SAFETY: only used while the connection that owns `fd` is alive.
+    unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
+}

@@ -1,0 +1,592 @@
+//! The io_uring driver: a worker that drives its own ring, completion by
+//! completion, with no task, waker or heap allocation per I/O.
+//!
+//! Every operation's user data names what it was for ([`Token`]): an
+//! accept on listener `i`, or an operation of connection `i`, whose state
+//! lives in a slab. One `io_uring_enter` per loop turn submits what the
+//! last turn queued and waits for the next completions (or the earliest
+//! deadline).
+//!
+//! - Listeners: a multishot accept each. At the descriptor capacity the
+//!   accepts are cancelled and new clients wait in the kernel's backlog;
+//!   a tick checks for room.
+//! - Connections ([`conn`]): admission, dialing and the rules of their
+//!   ending come from [`crate::connection`]; this driver only moves bytes.
+//! - Timers: PROXY-header deadlines and idle timeouts sit in a heap; the
+//!   loop's wait ends at the earliest. Connect timeouts are linked
+//!   timeouts in the ring.
+//! - Commands from the control plane wake the ring through an eventfd read.
+//!
+//! A connection's slot is freed only once every operation on it has
+//! posted its last completion: closing a socket does not cancel what is
+//! armed on it, and user data must never point at a reused slot.
+
+mod buffers;
+mod conn;
+mod flow;
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use socket2::SockRef;
+use tracing::{debug, error, info, warn};
+
+use crate::capacity::Slot;
+use crate::logging::Throttle;
+use crate::shared::Shared;
+use crate::worker::{BoundListener, Command, Inbox, Stop};
+use buffers::Buffers;
+use conn::Conn;
+
+/// Submission queue entries; the completion queue has four times as many,
+/// room for the bursts of multishot operations.
+const RING_ENTRIES: u32 = 1024;
+
+/// The provided buffers: how many, and how large. A multishot receive
+/// takes one per completion; pages are resident only once used.
+const BUFFER_COUNT: u16 = 256;
+const BUFFER_SIZE: u32 = 16 * 1024;
+
+/// While paused at the descriptor capacity, or backing off after an
+/// accept error, the loop looks again this often.
+const TICK: Duration = Duration::from_millis(50);
+
+static ACCEPT_ERROR: Throttle = Throttle::new();
+static AT_CAPACITY: Throttle = Throttle::new();
+static RESUMED: Throttle = Throttle::new();
+
+/// What an operation was for: the low byte of its user data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum Op {
+    Accept = 1,
+    Wake,
+    /// A close or a cancel: only its connection's count of pending
+    /// operations cares.
+    Cleanup,
+    Connect,
+    ConnectTimeout,
+    /// Flow operations: `Flow + 2 * kind + flow`, see [`FlowOp`].
+    Flow,
+}
+
+/// The operations of one direction of a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FlowOp {
+    /// A multishot receive from the source.
+    Recv,
+    /// A send to the destination.
+    Send,
+    /// Readiness of the source to read (the splice engine).
+    Readable,
+    /// Readiness of the destination to write (the splice engine).
+    Writable,
+}
+
+/// User data: the operation, the slot of its listener or connection, and
+/// the slot's generation (a guard against a completion for a freed slot).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Token(u64);
+
+impl Token {
+    fn new(op: Op, index: u32, generation: u32) -> Token {
+        Token(u64::from(generation & 0xff_ffff) << 40 | u64::from(index) << 8 | op as u64)
+    }
+
+    fn flow(op: FlowOp, flow: usize, index: u32, generation: u32) -> Token {
+        let code = Op::Flow as u64 + 2 * op as u64 + flow as u64;
+        Token(u64::from(generation & 0xff_ffff) << 40 | u64::from(index) << 8 | code)
+    }
+
+    fn index(self) -> u32 {
+        (self.0 >> 8) as u32
+    }
+
+    fn generation(self) -> u32 {
+        (self.0 >> 40) as u32
+    }
+
+    /// The operation, and for a flow operation its kind and direction.
+    fn op(self) -> (Op, Option<(FlowOp, usize)>) {
+        let code = (self.0 & 0xff) as u8;
+        const OPS: [Op; 5] = [
+            Op::Accept,
+            Op::Wake,
+            Op::Cleanup,
+            Op::Connect,
+            Op::ConnectTimeout,
+        ];
+        if let Some(&op) = OPS.iter().find(|&&op| op as u8 == code) {
+            return (op, None);
+        }
+        let rest = code - Op::Flow as u8;
+        let kind = [
+            FlowOp::Recv,
+            FlowOp::Send,
+            FlowOp::Readable,
+            FlowOp::Writable,
+        ][usize::from(rest / 2)];
+        (Op::Flow, Some((kind, usize::from(rest % 2))))
+    }
+}
+
+/// A listening socket of this worker.
+struct Listening {
+    addr: SocketAddr,
+    socket: TcpListener,
+    stop: Arc<Stop>,
+    /// A multishot accept is armed on it.
+    armed: bool,
+    /// After an accept error: not re-armed before this.
+    backoff: Option<Instant>,
+}
+
+/// Whether io_uring can run a worker here: a ring can be set up with the
+/// features the driver needs. The reason if not.
+pub fn probe() -> Result<(), String> {
+    let ring = new_ring().map_err(|e| format!("cannot set up a ring: {e}"))?;
+    let mut probe = io_uring::Probe::new();
+    ring.submitter()
+        .register_probe(&mut probe)
+        .map_err(|e| format!("cannot probe the ring's operations: {e}"))?;
+    for (code, name) in [
+        (opcode::AcceptMulti::CODE, "accept"),
+        (opcode::RecvMulti::CODE, "recv"),
+        (opcode::Send::CODE, "send"),
+        (opcode::Connect::CODE, "connect"),
+        (opcode::LinkTimeout::CODE, "link timeout"),
+        (opcode::AsyncCancel2::CODE, "cancel"),
+        (opcode::Close::CODE, "close"),
+        (opcode::PollAdd::CODE, "poll"),
+    ] {
+        if !probe.is_supported(code) {
+            return Err(format!("the kernel's io_uring lacks {name}"));
+        }
+    }
+    Buffers::new(&ring.submitter(), 1, 4096)
+        .map_err(|e| format!("the kernel lacks provided-buffer rings: {e}"))?;
+    Ok(())
+}
+
+fn new_ring() -> io::Result<IoUring> {
+    IoUring::builder()
+        .setup_coop_taskrun()
+        .setup_single_issuer()
+        .setup_cqsize(4 * RING_ENTRIES)
+        .build(RING_ENTRIES)
+}
+
+/// One worker thread's ring and everything it drives.
+pub struct Worker {
+    ring: IoUring,
+    buffers: Buffers,
+    listeners: Vec<Option<Listening>>,
+    conns: Vec<Option<Conn>>,
+    free: Vec<u32>,
+    /// Bumped each time a slot is taken.
+    generation: u32,
+    /// Deadlines of header waits and idle timeouts: (when, slot,
+    /// generation). Stale entries are skipped when they come due.
+    timers: BinaryHeap<Reverse<(Instant, u32, u32)>>,
+    /// Directions whose receive ran out of buffers: re-armed once some
+    /// are back.
+    starved: Vec<(u32, u32, usize)>,
+    /// Accepted while at capacity: served once there is room.
+    held: Vec<(OwnedFd, usize)>,
+    paused: bool,
+    inbox: Inbox,
+    /// Where the eventfd read lands.
+    wake: Box<u64>,
+    shared: &'static Shared,
+    /// Completions of one turn, copied out of the ring.
+    completed: Vec<(u64, i32, u32)>,
+}
+
+impl Worker {
+    /// A worker with its ring, or why io_uring cannot serve here.
+    pub fn new(inbox: Inbox, shared: &'static Shared) -> io::Result<Worker> {
+        let ring = new_ring()?;
+        let buffers = Buffers::new(&ring.submitter(), BUFFER_COUNT, BUFFER_SIZE)?;
+        Ok(Worker {
+            ring,
+            buffers,
+            listeners: Vec::new(),
+            conns: Vec::new(),
+            free: Vec::new(),
+            generation: 0,
+            timers: BinaryHeap::new(),
+            starved: Vec::new(),
+            held: Vec::new(),
+            paused: false,
+            inbox,
+            wake: Box::new(0),
+            shared,
+            completed: Vec::with_capacity(4 * RING_ENTRIES as usize),
+        })
+    }
+
+    /// Serves `listeners` and what the control plane sends; never returns.
+    pub fn run(mut self, listeners: Vec<BoundListener>) -> ! {
+        for listener in listeners {
+            self.listen(listener);
+        }
+        self.arm_wake();
+        loop {
+            if let Err(e) = self.wait() {
+                error!("io_uring wait failed: {e}");
+                std::thread::sleep(TICK);
+            }
+            let mut completed = std::mem::take(&mut self.completed);
+            completed.extend(
+                self.ring
+                    .completion()
+                    .map(|cqe| (cqe.user_data(), cqe.result(), cqe.flags())),
+            );
+            for &(user_data, result, flags) in &completed {
+                self.complete(Token(user_data), result, flags);
+            }
+            completed.clear();
+            self.completed = completed;
+            let now = Instant::now();
+            self.expire(now);
+            if self.paused || self.listeners.iter().flatten().any(|l| l.backoff.is_some()) {
+                self.tick(now);
+            }
+            self.feed_starved();
+        }
+    }
+
+    /// Submits what is queued and waits for a completion, or until the
+    /// earliest deadline.
+    fn wait(&mut self) -> io::Result<()> {
+        let mut deadline = self.timers.peek().map(|Reverse((when, _, _))| *when);
+        if self.paused || self.listeners.iter().flatten().any(|l| l.backoff.is_some()) {
+            let tick = Instant::now() + TICK;
+            deadline = Some(deadline.map_or(tick, |d| d.min(tick)));
+        }
+        let submitter = self.ring.submitter();
+        let waited = match deadline {
+            None => submitter.submit_and_wait(1),
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let timespec = types::Timespec::from(left);
+                let args = types::SubmitArgs::new().timespec(&timespec);
+                submitter.submit_with_args(1, &args)
+            }
+        };
+        match waited {
+            Ok(_) => Ok(()),
+            Err(e) => match e.raw_os_error() {
+                // The deadline came, a signal, or completions to reap
+                // first.
+                Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN) => Ok(()),
+                _ => Err(e),
+            },
+        }
+    }
+
+    /// Queues `entry`, submitting what is queued first if the queue is
+    /// full.
+    fn push(&mut self, entry: squeue::Entry) {
+        loop {
+            // SAFETY: every buffer, address and timespec an entry points to
+            // lives in this worker (a connection's slot, the buffer ring,
+            // the wake word) until the entry's last completion.
+            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                return;
+            }
+            if let Err(e) = self.ring.submit() {
+                if !matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EAGAIN)) {
+                    error!("cannot submit to io_uring: {e}");
+                }
+            }
+        }
+    }
+
+    fn complete(&mut self, token: Token, result: i32, flags: u32) {
+        match token.op() {
+            (Op::Accept, _) => self.accepted(token.index() as usize, result, flags),
+            (Op::Wake, _) => self.woken(),
+            _ => self.conn_completed(token, result, flags),
+        }
+    }
+
+    /// Starts accepting on `listener`.
+    fn listen(&mut self, listener: BoundListener) {
+        self.shared.accepting.fetch_add(1, Ordering::AcqRel);
+        let index = match self.listeners.iter().position(Option::is_none) {
+            Some(index) => index,
+            None => {
+                self.listeners.push(None);
+                self.listeners.len() - 1
+            }
+        };
+        self.listeners[index] = Some(Listening {
+            addr: listener.addr,
+            socket: listener.socket,
+            stop: listener.stop,
+            armed: false,
+            backoff: None,
+        });
+        if !self.paused {
+            self.arm_accept(index);
+        }
+    }
+
+    fn arm_accept(&mut self, index: usize) {
+        let Some(listener) = &mut self.listeners[index] else {
+            return;
+        };
+        if listener.armed {
+            return;
+        }
+        listener.armed = true;
+        let fd = listener.socket.as_raw_fd();
+        let entry = opcode::AcceptMulti::new(types::Fd(fd))
+            .flags(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
+            .build()
+            .user_data(Token::new(Op::Accept, index as u32, 0).0);
+        self.push(entry);
+    }
+
+    fn accepted(&mut self, index: usize, result: i32, flags: u32) {
+        let Some(listener) = &mut self.listeners[index] else {
+            // The accept of a listener already ended; close what it gave.
+            if result >= 0 {
+                // SAFETY: the accept gave us this descriptor.
+                drop(unsafe { OwnedFd::from_raw_fd(result) });
+            }
+            return;
+        };
+        if !cqueue::more(flags) {
+            listener.armed = false;
+        }
+        if result >= 0 {
+            // SAFETY: the accept gave us this descriptor.
+            let client = unsafe { OwnedFd::from_raw_fd(result) };
+            match self.shared.connections.take() {
+                Some(slot) => self.open(client, index, slot),
+                None => {
+                    self.held.push((client, index));
+                    self.pause();
+                }
+            }
+        } else {
+            let errno = -result;
+            let address = listener.addr;
+            match errno {
+                libc::ECANCELED | libc::ECONNABORTED => {}
+                // shutdown() by the control plane: the listener is stopped.
+                libc::EINVAL
+                    if !SockRef::from(&listener.socket)
+                        .is_listener()
+                        .unwrap_or(false) =>
+                {
+                    debug!(%address, "listener stopped");
+                    self.end_listener(index);
+                    return;
+                }
+                _ => {
+                    if let Some(suppressed) = ACCEPT_ERROR.allow() {
+                        let e = io::Error::from_raw_os_error(errno);
+                        error!(%address, suppressed, "cannot accept connections: {e}");
+                    }
+                    // Out of descriptors or memory after all: back off
+                    // instead of spinning; clients wait in the backlog.
+                    listener.backoff = Some(Instant::now() + 2 * TICK);
+                    return;
+                }
+            }
+        }
+        let listener = self.listeners[index].as_ref().expect("present above");
+        if !listener.armed && !self.paused && listener.backoff.is_none() {
+            if listener.stop.is_stopped() {
+                self.end_listener(index);
+            } else {
+                self.arm_accept(index);
+            }
+        }
+    }
+
+    fn end_listener(&mut self, index: usize) {
+        if let Some(listener) = self.listeners[index].take() {
+            if listener.armed {
+                // Its last completion finds the slot empty.
+                let token = Token::new(Op::Accept, index as u32, 0);
+                self.push(
+                    opcode::AsyncCancel::new(token.0)
+                        .build()
+                        .user_data(Token::new(Op::Cleanup, u32::MAX, 0).0),
+                );
+            }
+            self.shared.accepting.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// At the descriptor capacity: stop accepting until connections close.
+    fn pause(&mut self) {
+        if self.paused {
+            return;
+        }
+        self.paused = true;
+        self.shared.accept_paused.increment(1);
+        if let Some(suppressed) = AT_CAPACITY.allow() {
+            warn!(
+                suppressed,
+                "{} connections are open, all the descriptor limit allows: \
+                 new clients wait in the listen backlog until some close",
+                self.shared.connections.capacity()
+            );
+        }
+        for index in 0..self.listeners.len() {
+            if let Some(listener) = &self.listeners[index] {
+                if listener.armed {
+                    let token = Token::new(Op::Accept, index as u32, 0);
+                    self.push(
+                        opcode::AsyncCancel::new(token.0)
+                            .build()
+                            .user_data(Token::new(Op::Cleanup, u32::MAX, 0).0),
+                    );
+                }
+            }
+        }
+    }
+
+    /// While paused or backing off: serve the clients held back if there is
+    /// room now, then accept again; drop listeners stopped meanwhile.
+    fn tick(&mut self, now: Instant) {
+        if self.paused {
+            while let Some((client, index)) = self.held.pop() {
+                match self.shared.connections.take() {
+                    Some(slot) => self.open(client, index, slot),
+                    None => {
+                        self.held.push((client, index));
+                        break;
+                    }
+                }
+            }
+            if !self.held.is_empty()
+                || self.shared.connections.open() >= self.shared.connections.capacity()
+            {
+                return;
+            }
+            self.paused = false;
+            if let Some(suppressed) = RESUMED.allow() {
+                info!(suppressed, "accepting again: connections have closed");
+            }
+        }
+        for index in 0..self.listeners.len() {
+            let Some(listener) = &mut self.listeners[index] else {
+                continue;
+            };
+            if listener.stop.is_stopped() {
+                if !listener.armed {
+                    self.end_listener(index);
+                }
+                continue;
+            }
+            if listener.backoff.is_some_and(|until| until > now) {
+                continue;
+            }
+            listener.backoff = None;
+            self.arm_accept(index);
+        }
+    }
+
+    /// Serves a client accepted on listener `index`.
+    fn open(&mut self, client: OwnedFd, index: usize, slot: Slot) {
+        let address = self.listeners[index].as_ref().map(|l| l.addr);
+        let peer = SockRef::from(&client)
+            .peer_addr()
+            .ok()
+            .and_then(|a| a.as_socket());
+        let (Some(address), Some(peer)) = (address, peer) else {
+            // The client is already gone.
+            return;
+        };
+        // The route as of now: a reload published after this moment does
+        // not take it away.
+        let Some(route) = self.shared.snapshot.load().route(address).cloned() else {
+            self.shared.unrouted.increment(1);
+            return;
+        };
+        self.start(client, peer, route, slot);
+    }
+
+    fn arm_wake(&mut self) {
+        let entry = opcode::Read::new(
+            types::Fd(self.inbox.fd()),
+            (&mut *self.wake as *mut u64).cast(),
+            8,
+        )
+        .build()
+        .user_data(Token::new(Op::Wake, 0, 0).0);
+        self.push(entry);
+    }
+
+    /// The control plane wrote to the eventfd: carry out its commands.
+    fn woken(&mut self) {
+        while let Some(command) = self.inbox.take() {
+            match command {
+                Command::Listen(listener) => self.listen(listener),
+                Command::CloseAll => self.close_all(),
+            }
+        }
+        self.arm_wake();
+    }
+
+    /// Deadlines that have come: a header that never came, an idle
+    /// connection.
+    fn expire(&mut self, now: Instant) {
+        while let Some(&Reverse((when, index, generation))) = self.timers.peek() {
+            if when > now {
+                break;
+            }
+            self.timers.pop();
+            self.deadline(index, generation, now);
+        }
+    }
+
+    fn add_timer(&mut self, when: Instant, index: u32, generation: u32) {
+        self.timers.push(Reverse((when, index, generation)));
+    }
+
+    /// Takes a free slot for a new connection: its index and generation.
+    fn take_slot(&mut self) -> (u32, u32) {
+        self.generation = self.generation.wrapping_add(1) & 0xff_ffff;
+        let index = match self.free.pop() {
+            Some(index) => index,
+            None => {
+                self.conns.push(None);
+                (self.conns.len() - 1) as u32
+            }
+        };
+        (index, self.generation)
+    }
+
+    fn conn(&mut self, index: u32, generation: u32) -> Option<&mut Conn> {
+        live(&mut self.conns, index, generation)
+    }
+}
+
+/// Connection `index` if it is still the one of `generation`.
+fn live(conns: &mut [Option<Conn>], index: u32, generation: u32) -> Option<&mut Conn> {
+    conns
+        .get_mut(index as usize)?
+        .as_mut()
+        .filter(|conn| conn.generation == generation)
+}
+
+/// Closes `fd` through the ring (one system call fewer per connection).
+fn close_entry(fd: RawFd) -> squeue::Entry {
+    opcode::Close::new(types::Fd(fd))
+        .build()
+        .user_data(Token::new(Op::Cleanup, u32::MAX, 0).0)
+}
