@@ -291,20 +291,30 @@ impl Worker {
             )
             .build()
             .user_data(Token::new(Op::Connect, index, generation).0);
-            let limited = dialing.dialer.connect_timeout() > Duration::ZERO;
-            let timeout = opcode::LinkTimeout::new(&dialing.timeout)
-                .build()
-                .user_data(Token::new(Op::ConnectTimeout, index, generation).0);
             dialing.attempt = Some(attempt);
             conn.backend = Some(OwnedFd::from(socket));
-            if limited {
-                self.push_for(index, connect.flags(io_uring::squeue::Flags::IO_LINK));
-                self.push_for(index, timeout);
-            } else {
-                self.push_for(index, connect);
-            }
-            return;
+            return self.push_limited(index, connect);
         }
+    }
+
+    /// Queues `entry`, the connect or the wait for its outcome, with the
+    /// pool's `connect_timeout` as a linked timeout.
+    fn push_limited(&mut self, index: u32, entry: io_uring::squeue::Entry) {
+        let conn = self.conns[index as usize]
+            .as_mut()
+            .expect("a live connection");
+        let generation = conn.generation;
+        let Stage::Dialing(dialing) = &conn.stage else {
+            return;
+        };
+        if dialing.dialer.connect_timeout().is_zero() {
+            return self.push_for(index, entry);
+        }
+        let timeout = opcode::LinkTimeout::new(&dialing.timeout)
+            .build()
+            .user_data(Token::new(Op::ConnectTimeout, index, generation).0);
+        self.push_for(index, entry.flags(io_uring::squeue::Flags::IO_LINK));
+        self.push_for(index, timeout);
     }
 
     /// The connect in flight ended.
@@ -315,6 +325,25 @@ impl Worker {
             .expect("a live connection");
         let Stage::Dialing(dialing) = &mut conn.stage else {
             return;
+        };
+        let backend = conn.backend.as_ref().expect("a connect in flight");
+        let result = match -result {
+            // A connect that io_uring retried on a non-blocking socket can
+            // report the handshake as still under way (seen under a storm
+            // of connects): wait for its outcome instead.
+            libc::EINPROGRESS | libc::EALREADY => {
+                let entry =
+                    opcode::PollAdd::new(types::Fd(backend.as_raw_fd()), libc::POLLOUT as u32)
+                        .build()
+                        .user_data(Token::new(Op::Connect, index, conn.generation).0);
+                return self.push_limited(index, entry);
+            }
+            // That wait ended (a poll mask): the socket says how.
+            _ if result > 0 => match SockRef::from(backend).take_error() {
+                Ok(None) => 0,
+                Ok(Some(e)) | Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
+            },
+            _ => result,
         };
         let attempt = dialing.attempt.take().expect("a connect in flight");
         if result < 0 {

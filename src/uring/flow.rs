@@ -254,15 +254,21 @@ impl Worker {
             .expect("a live connection");
         let flow = &mut conn.flows[f];
         if flow.eof && !flow.shut && !flow.sending && !flow.holding() {
-            // A peer already gone is the other direction's to notice.
-            if let Err(e) = SockRef::from(&borrowed(to)).shutdown(Shutdown::Write) {
-                if e.kind() != io::ErrorKind::NotConnected {
-                    return self.fail(index, source_side(f).other(), e);
-                }
-            }
             flow.shut = true;
             conn.first_fin.get_or_insert(source_side(f));
-            if conn.flows.iter().all(|flow| flow.shut) {
+            let last = conn.flows.iter().all(|flow| flow.shut);
+            // The last FIN needs no shutdown(2): both sockets were read to
+            // their end, so closing them sends FIN. (A shutdown in the ring
+            // would run on a kernel worker thread.)
+            if !last {
+                // A peer already gone is the other direction's to notice.
+                if let Err(e) = SockRef::from(&borrowed(to)).shutdown(Shutdown::Write) {
+                    if e.kind() != io::ErrorKind::NotConnected {
+                        return self.fail(index, source_side(f).other(), e);
+                    }
+                }
+            }
+            if last {
                 let first_fin = conn.first_fin.unwrap_or(Side::Client);
                 self.end(
                     index,
