@@ -173,6 +173,15 @@ impl Worker {
         }
         match (op, flow) {
             (Op::Connect, _) => self.connected(index, result),
+            // A kernel without socket commands in the ring (before 6.7).
+            (Op::NoDelay, _) if result < 0 => {
+                let conn = self.conns[index as usize].as_ref().expect("checked above");
+                if let Some(backend) = &conn.backend {
+                    if let Err(e) = SockRef::from(backend).set_nodelay(true) {
+                        debug!("TCP_NODELAY on a backend socket: {e}");
+                    }
+                }
+            }
             (Op::Flow, Some((FlowOp::Recv, f))) => self.received(index, f, result, last, buffer),
             (Op::Flow, Some((FlowOp::Send, f))) => self.sent(index, f, result),
             (Op::Flow, Some((FlowOp::Readable, f))) => {
@@ -270,8 +279,7 @@ impl Worker {
                 Domain::for_address(attempt.addr),
                 Type::STREAM.nonblocking().cloexec(),
                 Some(Protocol::TCP),
-            )
-            .and_then(|socket| socket.set_nodelay(true).map(|()| socket));
+            );
             let socket = match socket {
                 Ok(socket) => socket,
                 // Out of descriptors, say: the plan gives up at once.
@@ -293,6 +301,19 @@ impl Worker {
             .user_data(Token::new(Op::Connect, index, generation).0);
             dialing.attempt = Some(attempt);
             conn.backend = Some(OwnedFd::from(socket));
+            // A balancer must not add Nagle delays to request/response
+            // traffic. Set in the ring, before the connect is issued.
+            static ONE: libc::c_int = 1;
+            let no_delay = opcode::SetSockOpt::new(
+                types::Fd(fd),
+                libc::IPPROTO_TCP as u32,
+                libc::TCP_NODELAY as u32,
+                (&ONE as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as u32,
+            )
+            .build()
+            .user_data(Token::new(Op::NoDelay, index, generation).0);
+            self.push_for(index, no_delay);
             return self.push_limited(index, connect);
         }
     }

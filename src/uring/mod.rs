@@ -73,6 +73,8 @@ enum Op {
     Cleanup,
     Connect,
     ConnectTimeout,
+    /// TCP_NODELAY on a new backend socket (`SOCKET_URING_OP_SETSOCKOPT`).
+    NoDelay,
     /// Flow operations: `Flow + 2 * kind + flow`, see [`FlowOp`].
     Flow,
 }
@@ -116,12 +118,13 @@ impl Token {
     /// The operation, and for a flow operation its kind and direction.
     fn op(self) -> (Op, Option<(FlowOp, usize)>) {
         let code = (self.0 & 0xff) as u8;
-        const OPS: [Op; 5] = [
+        const OPS: [Op; 6] = [
             Op::Accept,
             Op::Wake,
             Op::Cleanup,
             Op::Connect,
             Op::ConnectTimeout,
+            Op::NoDelay,
         ];
         if let Some(&op) = OPS.iter().find(|&&op| op as u8 == code) {
             return (op, None);
@@ -589,4 +592,38 @@ fn close_entry(fd: RawFd) -> squeue::Entry {
     opcode::Close::new(types::Fd(fd))
         .build()
         .user_data(Token::new(Op::Cleanup, u32::MAX, 0).0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_names_its_operation_slot_and_generation() {
+        let ops = [
+            Op::Accept,
+            Op::Wake,
+            Op::Cleanup,
+            Op::Connect,
+            Op::ConnectTimeout,
+            Op::NoDelay,
+        ];
+        for op in ops {
+            let token = Token::new(op, 123_456, 0xab_cdef);
+            assert_eq!(token.op(), (op, None));
+            assert_eq!((token.index(), token.generation()), (123_456, 0xab_cdef));
+        }
+        for kind in [
+            FlowOp::Recv,
+            FlowOp::Send,
+            FlowOp::Readable,
+            FlowOp::Writable,
+        ] {
+            for flow in [0, 1] {
+                let token = Token::flow(kind, flow, u32::MAX >> 8, 7);
+                assert_eq!(token.op(), (Op::Flow, Some((kind, flow))));
+                assert_eq!((token.index(), token.generation()), (u32::MAX >> 8, 7));
+            }
+        }
+    }
 }
