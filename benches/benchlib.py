@@ -317,9 +317,11 @@ stream {{
                                "-g", "daemon off;"], [listen for listen, _ in routes.values()])
 
 
-def sluice_config(routes: dict[str, tuple[int, int]], engine: str | None = None) -> str:
-    """Two workers, one listener and one pool (health off) per route."""
-    lines = ["workers: 2", "shutdown_timeout: 1s", "listeners:"]
+def sluice_config(routes: dict[str, tuple[int, int]], engine: str | None = None,
+                  io: str | None = None) -> str:
+    """Two workers, one listener and one pool (health off) per route; `io` picks
+    the driver (default: sluice's own, auto)."""
+    lines = ["workers: 2", "shutdown_timeout: 1s"] + ([f"io: {io}"] if io else []) + ["listeners:"]
     for name, (listen, _) in routes.items():
         lines += [f"  {name}:", f"    listen: {HOST}:{listen}", f"    pool: {name}"]
     lines.append("pools:")

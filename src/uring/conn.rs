@@ -86,6 +86,16 @@ pub(super) struct Relaying {
     stats: Option<RouteStats>,
 }
 
+impl Conn {
+    /// Bytes moved: the idle timeout starts again (the clock is read only
+    /// when there is one).
+    pub(super) fn moved_now(&mut self) {
+        if self.idle_timeout.is_some() {
+            self.last_moved = Instant::now();
+        }
+    }
+}
+
 impl Worker {
     /// Admits a client accepted from `peer` and starts it on its way.
     pub(super) fn start(

@@ -21,7 +21,6 @@ use std::collections::VecDeque;
 use std::io;
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, RawFd};
-use std::time::Instant;
 
 use io_uring::{opcode, types};
 use socket2::SockRef;
@@ -316,7 +315,7 @@ impl Worker {
             }
         }
         flow.moved(n);
-        conn.last_moved = Instant::now();
+        conn.moved_now();
         self.pump(index, f);
     }
 
@@ -401,15 +400,18 @@ impl Worker {
             }
         }
         flow.moved(total - len);
+        if len > 0 {
+            flow.pipe = Some((pipe, len));
+            flow.sending = true;
+        } else {
+            pipe.give_back();
+        }
         if total > len {
-            conn.last_moved = Instant::now();
+            conn.moved_now();
         }
         if len == 0 {
-            pipe.give_back();
             return true;
         }
-        flow.pipe = Some((pipe, len));
-        flow.sending = true;
         let entry = opcode::PollAdd::new(types::Fd(to), libc::POLLOUT as u32)
             .build()
             .user_data(Token::flow(FlowOp::Writable, f, index, generation).0);
