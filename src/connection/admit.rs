@@ -167,3 +167,71 @@ pub fn turn_away(
         &why.to_string(),
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::config::{self, Resolver};
+    use crate::snapshot::Snapshot;
+
+    fn route(listener: &str) -> Arc<Route> {
+        let text = format!(
+            "listeners:\n  l: {{ listen: 127.0.0.1:7000, pool: p, {listener} }}\npools:\n  p:\n    backends: [{{ address: 10.0.0.1:1 }}]\n"
+        );
+        let config = config::parse(Path::new("t.yaml"), &text, Resolver::Offline).unwrap();
+        let snapshot = Snapshot::from_config(&config);
+        snapshot
+            .route("127.0.0.1:7000".parse().unwrap())
+            .cloned()
+            .unwrap()
+    }
+
+    fn addr(text: &str) -> SocketAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn max_connections_turns_away_the_one_too_many_until_one_leaves() {
+        let route = route("max_connections: 2");
+        let now = Instant::now();
+        let first = admit(&route, addr("192.0.2.1:1"), now).unwrap();
+        let _second = admit(&route, addr("192.0.2.2:1"), now).unwrap();
+        assert!(admit(&route, addr("192.0.2.3:1"), now).is_none());
+        drop(first);
+        assert!(admit(&route, addr("192.0.2.3:1"), now).is_some());
+    }
+
+    #[test]
+    fn a_proxy_header_is_awaited_only_from_listed_upstreams() {
+        let route = route("accept_proxy: { from: [10.1.0.0/16], timeout: 3s }");
+        let now = Instant::now();
+        assert!(admit(&route, addr("192.0.2.1:1"), now).is_none());
+        let admitted = admit(&route, addr("10.1.2.3:1"), now).unwrap();
+        assert_eq!(admitted.header_within, Some(Duration::from_secs(3)));
+        // The client is the address the header carries.
+        let carried = Some((addr("198.51.100.7:4000"), addr("127.0.0.1:7000")));
+        let client = admit_header(&route, addr("10.1.2.3:1"), Ok(carried), now);
+        assert_eq!(client, Some(addr("198.51.100.7:4000")));
+        let why: &dyn Display = &"garbage";
+        assert!(admit_header(&route, addr("10.1.2.3:1"), Err(why), now).is_none());
+    }
+
+    #[test]
+    fn the_listener_rate_is_taken_before_the_header_and_the_clients_after() {
+        let limits = "accept_proxy: true, rate_limit: { rate: 1000, burst: 1000, per_client: { rate: 1, burst: 1 } }";
+        let route = route(limits);
+        let now = Instant::now();
+        let upstream = addr("10.1.2.3:1");
+        // Two headers naming the same client: the second is over its rate,
+        // though the upstream connection itself is let in.
+        for (i, expected) in [true, false].into_iter().enumerate() {
+            let _admitted = admit(&route, upstream, now).unwrap();
+            let carried = Some((addr("198.51.100.7:4000"), addr("127.0.0.1:7000")));
+            let client = admit_header(&route, upstream, Ok(carried), now);
+            assert_eq!(client.is_some(), expected, "header {i}");
+        }
+    }
+}
