@@ -149,6 +149,9 @@ struct Listening {
     armed: bool,
     /// After an accept error: not re-armed before this.
     backoff: Option<Instant>,
+    /// Tells its accepts from those of an earlier listener in the same
+    /// slot, whose last completions may still come.
+    generation: u32,
 }
 
 /// Whether io_uring can run a worker here: a ring can be set up with the
@@ -315,7 +318,7 @@ impl Worker {
 
     fn complete(&mut self, token: Token, result: i32, flags: u32) {
         match token.op() {
-            (Op::Accept, _) => self.accepted(token.index() as usize, result, flags),
+            (Op::Accept, _) => self.accepted(token, result, flags),
             (Op::Wake, _) => self.woken(),
             _ => self.conn_completed(token, result, flags),
         }
@@ -331,12 +334,14 @@ impl Worker {
                 self.listeners.len() - 1
             }
         };
+        self.generation = self.generation.wrapping_add(1) & 0xff_ffff;
         self.listeners[index] = Some(Listening {
             addr: listener.addr,
             socket: listener.socket,
             stop: listener.stop,
             armed: false,
             backoff: None,
+            generation: self.generation,
         });
         if !self.paused {
             self.arm_accept(index);
@@ -355,12 +360,16 @@ impl Worker {
         let entry = opcode::AcceptMulti::new(types::Fd(fd))
             .flags(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
             .build()
-            .user_data(Token::new(Op::Accept, index as u32, 0).0);
+            .user_data(Token::new(Op::Accept, index as u32, listener.generation).0);
         self.push(entry);
     }
 
-    fn accepted(&mut self, index: usize, result: i32, flags: u32) {
-        let Some(listener) = &mut self.listeners[index] else {
+    fn accepted(&mut self, token: Token, result: i32, flags: u32) {
+        let index = token.index() as usize;
+        let listener = self.listeners[index]
+            .as_mut()
+            .filter(|l| l.generation == token.generation());
+        let Some(listener) = listener else {
             // The accept of a listener already ended; close what it gave.
             if result >= 0 {
                 // SAFETY: the accept gave us this descriptor.
@@ -421,8 +430,9 @@ impl Worker {
     fn end_listener(&mut self, index: usize) {
         if let Some(listener) = self.listeners[index].take() {
             if listener.armed {
-                // Its last completion finds the slot empty.
-                let token = Token::new(Op::Accept, index as u32, 0);
+                // Its last completion finds the slot empty, or another
+                // listener's.
+                let token = Token::new(Op::Accept, index as u32, listener.generation);
                 self.push(
                     opcode::AsyncCancel::new(token.0)
                         .build()
@@ -451,7 +461,7 @@ impl Worker {
         for index in 0..self.listeners.len() {
             if let Some(listener) = &self.listeners[index] {
                 if listener.armed {
-                    let token = Token::new(Op::Accept, index as u32, 0);
+                    let token = Token::new(Op::Accept, index as u32, listener.generation);
                     self.push(
                         opcode::AsyncCancel::new(token.0)
                             .build()
