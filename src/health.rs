@@ -66,11 +66,20 @@ impl PassiveHealth {
 /// backend: blaming the backend for it would eject healthy backends exactly
 /// when sluice is overloaded.
 pub fn is_local_error(error: &io::Error) -> bool {
-    matches!(
-        error.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
-    )
+    error
+        .raw_os_error()
+        .is_some_and(|errno| LOCAL_ERRORS.contains(&errno))
 }
+
+/// The errors of [`is_local_error`]: out of the process's or the system's
+/// descriptors, socket buffers, memory, local ports.
+pub const LOCAL_ERRORS: [i32; 5] = [
+    libc::EMFILE,
+    libc::ENFILE,
+    libc::ENOBUFS,
+    libc::ENOMEM,
+    libc::EADDRNOTAVAIL,
+];
 
 /// Why a probe failed, as logged on a transition.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -467,13 +476,7 @@ mod tests {
 
     #[test]
     fn running_out_of_local_resources_is_never_the_backends_fault() {
-        for errno in [
-            libc::EMFILE,
-            libc::ENFILE,
-            libc::ENOBUFS,
-            libc::ENOMEM,
-            libc::EADDRNOTAVAIL,
-        ] {
+        for errno in LOCAL_ERRORS {
             assert!(is_local_error(&io::Error::from_raw_os_error(errno)));
         }
         for errno in [libc::ECONNREFUSED, libc::ETIMEDOUT, libc::EHOSTUNREACH] {

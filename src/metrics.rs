@@ -230,17 +230,11 @@ impl Metrics {
 
     /// A counter of the running configuration, made at 0 if new.
     pub fn counter(&self, family: Family, labels: Labels) -> Counter {
-        match self.register(family, labels, false, || Value::Counter(Arc::default())) {
-            Some(Value::Counter(atomic)) => Counter::from_arc(atomic),
-            _ => Counter::noop(),
-        }
+        self.counter_kept(family, labels, false)
     }
 
     pub fn gauge(&self, family: Family, labels: Labels) -> Gauge {
-        match self.register(family, labels, false, || Value::Gauge(Arc::default())) {
-            Some(Value::Gauge(atomic)) => Gauge::from_arc(atomic),
-            _ => Gauge::noop(),
-        }
+        self.gauge_kept(family, labels, false)
     }
 
     pub fn histogram(&self, family: Family, labels: Labels) -> Histogram {
@@ -252,14 +246,24 @@ impl Metrics {
 
     /// A counter that lives as long as the process.
     pub fn permanent_counter(&self, family: Family, labels: Labels) -> Counter {
-        match self.register(family, labels, true, || Value::Counter(Arc::default())) {
+        self.counter_kept(family, labels, true)
+    }
+
+    pub fn permanent_gauge(&self, family: Family, labels: Labels) -> Gauge {
+        self.gauge_kept(family, labels, true)
+    }
+
+    /// A counter, `permanent` or of the running configuration.
+    fn counter_kept(&self, family: Family, labels: Labels, permanent: bool) -> Counter {
+        match self.register(family, labels, permanent, || Value::Counter(Arc::default())) {
             Some(Value::Counter(atomic)) => Counter::from_arc(atomic),
             _ => Counter::noop(),
         }
     }
 
-    pub fn permanent_gauge(&self, family: Family, labels: Labels) -> Gauge {
-        match self.register(family, labels, true, || Value::Gauge(Arc::default())) {
+    /// A gauge, `permanent` or of the running configuration.
+    fn gauge_kept(&self, family: Family, labels: Labels, permanent: bool) -> Gauge {
+        match self.register(family, labels, permanent, || Value::Gauge(Arc::default())) {
             Some(Value::Gauge(atomic)) => Gauge::from_arc(atomic),
             _ => Gauge::noop(),
         }

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use tracing::warn;
 
 use crate::balancer::load::Lease;
+use crate::limits::Refusal;
 use crate::logging::Throttle;
 use crate::metrics::ErrorReason;
 use crate::proxy_protocol::Carried;
@@ -37,31 +38,22 @@ pub struct Admitted {
 /// Lets a connection accepted from `peer` through `route`'s gate, or turns
 /// it away (counted and logged).
 pub fn admit(route: &Route, peer: SocketAddr, accepted: Instant) -> Option<Admitted> {
-    let lease = match route.gate.enter() {
-        Ok(lease) => lease,
-        Err(refusal) => {
-            turn_away(
-                route,
-                ErrorReason::OverLimit,
-                &refusal,
-                (peer, peer),
-                accepted,
-            );
-            return None;
+    match pass_gate(route, peer) {
+        Ok(admitted) => Some(admitted),
+        Err((reason, why)) => {
+            turn_away(route, reason, &why, (peer, peer), accepted);
+            None
         }
-    };
+    }
+}
+
+/// [`admit`]'s checks, in order; what to count and say if one fails.
+fn pass_gate(route: &Route, peer: SocketAddr) -> Result<Admitted, (ErrorReason, String)> {
+    let over = |refusal: Refusal| (ErrorReason::OverLimit, refusal.to_string());
+    let lease = route.gate.enter().map_err(over)?;
     let header_within = match &route.accept_proxy {
         None => {
-            if let Err(refusal) = route.gate.pace(peer.ip()) {
-                turn_away(
-                    route,
-                    ErrorReason::OverLimit,
-                    &refusal,
-                    (peer, peer),
-                    accepted,
-                );
-                return None;
-            }
+            route.gate.pace(peer.ip()).map_err(over)?;
             None
         }
         Some(sources) => {
@@ -72,31 +64,15 @@ pub fn admit(route: &Route, peer: SocketAddr, accepted: Instant) -> Option<Admit
                     "{} may not send PROXY headers: accept_proxy.from does not list it",
                     peer.ip()
                 );
-                turn_away(
-                    route,
-                    ErrorReason::ProxyUntrusted,
-                    &why,
-                    (peer, peer),
-                    accepted,
-                );
-                return None;
+                return Err((ErrorReason::ProxyUntrusted, why));
             }
             // Before the header is awaited: clients that send none are held
             // to the listener's rate, not only to its max_connections.
-            if let Err(refusal) = route.gate.pace_listener() {
-                turn_away(
-                    route,
-                    ErrorReason::OverLimit,
-                    &refusal,
-                    (peer, peer),
-                    accepted,
-                );
-                return None;
-            }
+            route.gate.pace_listener().map_err(over)?;
             Some(sources.timeout)
         }
     };
-    Some(Admitted {
+    Ok(Admitted {
         lease,
         header_within,
     })

@@ -180,13 +180,7 @@ mod tests {
 
     #[test]
     fn running_out_of_resources_blames_nobody() {
-        for errno in [
-            libc::EMFILE,
-            libc::ENFILE,
-            libc::ENOBUFS,
-            libc::ENOMEM,
-            libc::EADDRNOTAVAIL,
-        ] {
+        for errno in crate::health::LOCAL_ERRORS {
             let failed = classify(&Ending::ConnectFailed(&error(errno)));
             assert_eq!(failed.passive, Passive::Silent, "{errno}");
             assert_eq!(failed.counted, Some(ErrorReason::OutOfResources));

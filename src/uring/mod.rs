@@ -79,6 +79,16 @@ enum Op {
     Flow,
 }
 
+/// Every [`Op`] but the flow operations.
+const PLAIN_OPS: [Op; 6] = [
+    Op::Accept,
+    Op::Wake,
+    Op::Cleanup,
+    Op::Connect,
+    Op::ConnectTimeout,
+    Op::NoDelay,
+];
+
 /// The operations of one direction of a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum FlowOp {
@@ -118,15 +128,7 @@ impl Token {
     /// The operation, and for a flow operation its kind and direction.
     fn op(self) -> (Op, Option<(FlowOp, usize)>) {
         let code = (self.0 & 0xff) as u8;
-        const OPS: [Op; 6] = [
-            Op::Accept,
-            Op::Wake,
-            Op::Cleanup,
-            Op::Connect,
-            Op::ConnectTimeout,
-            Op::NoDelay,
-        ];
-        if let Some(&op) = OPS.iter().find(|&&op| op as u8 == code) {
+        if let Some(&op) = PLAIN_OPS.iter().find(|&&op| op as u8 == code) {
             return (op, None);
         }
         let rest = code - Op::Flow as u8;
@@ -432,15 +434,20 @@ impl Worker {
             if listener.armed {
                 // Its last completion finds the slot empty, or another
                 // listener's.
-                let token = Token::new(Op::Accept, index as u32, listener.generation);
-                self.push(
-                    opcode::AsyncCancel::new(token.0)
-                        .build()
-                        .user_data(Token::new(Op::Cleanup, u32::MAX, 0).0),
-                );
+                self.cancel_accept(index, listener.generation);
             }
             self.shared.accepting.fetch_sub(1, Ordering::AcqRel);
         }
+    }
+
+    /// Cancels the multishot accept of listener `index`; its last
+    /// completion says when it has stopped.
+    fn cancel_accept(&mut self, index: usize, generation: u32) {
+        let token = Token::new(Op::Accept, index as u32, generation);
+        let cancel = opcode::AsyncCancel::new(token.0)
+            .build()
+            .user_data(Token::new(Op::Cleanup, u32::MAX, 0).0);
+        self.push(cancel);
     }
 
     /// At the descriptor capacity: stop accepting until connections close.
@@ -461,12 +468,7 @@ impl Worker {
         for index in 0..self.listeners.len() {
             if let Some(listener) = &self.listeners[index] {
                 if listener.armed {
-                    let token = Token::new(Op::Accept, index as u32, listener.generation);
-                    self.push(
-                        opcode::AsyncCancel::new(token.0)
-                            .build()
-                            .user_data(Token::new(Op::Cleanup, u32::MAX, 0).0),
-                    );
+                    self.cancel_accept(index, listener.generation);
                 }
             }
         }
@@ -610,15 +612,7 @@ mod tests {
 
     #[test]
     fn a_token_names_its_operation_slot_and_generation() {
-        let ops = [
-            Op::Accept,
-            Op::Wake,
-            Op::Cleanup,
-            Op::Connect,
-            Op::ConnectTimeout,
-            Op::NoDelay,
-        ];
-        for op in ops {
+        for op in PLAIN_OPS {
             let token = Token::new(op, 123_456, 0xab_cdef);
             assert_eq!(token.op(), (op, None));
             assert_eq!((token.index(), token.generation()), (123_456, 0xab_cdef));
