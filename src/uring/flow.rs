@@ -112,6 +112,9 @@ impl Worker {
         let conn = self.conns[index as usize]
             .as_mut()
             .expect("a live connection");
+        if conn.ending.is_some() {
+            return;
+        }
         let generation = conn.generation;
         let Some(from) = (if f == UP {
             Some(conn.client.as_raw_fd())
@@ -427,6 +430,11 @@ impl Worker {
         for (index, generation, f) in std::mem::take(&mut self.starved) {
             if let Some(conn) = self.conn(index, generation) {
                 conn.flows[f].starved = false;
+                // An ending connection must not get a new operation: its
+                // cancels have gone out, and it would never finish.
+                if conn.ending.is_some() {
+                    continue;
+                }
                 if matches!(conn.stage, Stage::Header(_)) {
                     self.arm(index, f);
                 } else {
