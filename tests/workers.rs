@@ -80,8 +80,8 @@ fn pinned_workers_each_get_one_core() {
 #[test]
 fn open_connections_add_no_threads() {
     // Neither engine may park an operation on a kernel worker thread (as
-    // io_uring's own splice would): a process's io-wq threads are listed
-    // among its tasks.
+    // io_uring's own splice or shutdown would): a process's io-wq threads
+    // are listed among its tasks.
     let server = TestServer::start(|mut stream| echo(&mut stream));
     for engine in ["splice", "copy"] {
         let sluice = Sluice::start(&config(
@@ -105,6 +105,18 @@ fn open_connections_add_no_threads() {
             before,
             "{engine}: threads with {} idle connections open",
             open.len()
+        );
+        // Half-closes and closes (shutdown, close and cancels on the
+        // io_uring driver) add none either.
+        for mut client in open {
+            client.shutdown(std::net::Shutdown::Write).unwrap();
+            let mut rest = Vec::new();
+            client.read_to_end(&mut rest).unwrap();
+        }
+        assert_eq!(
+            threads(sluice.pid()).len(),
+            before,
+            "{engine}: threads after closing"
         );
     }
 }
