@@ -422,12 +422,16 @@ impl Worker {
         false
     }
 
-    /// Directions that found no buffer: armed again once there are some.
+    /// Directions that found no buffer: armed again once there are some,
+    /// oldest first, one for every [`HOLD`] free buffers (what each may
+    /// take before it stops), so that few find the ring empty again.
     pub(super) fn feed_starved(&mut self) {
-        if self.starved.is_empty() || self.buffers.available() < super::BUFFER_COUNT / 8 {
+        let available = usize::from(self.buffers.available());
+        if self.starved.is_empty() || available < usize::from(super::BUFFER_COUNT / 8) {
             return;
         }
-        for (index, generation, f) in std::mem::take(&mut self.starved) {
+        let fed = (available / HOLD).max(1).min(self.starved.len());
+        for (index, generation, f) in self.starved.drain(..fed).collect::<Vec<_>>() {
             if let Some(conn) = self.conn(index, generation) {
                 conn.flows[f].starved = false;
                 // An ending connection must not get a new operation: its
