@@ -20,6 +20,7 @@
 //! - [`metrics`]: Prometheus metrics.
 //! - [`admin`]: the admin endpoint that serves them.
 //! - [`shared`]: what the control plane and the workers share.
+//! - [`mailbox`]: how the control plane reaches the workers.
 //! - [`signals`], [`systemd`], [`logging`]: process plumbing.
 //! - [`explain`]: `sluice explain`, routing computed from the file alone.
 
@@ -33,6 +34,7 @@ pub mod explain;
 pub mod health;
 pub mod limits;
 pub mod logging;
+pub mod mailbox;
 pub mod metrics;
 pub mod net;
 pub mod pipe;

@@ -15,7 +15,7 @@ use tracing::{error, info};
 use sluice::config::{self, Config, Workers};
 use sluice::control::Controller;
 use sluice::worker::{self, Driver};
-use sluice::{capacity, explain, logging, signals};
+use sluice::{capacity, explain, logging, mailbox, signals};
 
 #[derive(Parser)]
 #[command(
@@ -137,7 +137,7 @@ fn run(path: &Path) -> Result<(), String> {
     for (id, sockets) in bound.drain(..).enumerate() {
         let cpu = (pin && !cpus.is_empty()).then(|| cpus[id % cpus.len()]);
         let (mailbox, inbox) =
-            worker::mailbox().map_err(|e| format!("cannot start worker {id}: {e}"))?;
+            mailbox::mailbox().map_err(|e| format!("cannot start worker {id}: {e}"))?;
         worker::spawn(id, driver, sockets, inbox, controller.shared(), cpu)
             .map_err(|e| format!("cannot start worker {id}: {e}"))?;
         controller.add_worker(mailbox);

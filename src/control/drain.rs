@@ -9,8 +9,8 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use tracing::{info, warn};
 
+use crate::mailbox::Command;
 use crate::signals::{Request, Signals};
-use crate::worker::Command;
 
 use super::Controller;
 

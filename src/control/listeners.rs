@@ -14,9 +14,9 @@ use socket2::SockRef;
 use tracing::info;
 
 use crate::config::{self, Config};
+use crate::mailbox::{BoundListener, Stop};
 use crate::metrics::{ListenerStats, Metrics};
 use crate::net;
-use crate::worker::{BoundListener, Stop};
 
 /// The listeners in use.
 pub struct Listeners {

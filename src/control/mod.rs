@@ -47,12 +47,13 @@ use crate::capacity::{Budget, Connections};
 use crate::config::{self, Config, ConfigError};
 use crate::health::ProbeFailure;
 use crate::logging::Throttle;
+use crate::mailbox::{BoundListener, Command, Mailbox};
 use crate::metrics::{Metrics, ProcessStats};
 use crate::shared::{Event, Shared};
 use crate::signals::{Request, Signals};
 use crate::snapshot::{Pool, Snapshot};
 use crate::systemd::Notifier;
-use crate::worker::{self, BoundListener, Command, Driver, Mailbox};
+use crate::worker::{self, Driver};
 
 use backends::{Backends, Change};
 use listeners::Listeners;

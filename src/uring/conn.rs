@@ -2,7 +2,7 @@
 //! header (its bytes come in provided buffers like any others), dialing
 //! (an io_uring connect with `connect_timeout` as a linked timeout, and
 //! retries along the client's preference order), relaying (two
-//! [`Flow`](super::flow::Flow)s), and its end: everything armed on its
+//! [`Flow`](super::state::Flow)s), and its end: everything armed on its
 //! sockets is cancelled, and once the last completion is in, its sockets
 //! are closed through the ring and it is judged and logged.
 use std::borrow::Cow;
@@ -10,91 +10,25 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use io_uring::{cqueue, opcode, types};
 use socket2::{Domain, Protocol, SockAddr, SockRef, Type};
 use tracing::debug;
 
-use super::flow::{error_of, source_side, Flow, Prefix, DOWN, UP};
+use super::state::{
+    error_of, source_side, Conn, Dialing, Flow, HeaderWait, Prefix, Relaying, Stage, DOWN, UP,
+};
 use super::{close_entry, FlowOp, Op, Token, Worker};
-use crate::balancer::load::Lease;
 use crate::capacity::Slot;
 use crate::config::Engine;
 use crate::connection::admit::{self, Admitted};
-use crate::connection::dial::{Attempt, Dialed, Dialer, Next};
+use crate::connection::dial::{Dialer, Next};
 use crate::connection::ending::{self, Classified, Ending, Side};
 use crate::connection::{judge, log_closed, Bytes};
-use crate::metrics::RouteStats;
 use crate::net;
 use crate::proxy_protocol::{self, Carried};
 use crate::snapshot::Route;
-
-pub struct Conn {
-    pub generation: u32,
-    /// Operations whose last completion has not come yet.
-    pub(super) pending: u32,
-    pub(super) client: OwnedFd,
-    pub(super) backend: Option<OwnedFd>,
-    pub(super) stage: Stage,
-    pub(super) flows: [Flow; 2],
-    /// The connection's own peer, and the client a PROXY header named.
-    pub(super) peer: SocketAddr,
-    pub(super) client_addr: SocketAddr,
-    pub(super) accepted: Instant,
-    pub(super) listener: Arc<str>,
-    /// Counts the connection against its listener's `max_connections`.
-    pub(super) _lease: Lease,
-    /// Its place in the process's descriptor capacity.
-    pub(super) _slot: Slot,
-    pub(super) idle_timeout: Option<Duration>,
-    pub(super) last_moved: Instant,
-    pub(super) first_fin: Option<Side>,
-    /// Set once it is ending: how (nothing to log if `None` inside).
-    pub(super) ending: Option<Option<Classified>>,
-}
-
-pub(super) enum Stage {
-    /// Admitted, and about to dial; or done dialing without a backend.
-    Bare,
-    /// Waiting for a PROXY header.
-    Header(Box<HeaderWait>),
-    Dialing(Box<Dialing>),
-    Relaying(Box<Relaying>),
-}
-
-pub(super) struct HeaderWait {
-    pub(super) route: Arc<Route>,
-    pub(super) within: Duration,
-    pub(super) deadline: Instant,
-    /// What came so far (a header split over segments is rare).
-    pub(super) bytes: Vec<u8>,
-}
-
-pub(super) struct Dialing {
-    route: Arc<Route>,
-    dialer: Dialer,
-    attempt: Option<Attempt>,
-    /// Where the connect in flight goes, and its time limit: the ring reads
-    /// both after the entry is queued.
-    addr: SockAddr,
-    timeout: types::Timespec,
-}
-
-pub(super) struct Relaying {
-    dialed: Dialed,
-    stats: Option<RouteStats>,
-}
-
-impl Conn {
-    /// Bytes moved: the idle timeout starts again (the clock is read only
-    /// when there is one).
-    pub(super) fn moved_now(&mut self) {
-        if self.idle_timeout.is_some() {
-            self.last_moved = Instant::now();
-        }
-    }
-}
 
 impl Worker {
     /// Admits a client accepted from `peer` and starts it on its way.

@@ -1,5 +1,6 @@
-//! One direction of a connection on the ring ([`Flow`]): it moves bytes
-//! from its source to its destination with one of two engines:
+//! One direction of a connection on the ring ([`Flow`](super::state::Flow)):
+//! it moves bytes from its source to its destination with one of two
+//! engines:
 //!
 //! - **copy**: a multishot receive takes provided buffers as bytes come
 //!   in; each is sent on and given back to the ring once sent. At most
@@ -17,7 +18,6 @@
 //! order across a switch: the splice engine starts only once what the copy
 //! engine holds is sent.
 
-use std::collections::VecDeque;
 use std::io;
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, RawFd};
@@ -25,10 +25,9 @@ use std::os::fd::{AsRawFd, RawFd};
 use io_uring::{opcode, types};
 use socket2::SockRef;
 
-use super::conn::Stage;
+use super::state::{error_of, source_side, Stage, UP};
 use super::{FlowOp, Op, Token, Worker, BUFFER_SIZE};
 use crate::connection::ending::{self, Ending, Side};
-use crate::connection::Bytes;
 use crate::pipe::{splice, Pipe, PIPE_CAPACITY};
 
 /// Buffers a direction may hold for a slow destination before it stops
@@ -37,74 +36,6 @@ const HOLD: usize = 4;
 
 /// Under `auto`, a splice that moves less than this goes back to copying.
 const SMALL: usize = 16 * 1024;
-
-/// The two directions: index 0 carries the client's bytes.
-pub const UP: usize = 0;
-pub const DOWN: usize = 1;
-
-/// One direction of a connection.
-#[derive(Default)]
-pub struct Flow {
-    pub(super) splicing: bool,
-    pub(super) auto: bool,
-    /// A receive (copy) or a readiness poll (splice) is armed on the source.
-    pub(super) armed: bool,
-    pub(super) cancelling: bool,
-    /// The last receive found no buffer: waiting for some to come back.
-    pub(super) starved: bool,
-    /// The source sent FIN.
-    pub(super) eof: bool,
-    /// The FIN was passed on.
-    pub(super) shut: bool,
-    /// A send (copy) or a writability poll (splice) is in flight.
-    pub(super) sending: bool,
-    /// Bytes of sluice's own to send first: the PROXY header, and what
-    /// came after the client's header.
-    pub(super) prefix: Option<Box<Prefix>>,
-    /// Received buffers not yet sent: (buffer id, length).
-    pub(super) queue: VecDeque<(u16, u32)>,
-    /// Bytes of the first queued buffer already sent.
-    pub(super) head_sent: u32,
-    /// A pipe holding bytes the destination has not taken yet.
-    pub(super) pipe: Option<(Pipe, usize)>,
-    pub(super) bytes: Option<Bytes>,
-}
-
-pub struct Prefix {
-    pub(super) bytes: Vec<u8>,
-    pub(super) sent: usize,
-    /// The first `uncounted` bytes are sluice's (a PROXY header), not the
-    /// client's.
-    pub(super) uncounted: usize,
-}
-
-impl Flow {
-    pub(super) fn holding(&self) -> bool {
-        !self.queue.is_empty() || self.pipe.is_some() || self.prefix.is_some()
-    }
-
-    pub(super) fn moved(&mut self, n: usize) {
-        if let Some(bytes) = &mut self.bytes {
-            bytes.add(n);
-        }
-    }
-
-    pub(super) fn total(&self) -> u64 {
-        self.bytes.as_ref().map_or(0, |b| b.total)
-    }
-}
-
-pub(super) fn source_side(flow: usize) -> Side {
-    if flow == UP {
-        Side::Client
-    } else {
-        Side::Backend
-    }
-}
-
-pub(super) fn error_of(result: i32) -> io::Error {
-    io::Error::from_raw_os_error(-result)
-}
 
 impl Worker {
     /// Arms the receive (or readiness poll) of direction `f` on its source.

@@ -24,6 +24,7 @@
 mod buffers;
 mod conn;
 mod flow;
+mod state;
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -40,10 +41,10 @@ use tracing::{debug, error, info, warn};
 
 use crate::capacity::Slot;
 use crate::logging::Throttle;
+use crate::mailbox::{BoundListener, Command, Inbox, Stop};
 use crate::shared::Shared;
-use crate::worker::{BoundListener, Command, Inbox, Stop};
 use buffers::Buffers;
-use conn::Conn;
+use state::Conn;
 
 /// Submission queue entries; the completion queue has four times as many,
 /// room for the bursts of multishot operations.

@@ -14,8 +14,8 @@ use socket2::SockRef;
 use tokio::io::Interest;
 use tracing::{debug, error, info, warn};
 
-use super::{BoundListener, Command, Inbox};
 use crate::logging::Throttle;
+use crate::mailbox::{BoundListener, Command, Inbox};
 use crate::shared::Shared;
 use crate::{net, relay};
 
