@@ -278,3 +278,42 @@ fn ipv6_listener_and_backend() {
     server.join().unwrap();
     drop(sluice);
 }
+
+/// A client that goes on sending after its backend answered and closed:
+/// with the splice engine the bytes meet a closed socket (EPIPE or a
+/// reset). Expected: that connection is reset, and sluice serves on (an
+/// early io_uring driver aborted here, stepping a connection it had just
+/// finished).
+#[test]
+fn sending_on_after_the_backend_closed_resets_that_connection_only() {
+    let server = TestServer::start(|mut stream| {
+        let mut request = [0u8; 5];
+        if stream.read_exact(&mut request).is_ok() {
+            let _ = stream.write_all(b"bye");
+        }
+    });
+    for engine in ["splice", "copy"] {
+        let sluice = Sluice::start(&config(
+            free_addr(unique_loopback()),
+            &[("closer".into(), server.addr)],
+            &format!("    engine: {engine}\n"),
+        ));
+        let mut client = connect_from(client_ip(70), sluice.listen_addr());
+        client.write_all(b"hello").unwrap();
+        let mut reply = Vec::new();
+        client.read_to_end(&mut reply).unwrap();
+        assert_eq!(reply, b"bye", "{engine}");
+        // Until sluice resets us for it (or gives up reading).
+        let chunk = vec![7u8; 16 * 1024];
+        for _ in 0..2000 {
+            if client.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+        let mut again = connect_from(client_ip(71), sluice.listen_addr());
+        again.write_all(b"hello").unwrap();
+        let mut reply = Vec::new();
+        again.read_to_end(&mut reply).unwrap();
+        assert_eq!(reply, b"bye", "{engine}: sluice serves on");
+    }
+}

@@ -157,9 +157,10 @@ impl Worker {
     /// Queues an operation of connection `index`, counted until its last
     /// completion.
     pub(super) fn push_for(&mut self, index: u32, entry: io_uring::squeue::Entry) {
-        let conn = self.conns[index as usize]
-            .as_mut()
-            .expect("a live connection");
+        let Some(conn) = self.conns[index as usize].as_mut() else {
+            // Finished already, by an earlier step of this turn.
+            return;
+        };
         conn.pending += 1;
         self.push(entry);
     }
@@ -167,9 +168,10 @@ impl Worker {
     /// Loads the pool of `route` and makes the first connect; `carried` is
     /// what a PROXY header said.
     pub(super) fn dial(&mut self, index: u32, route: Arc<Route>, carried: Carried) {
-        let conn = self.conns[index as usize]
-            .as_mut()
-            .expect("a live connection");
+        let Some(conn) = self.conns[index as usize].as_mut() else {
+            // Finished already, by an earlier step of this turn.
+            return;
+        };
         let client = &conn.client;
         let local = || {
             SockRef::from(client)
@@ -201,9 +203,10 @@ impl Worker {
 
     /// Connects to the next backend of the plan, or gives up.
     pub(super) fn connect_next(&mut self, index: u32) {
-        let conn = self.conns[index as usize]
-            .as_mut()
-            .expect("a live connection");
+        let Some(conn) = self.conns[index as usize].as_mut() else {
+            // Finished already, by an earlier step of this turn.
+            return;
+        };
         let generation = conn.generation;
         let Stage::Dialing(dialing) = &mut conn.stage else {
             return;
@@ -265,9 +268,10 @@ impl Worker {
     /// Queues `entry`, the connect or the wait for its outcome, with the
     /// pool's `connect_timeout` as a linked timeout.
     fn push_limited(&mut self, index: u32, entry: io_uring::squeue::Entry) {
-        let conn = self.conns[index as usize]
-            .as_mut()
-            .expect("a live connection");
+        let Some(conn) = self.conns[index as usize].as_mut() else {
+            // Finished already, by an earlier step of this turn.
+            return;
+        };
         let generation = conn.generation;
         let Stage::Dialing(dialing) = &conn.stage else {
             return;
@@ -278,6 +282,7 @@ impl Worker {
         let timeout = opcode::LinkTimeout::new(&dialing.timeout)
             .build()
             .user_data(Token::new(Op::ConnectTimeout, index, generation).0);
+        self.reserve(2);
         self.push_for(index, entry.flags(io_uring::squeue::Flags::IO_LINK));
         self.push_for(index, timeout);
     }
@@ -285,9 +290,10 @@ impl Worker {
     /// The connect in flight ended.
     pub(super) fn connected(&mut self, index: u32, result: i32) {
         let shared = self.shared;
-        let conn = self.conns[index as usize]
-            .as_mut()
-            .expect("a live connection");
+        let Some(conn) = self.conns[index as usize].as_mut() else {
+            // Finished already, by an earlier step of this turn.
+            return;
+        };
         let Stage::Dialing(dialing) = &mut conn.stage else {
             return;
         };
@@ -320,9 +326,10 @@ impl Worker {
             if let Some(socket) = conn.backend.take() {
                 self.push(close_entry(socket.into_raw_fd()));
             }
-            let conn = self.conns[index as usize]
-                .as_mut()
-                .expect("a live connection");
+            let Some(conn) = self.conns[index as usize].as_mut() else {
+                // Finished already, by an earlier step of this turn.
+                return;
+            };
             let Stage::Dialing(dialing) = &mut conn.stage else {
                 unreachable!()
             };
@@ -372,9 +379,10 @@ impl Worker {
         if let Some(limit) = conn.idle_timeout {
             self.add_timer(Instant::now() + limit, index, generation);
         }
-        let conn = self.conns[index as usize]
-            .as_mut()
-            .expect("a live connection");
+        let Some(conn) = self.conns[index as usize].as_mut() else {
+            // Finished already, by an earlier step of this turn.
+            return;
+        };
         conn.stage = Stage::Relaying(Box::new(Relaying { dialed, stats }));
         self.pump(index, UP);
         self.pump(index, DOWN);
@@ -382,14 +390,22 @@ impl Worker {
 
     /// Bytes of the PROXY header came: judge what there is so far.
     pub(super) fn header_came(&mut self, index: u32) {
-        let conn = self.conns[index as usize]
-            .as_mut()
-            .expect("a live connection");
+        let Some(conn) = self.conns[index as usize].as_mut() else {
+            // Finished already, by an earlier step of this turn.
+            return;
+        };
         let Stage::Header(wait) = &mut conn.stage else {
             return;
         };
         match proxy_protocol::parse_header(&wait.bytes) {
-            Ok(None) => {}
+            // More must come: a receive that ended with these bytes (its
+            // last completion can carry data) is armed again.
+            Ok(None) => {
+                let flow = &conn.flows[UP];
+                if !flow.armed && !flow.starved && !flow.eof {
+                    self.arm(index, UP);
+                }
+            }
             Err(e) => self.header_failed(index, &e),
             Ok(Some((length, carried))) => {
                 let Some(client) =
@@ -482,9 +498,10 @@ impl Worker {
     /// logged ([`Worker::finish`]). `how` is `None` when it was turned away
     /// (logged already).
     pub(super) fn end(&mut self, index: u32, how: Option<Classified>) {
-        let conn = self.conns[index as usize]
-            .as_mut()
-            .expect("a live connection");
+        let Some(conn) = self.conns[index as usize].as_mut() else {
+            // Finished already, by an earlier step of this turn.
+            return;
+        };
         if conn.ending.is_some() {
             return;
         }

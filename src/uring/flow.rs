@@ -40,9 +40,10 @@ const SMALL: usize = 16 * 1024;
 impl Worker {
     /// Arms the receive (or readiness poll) of direction `f` on its source.
     pub(super) fn arm(&mut self, index: u32, f: usize) {
-        let conn = self.conns[index as usize]
-            .as_mut()
-            .expect("a live connection");
+        let Some(conn) = self.conns[index as usize].as_mut() else {
+            // Finished already, by an earlier step of this turn.
+            return;
+        };
         if conn.ending.is_some() {
             return;
         }
@@ -71,9 +72,10 @@ impl Worker {
     /// Stops the multishot receive of direction `f`; its last completion
     /// says when it has stopped.
     pub(super) fn cancel_receive(&mut self, index: u32, f: usize) {
-        let conn = self.conns[index as usize]
-            .as_mut()
-            .expect("a live connection");
+        let Some(conn) = self.conns[index as usize].as_mut() else {
+            // Finished already, by an earlier step of this turn.
+            return;
+        };
         let flow = &mut conn.flows[f];
         if !flow.armed || flow.cancelling {
             return;
@@ -95,9 +97,10 @@ impl Worker {
         last: bool,
         buffer: Option<u16>,
     ) {
-        let conn = self.conns[index as usize]
-            .as_mut()
-            .expect("a live connection");
+        let Some(conn) = self.conns[index as usize].as_mut() else {
+            // Finished already, by an earlier step of this turn.
+            return;
+        };
         let flow = &mut conn.flows[f];
         if last {
             flow.armed = false;
@@ -151,9 +154,10 @@ impl Worker {
     /// Sends what direction `f` holds, passes its FIN on, and receives more
     /// when there is room: whatever its state calls for next.
     pub(super) fn pump(&mut self, index: u32, f: usize) {
-        let conn = self.conns[index as usize]
-            .as_mut()
-            .expect("a live connection");
+        let Some(conn) = self.conns[index as usize].as_mut() else {
+            // Finished already, by an earlier step of this turn.
+            return;
+        };
         if conn.ending.is_some() {
             return;
         }
@@ -182,9 +186,10 @@ impl Worker {
                 self.push_for(index, entry);
             }
         }
-        let conn = self.conns[index as usize]
-            .as_mut()
-            .expect("a live connection");
+        let Some(conn) = self.conns[index as usize].as_mut() else {
+            // Finished already, by an earlier step of this turn.
+            return;
+        };
         let flow = &mut conn.flows[f];
         if flow.eof && !flow.shut && !flow.sending && !flow.holding() {
             flow.shut = true;
@@ -222,9 +227,10 @@ impl Worker {
     }
 
     pub(super) fn sent(&mut self, index: u32, f: usize, result: i32) {
-        let conn = self.conns[index as usize]
-            .as_mut()
-            .expect("a live connection");
+        let Some(conn) = self.conns[index as usize].as_mut() else {
+            // Finished already, by an earlier step of this turn.
+            return;
+        };
         let flow = &mut conn.flows[f];
         flow.sending = false;
         if result < 0 {
@@ -256,9 +262,10 @@ impl Worker {
     /// The source of direction `f` is readable: splice what it has.
     pub(super) fn splice_from(&mut self, index: u32, f: usize) {
         loop {
-            let conn = self.conns[index as usize]
-                .as_mut()
-                .expect("a live connection");
+            let Some(conn) = self.conns[index as usize].as_mut() else {
+                // Finished already, by an earlier step of this turn.
+                return;
+            };
             let from = if f == UP {
                 conn.client.as_raw_fd()
             } else {
@@ -303,9 +310,10 @@ impl Worker {
     /// `true` once it is empty, `false` while the destination is full (a
     /// writability poll is armed) or after a failure.
     pub(super) fn drain_pipe(&mut self, index: u32, f: usize) -> bool {
-        let conn = self.conns[index as usize]
-            .as_mut()
-            .expect("a live connection");
+        let Some(conn) = self.conns[index as usize].as_mut() else {
+            // Finished already, by an earlier step of this turn.
+            return false;
+        };
         let generation = conn.generation;
         let backend = conn.backend.as_ref().expect("relaying").as_raw_fd();
         let to = if f == UP {

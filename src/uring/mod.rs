@@ -27,7 +27,7 @@ mod flow;
 mod state;
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, VecDeque};
 use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -208,7 +208,7 @@ pub struct Worker {
     /// are back.
     starved: Vec<(u32, u32, usize)>,
     /// Accepted while at capacity: served once there is room.
-    held: Vec<(OwnedFd, usize)>,
+    held: VecDeque<(OwnedFd, SocketAddr)>,
     paused: bool,
     inbox: Inbox,
     /// Where the eventfd read lands.
@@ -232,7 +232,7 @@ impl Worker {
             generation: 0,
             timers: BinaryHeap::new(),
             starved: Vec::new(),
-            held: Vec::new(),
+            held: VecDeque::new(),
             paused: false,
             inbox,
             wake: Box::new(0),
@@ -319,6 +319,23 @@ impl Worker {
         }
     }
 
+    /// Makes room for `entries` in the submission queue, submitting what
+    /// is queued if need be: a linked pair must go in one submission, or
+    /// the kernel ends the link between them.
+    fn reserve(&mut self, entries: usize) {
+        let free = {
+            let queue = self.ring.submission();
+            queue.capacity() - queue.len()
+        };
+        if free < entries {
+            if let Err(e) = self.ring.submit() {
+                if !matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EAGAIN)) {
+                    error!("cannot submit to io_uring: {e}");
+                }
+            }
+        }
+    }
+
     fn complete(&mut self, token: Token, result: i32, flags: u32) {
         match token.op() {
             (Op::Accept, _) => self.accepted(token, result, flags),
@@ -386,10 +403,11 @@ impl Worker {
         if result >= 0 {
             // SAFETY: the accept gave us this descriptor.
             let client = unsafe { OwnedFd::from_raw_fd(result) };
+            let address = listener.addr;
             match self.shared.connections.take() {
-                Some(slot) => self.open(client, index, slot),
+                Some(slot) => self.open(client, address, slot),
                 None => {
-                    self.held.push((client, index));
+                    self.held.push_back((client, address));
                     self.pause();
                 }
             }
@@ -478,12 +496,22 @@ impl Worker {
     /// While paused or backing off: serve the clients held back if there is
     /// room now, then accept again; drop listeners stopped meanwhile.
     fn tick(&mut self, now: Instant) {
+        // A listener stopped meanwhile ends now, paused or not.
+        for index in 0..self.listeners.len() {
+            let stopped = self.listeners[index]
+                .as_ref()
+                .is_some_and(|l| l.stop.is_stopped() && !l.armed);
+            if stopped {
+                self.end_listener(index);
+            }
+        }
         if self.paused {
-            while let Some((client, index)) = self.held.pop() {
+            // Oldest first.
+            while let Some((client, address)) = self.held.pop_front() {
                 match self.shared.connections.take() {
-                    Some(slot) => self.open(client, index, slot),
+                    Some(slot) => self.open(client, address, slot),
                     None => {
-                        self.held.push((client, index));
+                        self.held.push_front((client, address));
                         break;
                     }
                 }
@@ -502,13 +530,7 @@ impl Worker {
             let Some(listener) = &mut self.listeners[index] else {
                 continue;
             };
-            if listener.stop.is_stopped() {
-                if !listener.armed {
-                    self.end_listener(index);
-                }
-                continue;
-            }
-            if listener.backoff.is_some_and(|until| until > now) {
+            if listener.stop.is_stopped() || listener.backoff.is_some_and(|until| until > now) {
                 continue;
             }
             listener.backoff = None;
@@ -516,14 +538,14 @@ impl Worker {
         }
     }
 
-    /// Serves a client accepted on listener `index`.
-    fn open(&mut self, client: OwnedFd, index: usize, slot: Slot) {
-        let address = self.listeners[index].as_ref().map(|l| l.addr);
+    /// Serves a client accepted on the listening address `address` (its
+    /// route is looked up by address: the listener may be gone by now).
+    fn open(&mut self, client: OwnedFd, address: SocketAddr, slot: Slot) {
         let peer = SockRef::from(&client)
             .peer_addr()
             .ok()
             .and_then(|a| a.as_socket());
-        let (Some(address), Some(peer)) = (address, peer) else {
+        let Some(peer) = peer else {
             // The client is already gone.
             return;
         };
