@@ -151,9 +151,9 @@ fn systemd_hears_ready_reloading_and_stopping() {
     assert_eq!(sluice.wait_exit().code(), Some(0));
 }
 
-#[test]
-fn the_unit_file_passes_systemd_analyze_verify() {
-    // verify checks that ExecStart's binary exists: point it at ours.
+/// The shipped unit, its ExecStart pointed at the binary under test: its
+/// text, and a copy on disk for systemd-analyze.
+fn unit_file() -> (String, TempFile) {
     let unit = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/systemd/sluice.service"
@@ -161,6 +161,14 @@ fn the_unit_file_passes_systemd_analyze_verify() {
     .unwrap()
     .replace("/usr/local/bin/sluice", SLUICE);
     let file = temp_file("sluice.service", &unit);
+    (unit, file)
+}
+
+#[test]
+fn the_unit_file_passes_systemd_analyze_verify() {
+    // verify checks that ExecStart's binary exists: unit_file points it
+    // at ours.
+    let (unit, file) = unit_file();
     let out = Command::new("systemd-analyze")
         .arg("verify")
         .arg(&file.path)
@@ -186,13 +194,7 @@ fn the_unit_file_passes_systemd_analyze_verify() {
 /// security` measures at 1.5 or below: 1.6 before PrivateMounts and UMask.
 #[test]
 fn the_unit_file_keeps_its_security_score_and_allows_what_sluice_calls() {
-    let unit = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/systemd/sluice.service"
-    ))
-    .unwrap()
-    .replace("/usr/local/bin/sluice", SLUICE);
-    let file = temp_file("sluice.service", &unit);
+    let (unit, file) = unit_file();
     let out = Command::new("systemd-analyze")
         .args(["security", "--offline=true", "--no-pager"])
         .arg(&file.path)
