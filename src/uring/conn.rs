@@ -8,7 +8,7 @@
 use std::borrow::Cow;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -513,13 +513,12 @@ impl Worker {
             }
         }
         conn.ending = Some(how);
-        let fds: Vec<RawFd> = std::iter::once(conn.client.as_raw_fd())
-            .chain(conn.backend.as_ref().map(|b| b.as_raw_fd()))
-            .collect();
+        // The client's socket and the backend's, if there is one yet.
+        let fds = [conn.source(UP), conn.source(DOWN)];
         if conn.pending == 0 {
             return self.finish(index);
         }
-        for fd in fds {
+        for fd in fds.into_iter().flatten() {
             let entry = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all())
                 .build()
                 .user_data(Token::new(Op::Cleanup, index, generation).0);

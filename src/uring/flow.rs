@@ -20,12 +20,12 @@
 
 use std::io;
 use std::net::Shutdown;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 
 use io_uring::{opcode, types};
 use socket2::SockRef;
 
-use super::state::{error_of, source_side, Stage, UP};
+use super::state::{error_of, source_side, Stage};
 use super::{FlowOp, Op, Token, Worker, BUFFER_SIZE};
 use crate::connection::ending::{self, Ending, Side};
 use crate::pipe::{splice, Pipe, PIPE_CAPACITY};
@@ -48,11 +48,7 @@ impl Worker {
             return;
         }
         let generation = conn.generation;
-        let Some(from) = (if f == UP {
-            Some(conn.client.as_raw_fd())
-        } else {
-            conn.backend.as_ref().map(|b| b.as_raw_fd())
-        }) else {
+        let Some(from) = conn.source(f) else {
             return;
         };
         let flow = &mut conn.flows[f];
@@ -165,9 +161,7 @@ impl Worker {
             return;
         };
         let generation = conn.generation;
-        let backend = conn.backend.as_ref().expect("relaying").as_raw_fd();
-        let client = conn.client.as_raw_fd();
-        let to = if f == UP { backend } else { client };
+        let to = conn.destination(f).expect("relaying");
         let flow = &mut conn.flows[f];
         if !flow.sending && flow.pipe.is_none() {
             let next = match (&flow.prefix, flow.queue.front()) {
@@ -266,11 +260,7 @@ impl Worker {
                 // Finished already, by an earlier step of this turn.
                 return;
             };
-            let from = if f == UP {
-                conn.client.as_raw_fd()
-            } else {
-                conn.backend.as_ref().expect("relaying").as_raw_fd()
-            };
+            let from = conn.source(f).expect("relaying");
             let flow = &mut conn.flows[f];
             let Some(pipe) = Pipe::take() else {
                 // Out of pipes: copy instead.
@@ -315,12 +305,7 @@ impl Worker {
             return false;
         };
         let generation = conn.generation;
-        let backend = conn.backend.as_ref().expect("relaying").as_raw_fd();
-        let to = if f == UP {
-            backend
-        } else {
-            conn.client.as_raw_fd()
-        };
+        let to = conn.destination(f).expect("relaying");
         let flow = &mut conn.flows[f];
         let Some((pipe, mut len)) = flow.pipe.take() else {
             return true;

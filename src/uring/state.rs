@@ -5,7 +5,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -78,6 +78,24 @@ pub(super) struct Relaying {
 }
 
 impl Conn {
+    /// The socket direction `f` reads from, once it exists (the backend's
+    /// only once dialed).
+    pub(super) fn source(&self, f: usize) -> Option<RawFd> {
+        self.side(source_side(f))
+    }
+
+    /// The socket direction `f` writes to, once it exists.
+    pub(super) fn destination(&self, f: usize) -> Option<RawFd> {
+        self.side(source_side(f).other())
+    }
+
+    fn side(&self, side: Side) -> Option<RawFd> {
+        match side {
+            Side::Client => Some(self.client.as_raw_fd()),
+            Side::Backend => self.backend.as_ref().map(AsRawFd::as_raw_fd),
+        }
+    }
+
     /// Bytes moved: the idle timeout starts again (the clock is read only
     /// when there is one).
     pub(super) fn moved_now(&mut self) {
