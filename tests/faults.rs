@@ -548,10 +548,10 @@ fn a_slow_reader_keeps_memory_flat_and_gets_every_byte() {
 
 /// Many slow readers at once, each behind a backend sending 1 MiB: more
 /// bytes wait for their destinations than the io_uring driver's buffer ring
-/// holds (256 buffers per worker, at most 4 held per direction), so
-/// receives find it empty (ENOBUFS). No connection fails for that: once the
-/// readers read, every byte of every stream arrives intact. (On epoll, the
-/// same load through the scratch buffer.)
+/// holds (256 buffers per worker), and receives in the same instant can
+/// find it empty (ENOBUFS). No connection fails for that: once the readers
+/// read, every byte of every stream arrives intact. (On epoll, the same
+/// load through the scratch buffer.)
 #[test]
 fn slow_readers_that_drain_the_buffer_ring_lose_nothing() {
     const CLIENTS: u64 = 160;
@@ -575,18 +575,6 @@ fn slow_readers_that_drain_the_buffer_ring_lose_nothing() {
         .collect();
     // Nobody reads until every client's receive queue has filled up:
     // sluice then holds what the backends sent beyond it.
-    let queued = |client: &TcpStream| {
-        let mut bytes: libc::c_int = 0;
-        // SAFETY: FIONREAD writes one int.
-        unsafe {
-            libc::ioctl(
-                std::os::fd::AsRawFd::as_raw_fd(client),
-                libc::FIONREAD,
-                &mut bytes,
-            )
-        };
-        bytes as usize
-    };
     wait_until("every reader's queue to fill", || {
         clients.iter().all(|c| queued(c) >= 32 * 1024)
     });
@@ -605,6 +593,115 @@ fn slow_readers_that_drain_the_buffer_ring_lose_nothing() {
         assert_eq!(received, EACH, "client {i}");
         let expected = send_noise(&mut std::io::sink(), i as u64, EACH);
         assert_eq!(digest, expected, "client {i}: corrupted");
+    }
+}
+
+/// Bytes waiting in `client`'s receive queue.
+fn queued(client: &TcpStream) -> usize {
+    let mut bytes: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(client),
+            libc::FIONREAD,
+            &mut bytes,
+        )
+    };
+    bytes as usize
+}
+
+/// Clients that never read, behind backends that send without pause and
+/// no idle timeout to clear them away: sluice holds a bounded amount for
+/// each (on io_uring, none of it in the worker's shared buffer ring), so a
+/// client that comes after them is served at once. With the engines that
+/// copy.
+#[test]
+fn clients_that_never_read_starve_no_other_client() {
+    const STUCK: u32 = 96;
+    // `f`: a firehose that never stops; `e`: an echo.
+    let sent = Arc::new(AtomicU64::new(0));
+    let server = TestServer::start({
+        let sent = sent.clone();
+        move |mut stream| {
+            let mut mode = [0u8; 1];
+            if stream.read_exact(&mut mode).is_err() {
+                return;
+            }
+            if mode[0] == b'e' {
+                return echo(&mut stream);
+            }
+            let chunk = [b'x'; 16 * 1024];
+            while stream.write_all(&chunk).is_ok() {
+                sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            }
+        }
+    });
+    for engine in ["copy", "auto"] {
+        // One worker: every connection shares one buffer ring.
+        let text = config(
+            free_addr(unique_loopback()),
+            &[("mixed".into(), server.addr)],
+            &format!("    engine: {engine}\n"),
+        )
+        .replace("workers: 2", "workers: 1");
+        let sluice = Sluice::start(&text);
+        let before = rss_kib(sluice.pid());
+        let stuck: Vec<TcpStream> = (0..STUCK)
+            .map(|i| {
+                let mut client = connect_from(client_ip(40 + i % 50), sluice.listen_addr());
+                client.write_all(b"f").unwrap();
+                client
+            })
+            .collect();
+        // Until every buffer on the way is full: the firehoses stop.
+        let mut last = u64::MAX;
+        wait_until("the firehoses to stall", || {
+            thread::sleep(Duration::from_millis(500));
+            let now = sent.load(Ordering::Relaxed);
+            std::mem::replace(&mut last, now) == now && stuck.iter().all(|c| queued(c) >= 32 * 1024)
+        });
+        // Eight more at once, each echoing 256 KiB: more than the stuck
+        // ones could have left in the ring. Every one is served (a read
+        // that waits 10 s fails the test), every byte intact.
+        const ECHOED: usize = 256 * 1024;
+        let message: Arc<Vec<u8>> = Arc::new((0..ECHOED).map(|i| i as u8).collect());
+        let fresh: Vec<_> = (0..8)
+            .map(|i| {
+                let client = connect_from(client_ip(100 + i), sluice.listen_addr());
+                let message = message.clone();
+                thread::spawn(move || {
+                    client
+                        .set_read_timeout(Some(Duration::from_secs(10)))
+                        .unwrap();
+                    let mut writer = client.try_clone().unwrap();
+                    let writer = thread::spawn(move || {
+                        writer.write_all(b"e")?;
+                        writer.write_all(&message)
+                    });
+                    let echoed = drain(&mut (&client).take(ECHOED as u64), 64 * 1024, None);
+                    writer.join().unwrap().unwrap();
+                    echoed
+                })
+            })
+            .collect();
+        for (i, echo) in fresh.into_iter().enumerate() {
+            let (received, digest) = echo
+                .join()
+                .unwrap_or_else(|_| panic!("{engine}: fresh client {i} was not served"));
+            assert_eq!(received, ECHOED, "{engine}: fresh client {i}");
+            assert_eq!(
+                digest,
+                xxhash_rust::xxh3::xxh3_64(&message),
+                "{engine}: client {i}"
+            );
+        }
+        let growth = rss_kib(sluice.pid()).saturating_sub(before);
+        let each = growth / u64::from(STUCK);
+        assert!(
+            each < 256,
+            "{engine}: sluice holds {each} KiB for each client that does not read"
+        );
+        drop(stuck);
     }
 }
 

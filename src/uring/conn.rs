@@ -17,7 +17,7 @@ use socket2::{Domain, Protocol, SockAddr, SockRef, Type};
 use tracing::debug;
 
 use super::state::{
-    error_of, source_side, Conn, Dialing, Flow, HeaderWait, Prefix, Relaying, Stage, DOWN, UP,
+    error_of, source_side, Conn, Dialing, Flow, HeaderWait, Relaying, Stage, DOWN, UP,
 };
 use super::{close_entry, FlowOp, Op, Token, Worker};
 use crate::capacity::Slot;
@@ -341,21 +341,8 @@ impl Worker {
             return self.connect_next(index);
         }
         let dialed = dialing.dialer.connected(attempt, shared);
-        let mut prefix = dialing
-            .dialer
-            .proxy_header()
-            .map(<[u8]>::to_vec)
-            .unwrap_or_default();
-        let uncounted = prefix.len();
-        if let Some(earlier) = conn.flows[UP].prefix.take() {
-            prefix.extend_from_slice(&earlier.bytes[earlier.sent..]);
-        }
-        if !prefix.is_empty() {
-            conn.flows[UP].prefix = Some(Box::new(Prefix {
-                bytes: prefix,
-                sent: 0,
-                uncounted,
-            }));
+        if let Some(header) = dialing.dialer.proxy_header() {
+            conn.flows[UP].backlog.push_front(header.to_vec(), true);
         }
         let stats = dialed.stats.route(&conn.listener).cloned();
         if let Some(stats) = &stats {
@@ -414,15 +401,9 @@ impl Worker {
                     return self.end(index, None);
                 };
                 conn.client_addr = client;
-                let rest = wait.bytes.split_off(length);
-                if !rest.is_empty() {
-                    conn.flows[UP].prefix = Some(Box::new(Prefix {
-                        bytes: rest,
-                        sent: 0,
-                        uncounted: 0,
-                    }));
-                }
-                // What comes next waits for the backend.
+                // What came after the header, and what comes next, waits
+                // for the backend.
+                conn.flows[UP].backlog.push(&wait.bytes[length..], false);
                 let route = wait.route.clone();
                 conn.stage = Stage::Bare;
                 self.cancel_receive(index, UP);
@@ -549,7 +530,7 @@ impl Worker {
         } = conn;
         let totals = (flows[UP].total(), flows[DOWN].total());
         for flow in flows {
-            for (id, _) in flow.queue {
+            if let Some((id, _)) = flow.lent {
                 self.buffers.give_back(id);
             }
         }

@@ -3,12 +3,19 @@
 //! engines:
 //!
 //! - **copy**: a multishot receive takes provided buffers as bytes come
-//!   in; each is sent on and given back to the ring once sent. At most
-//!   [`HOLD`] buffers wait for a slow destination: then the receive is
-//!   cancelled, and re-armed once the destination has taken half. One slow
-//!   peer can neither grow memory nor empty the shared ring; a receive that
-//!   finds the ring empty (ENOBUFS) waits for buffers, the connection
-//!   lives on.
+//!   in, and each is sent on as it came, by a send that does not wait for
+//!   room. A buffer is back in the ring by the next loop turn, whatever
+//!   the destination does: when it is behind (a send found no room, or is
+//!   still in flight), bytes are copied into the direction's
+//!   [`Backlog`](super::backlog::Backlog) instead, and the buffer given
+//!   back. A direction holds at most [`HOLD`] bytes: each receive is
+//!   limited to what may still be held, and armed again once the
+//!   destination has taken half. So a slow peer never keeps ring buffers
+//!   from other connections, and what it costs in memory is bounded. The
+//!   limit on a multishot receive's total needs Linux 6.16; before, a
+//!   multishot receive could take a whole burst, and the receives are
+//!   single-shot instead, one buffer each. A receive that finds the ring
+//!   empty (ENOBUFS) waits for buffers; the connection lives on.
 //! - **splice**: readiness from the ring, then `splice(2)` through a pipe
 //!   from the worker's pool (io_uring's own splice always runs on kernel
 //!   worker threads).
@@ -22,7 +29,7 @@ use std::io;
 use std::net::Shutdown;
 use std::os::fd::RawFd;
 
-use io_uring::{opcode, types};
+use io_uring::{opcode, squeue, types};
 use socket2::SockRef;
 
 use super::state::{error_of, source_side, Stage};
@@ -30,9 +37,9 @@ use super::{FlowOp, Op, Token, Worker, BUFFER_SIZE};
 use crate::connection::ending::{self, Ending, Side};
 use crate::pipe::{splice, Pipe, PIPE_CAPACITY};
 
-/// Buffers a direction may hold for a slow destination before it stops
+/// Bytes a direction may hold for a slow destination before it stops
 /// receiving.
-const HOLD: usize = 4;
+const HOLD: usize = 4 * BUFFER_SIZE as usize;
 
 /// Under `auto`, a splice that moves less than this goes back to copying.
 const SMALL: usize = 16 * 1024;
@@ -57,16 +64,28 @@ impl Worker {
             opcode::PollAdd::new(types::Fd(from), libc::POLLIN as u32)
                 .build()
                 .user_data(Token::flow(FlowOp::Readable, f, index, generation).0)
+        } else if self.bounded_multishot {
+            // It ends once it has taken what may still be held.
+            let room = HOLD
+                .saturating_sub(flow.backlog.len())
+                .max(BUFFER_SIZE as usize);
+            let entry = opcode::RecvMulti::new(types::Fd(from), super::buffers::GROUP).build();
+            limit_total(entry, room as u32)
+                .user_data(Token::flow(FlowOp::Recv, f, index, generation).0)
         } else {
-            opcode::RecvMulti::new(types::Fd(from), super::buffers::GROUP)
+            // A multishot receive could take a whole burst: one buffer at
+            // a time instead.
+            opcode::Recv::new(types::Fd(from), std::ptr::null_mut(), BUFFER_SIZE)
+                .buf_group(super::buffers::GROUP)
                 .build()
+                .flags(squeue::Flags::BUFFER_SELECT)
                 .user_data(Token::flow(FlowOp::Recv, f, index, generation).0)
         };
         self.push_for(index, entry);
     }
 
-    /// Stops the multishot receive of direction `f`; its last completion
-    /// says when it has stopped.
+    /// Stops the receive of direction `f`; its last completion says when
+    /// it has stopped.
     pub(super) fn cancel_receive(&mut self, index: u32, f: usize) {
         let Some(conn) = self.conns[index as usize].as_mut() else {
             // Finished already, by an earlier step of this turn.
@@ -112,12 +131,18 @@ impl Worker {
                 return self.header_came(index);
             }
             let flow = &mut conn.flows[f];
-            flow.queue.push_back((id, len));
+            if flow.sending || flow.holding() {
+                // Behind: the buffer goes back to the ring at once.
+                let busy = flow.sending_backlog();
+                flow.backlog
+                    .push(self.buffers.bytes(id, len as usize), busy);
+                self.buffers.give_back(id);
+            } else {
+                flow.lent = Some((id, len));
+            }
             if flow.auto && !flow.splicing && len == BUFFER_SIZE {
                 // Bulk: the sender is ahead of us.
                 flow.splicing = true;
-            }
-            if flow.armed && (flow.queue.len() >= HOLD || flow.splicing) {
                 self.cancel_receive(index, f);
             }
             return self.pump(index, f);
@@ -164,17 +189,19 @@ impl Worker {
         let to = conn.destination(f).expect("relaying");
         let flow = &mut conn.flows[f];
         if !flow.sending && flow.pipe.is_none() {
-            let next = match (&flow.prefix, flow.queue.front()) {
-                (Some(prefix), _) => Some(&prefix.bytes[prefix.sent..]),
-                (None, Some(&(id, len))) => {
-                    Some(&self.buffers.bytes(id, len as usize)[flow.head_sent as usize..])
-                }
-                (None, None) => None,
+            // A ring buffer is sent without waiting for room; the backlog
+            // (behind it) may wait.
+            let next = match flow.lent {
+                Some((id, len)) => Some((
+                    self.buffers.bytes(id, len as usize),
+                    libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+                )),
+                None => flow.backlog.next().map(|bytes| (bytes, libc::MSG_NOSIGNAL)),
             };
-            if let Some(bytes) = next {
+            if let Some((bytes, flags)) = next {
                 flow.sending = true;
                 let entry = opcode::Send::new(types::Fd(to), bytes.as_ptr(), bytes.len() as u32)
-                    .flags(libc::MSG_NOSIGNAL)
+                    .flags(flags)
                     .build()
                     .user_data(Token::flow(FlowOp::Send, f, index, generation).0);
                 self.push_for(index, entry);
@@ -213,7 +240,7 @@ impl Worker {
         let room = if flow.splicing {
             !flow.sending && !flow.holding()
         } else {
-            flow.queue.len() <= HOLD / 2 && flow.pipe.is_none()
+            flow.backlog.len() <= HOLD / 2 && flow.pipe.is_none()
         };
         if ready && room {
             self.arm(index, f);
@@ -227,29 +254,31 @@ impl Worker {
         };
         let flow = &mut conn.flows[f];
         flow.sending = false;
-        if result < 0 {
+        let n = if let Some((id, len)) = flow.lent.take() {
+            // The buffer goes back to the ring whatever the outcome; what
+            // the destination had no room for joins the front of the
+            // backlog.
+            let n = match result {
+                n if n >= 0 => n as usize,
+                n if -n == libc::EAGAIN => 0,
+                _ => {
+                    self.buffers.give_back(id);
+                    return self.fail(index, source_side(f).other(), error_of(result));
+                }
+            };
+            let rest = &self.buffers.bytes(id, len as usize)[n..];
+            flow.backlog.push_front(rest.to_vec(), false);
+            self.buffers.give_back(id);
+            n
+        } else if result < 0 {
             return self.fail(index, source_side(f).other(), error_of(result));
-        }
-        let mut n = result as usize;
-        if let Some(prefix) = &mut flow.prefix {
-            let before = prefix.sent;
-            prefix.sent += n;
-            n = prefix.sent.saturating_sub(prefix.uncounted)
-                - before.saturating_sub(prefix.uncounted);
-            if prefix.sent == prefix.bytes.len() {
-                flow.prefix = None;
-            }
         } else {
-            flow.head_sent += n as u32;
-            let &(id, len) = flow.queue.front().expect("a send of a queued buffer");
-            if flow.head_sent == len {
-                flow.queue.pop_front();
-                flow.head_sent = 0;
-                self.buffers.give_back(id);
-            }
-        }
+            flow.backlog.sent(result as usize)
+        };
         flow.moved(n);
-        conn.moved_now();
+        if result > 0 {
+            conn.moved_now();
+        }
         self.pump(index, f);
     }
 
@@ -347,14 +376,18 @@ impl Worker {
     }
 
     /// Directions that found no buffer: armed again once there are some,
-    /// oldest first, one for every [`HOLD`] free buffers (what each may
-    /// take before it stops), so that few find the ring empty again.
+    /// oldest first, one for every [`HOLD`] bytes of free buffers (what a
+    /// multishot receive may take in a burst), so that few find the ring
+    /// empty again. Buffers come back within a loop turn or two (see the
+    /// module's comment), so the wait is short.
     pub(super) fn feed_starved(&mut self) {
         let available = usize::from(self.buffers.available());
         if self.starved.is_empty() || available < usize::from(super::BUFFER_COUNT / 8) {
             return;
         }
-        let fed = (available / HOLD).max(1).min(self.starved.len());
+        let fed = (available / (HOLD / BUFFER_SIZE as usize))
+            .max(1)
+            .min(self.starved.len());
         for (index, generation, f) in self.starved.drain(..fed).collect::<Vec<_>>() {
             if let Some(conn) = self.conn(index, generation) {
                 conn.flows[f].starved = false;
@@ -371,6 +404,24 @@ impl Worker {
             }
         }
     }
+}
+
+/// `entry`, a multishot receive, limited to `total` bytes: it ends (its
+/// last completion has no `IORING_CQE_F_MORE`) once it has received them.
+/// Linux 6.16 reads the limit from the entry's `optlen` field, which the
+/// `io-uring` crate has no setter for; older kernels refuse the entry
+/// (EINVAL), see [`bounded_multishot_works`].
+pub(super) fn limit_total(entry: squeue::Entry, total: u32) -> squeue::Entry {
+    /// Where `optlen` lies in `struct io_uring_sqe` (a union with
+    /// `file_index` and `splice_fd_in`).
+    const OPTLEN: usize = 44;
+    // SAFETY: `squeue::Entry` is `repr(C)` around the kernel's 64-byte
+    // submission entry, which has no invalid bit patterns; the size is
+    // checked by `transmute`.
+    let mut raw: [u8; 64] = unsafe { std::mem::transmute(entry) };
+    raw[OPTLEN..OPTLEN + 4].copy_from_slice(&total.to_ne_bytes());
+    // SAFETY: as above.
+    unsafe { std::mem::transmute(raw) }
 }
 
 /// A descriptor seen as a socket for one call, without owning it.

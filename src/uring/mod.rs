@@ -21,6 +21,7 @@
 //! posted its last completion: closing a socket does not cancel what is
 //! armed on it, and user data must never point at a reused slot.
 
+mod backlog;
 mod buffers;
 mod conn;
 mod flow;
@@ -184,6 +185,55 @@ pub fn probe() -> Result<(), String> {
     Ok(())
 }
 
+/// Whether the kernel ends a multishot receive once it has received a
+/// given total ([`flow::limit_total`], Linux 6.16): three bytes wait on a
+/// socket, and a receive limited to two must end. Run before the worker
+/// serves anything; the ring is left as it was found.
+fn bounded_multishot_works(ring: &mut IoUring, buffers: &mut Buffers) -> bool {
+    let Ok((mut writer, reader)) = std::os::unix::net::UnixStream::pair() else {
+        return false;
+    };
+    if std::io::Write::write_all(&mut writer, b"abc").is_err() {
+        return false;
+    }
+    let probe = Token::new(Op::Cleanup, u32::MAX, 0).0;
+    let entry = opcode::RecvMulti::new(types::Fd(reader.as_raw_fd()), buffers::GROUP).build();
+    let entry = flow::limit_total(entry, 2).user_data(probe);
+    // SAFETY: the entry points at no memory of ours but the buffer ring.
+    if unsafe { ring.submission().push(&entry) }.is_err() || ring.submit_and_wait(1).is_err() {
+        return false;
+    }
+    let mut works = false;
+    let mut armed = true;
+    let mut cancelled = false;
+    while armed {
+        for cqe in ring.completion() {
+            if let Some(id) = cqueue::buffer_select(cqe.flags()) {
+                buffers.lend();
+                buffers.give_back(id);
+            }
+            if cqe.user_data() != probe {
+                continue;
+            }
+            if !cqueue::more(cqe.flags()) {
+                armed = false;
+                works = works || (cqe.result() > 0 && !cancelled);
+            }
+        }
+        if armed && !cancelled {
+            // Still armed after what waited: the limit is not honoured.
+            cancelled = true;
+            let cancel = opcode::AsyncCancel::new(probe).build().user_data(probe + 1);
+            // SAFETY: no memory referred to.
+            let _ = unsafe { ring.submission().push(&cancel) };
+        }
+        if armed && ring.submit_and_wait(1).is_err() {
+            break;
+        }
+    }
+    works
+}
+
 fn new_ring() -> io::Result<IoUring> {
     IoUring::builder()
         .setup_coop_taskrun()
@@ -216,13 +266,17 @@ pub struct Worker {
     shared: &'static Shared,
     /// Completions of one turn, copied out of the ring.
     completed: Vec<(u64, i32, u32)>,
+    /// The kernel can limit a multishot receive's total (Linux 6.16).
+    bounded_multishot: bool,
 }
 
 impl Worker {
     /// A worker with its ring, or why io_uring cannot serve here.
     pub fn new(inbox: Inbox, shared: &'static Shared) -> io::Result<Worker> {
-        let ring = new_ring()?;
-        let buffers = Buffers::new(&ring.submitter(), BUFFER_COUNT, BUFFER_SIZE)?;
+        let mut ring = new_ring()?;
+        let mut buffers = Buffers::new(&ring.submitter(), BUFFER_COUNT, BUFFER_SIZE)?;
+        let bounded_multishot = bounded_multishot_works(&mut ring, &mut buffers);
+        debug!(bounded_multishot, "io_uring worker ready");
         Ok(Worker {
             ring,
             buffers,
@@ -238,6 +292,7 @@ impl Worker {
             wake: Box::new(0),
             shared,
             completed: Vec::with_capacity(4 * RING_ENTRIES as usize),
+            bounded_multishot,
         })
     }
 

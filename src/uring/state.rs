@@ -2,7 +2,6 @@
 //! its two directions ([`Flow`]). The data only: `conn.rs` drives the
 //! stages, `flow.rs` the directions, both as methods of the worker.
 
-use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -12,6 +11,7 @@ use std::time::{Duration, Instant};
 use io_uring::types;
 use socket2::SockAddr;
 
+use super::backlog::Backlog;
 use crate::balancer::load::Lease;
 use crate::capacity::Slot;
 use crate::connection::dial::{Attempt, Dialed, Dialer};
@@ -125,29 +125,27 @@ pub struct Flow {
     pub(super) shut: bool,
     /// A send (copy) or a writability poll (splice) is in flight.
     pub(super) sending: bool,
-    /// Bytes of sluice's own to send first: the PROXY header, and what
-    /// came after the client's header.
-    pub(super) prefix: Option<Box<Prefix>>,
-    /// Received buffers not yet sent: (buffer id, length).
-    pub(super) queue: VecDeque<(u16, u32)>,
-    /// Bytes of the first queued buffer already sent.
-    pub(super) head_sent: u32,
+    /// A ring buffer being sent as it came (buffer id, length): the send
+    /// does not wait for room, so that the buffer is back in the ring at
+    /// once. At most one per direction, and only while nothing is behind.
+    pub(super) lent: Option<(u16, u32)>,
+    /// What the destination has not taken yet, copied out of the ring:
+    /// the PROXY header and what came after the client's, the rest of a
+    /// send that found no room, and what came meanwhile.
+    pub(super) backlog: Backlog,
     /// A pipe holding bytes the destination has not taken yet.
     pub(super) pipe: Option<(Pipe, usize)>,
     pub(super) bytes: Option<Bytes>,
 }
 
-pub struct Prefix {
-    pub(super) bytes: Vec<u8>,
-    pub(super) sent: usize,
-    /// The first `uncounted` bytes are sluice's (a PROXY header), not the
-    /// client's.
-    pub(super) uncounted: usize,
-}
-
 impl Flow {
     pub(super) fn holding(&self) -> bool {
-        !self.queue.is_empty() || self.pipe.is_some() || self.prefix.is_some()
+        self.lent.is_some() || !self.backlog.is_empty() || self.pipe.is_some()
+    }
+
+    /// A send from the backlog's front chunk is in flight.
+    pub(super) fn sending_backlog(&self) -> bool {
+        self.sending && self.lent.is_none() && self.pipe.is_none()
     }
 
     pub(super) fn moved(&mut self, n: usize) {
