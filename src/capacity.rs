@@ -82,15 +82,16 @@ pub struct Budget {
 impl Budget {
     /// The budget of `limit` descriptors for `workers` workers, each with a
     /// socket per listener (`listeners`; the control plane keeps a
-    /// duplicate of each, to stop it or change its backlog), and one probe
-    /// socket per backend (`backends`).
+    /// duplicate of each, to stop it or change its backlog, and the
+    /// io_uring driver may accept one client per socket before it can
+    /// count it), and one probe socket per backend (`backends`).
     pub fn new(limit: u64, workers: usize, listeners: usize, backends: usize) -> Budget {
         let limit_usize = usize::try_from(limit).unwrap_or(usize::MAX);
         // A small limit keeps a small share for pipes: splicing is an
         // optimisation, connections are the point.
         let pipes_per_worker = (limit_usize / 64 / workers.max(1)).min(MAX_PIPES_PER_WORKER);
         let reserved =
-            RESERVED + ADMIN_CONNECTIONS + workers * (PER_WORKER + 2 * listeners) + backends;
+            RESERVED + ADMIN_CONNECTIONS + workers * (PER_WORKER + 3 * listeners) + backends;
         let pipes = 2 * pipes_per_worker * workers;
         Budget {
             limit,
@@ -209,7 +210,7 @@ mod tests {
     fn a_budget_keeps_room_for_sluice_and_halves_the_rest() {
         let budget = Budget::new(1_048_576, 4, 2, 10);
         assert_eq!(budget.pipes_per_worker, 256);
-        assert_eq!(budget.reserved, 64 + 16 + 4 * (8 + 2 * 2) + 10);
+        assert_eq!(budget.reserved, 64 + 16 + 4 * (8 + 3 * 2) + 10);
         assert_eq!(
             budget.connections,
             (1_048_576 - budget.reserved - 2 * 256 * 4) / 2
@@ -220,7 +221,7 @@ mod tests {
     fn a_small_limit_keeps_few_pipes_and_may_leave_no_connection() {
         let budget = Budget::new(256, 2, 1, 2);
         assert_eq!(budget.pipes_per_worker, 2);
-        assert_eq!(budget.connections, (256 - (64 + 16 + 2 * 10 + 2) - 8) / 2);
+        assert_eq!(budget.connections, (256 - (64 + 16 + 2 * 11 + 2) - 8) / 2);
         assert_eq!(Budget::new(64, 2, 1, 2).connections, 0);
     }
 

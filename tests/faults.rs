@@ -716,10 +716,39 @@ fn name_pair(admin: SocketAddr, pool: &str) -> (Vec<TestServer>, String) {
     (servers, text)
 }
 
+/// Clients waiting in the accept queues of the listening sockets on `addr`
+/// (an IPv4 address; one socket per worker).
+fn accept_queue(addr: SocketAddr) -> usize {
+    let IpAddr::V4(ip) = addr.ip() else {
+        panic!("an IPv4 listener");
+    };
+    // /proc/net/tcp writes the address as the hexadecimal of its bytes in
+    // memory order, then the port.
+    let local = format!(
+        "{:08X}:{:04X}",
+        u32::from_le_bytes(ip.octets()),
+        addr.port()
+    );
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // For a listening socket (state 0A), rx_queue is the accept queue.
+            (fields[1] == local && fields[3] == "0A").then(|| {
+                let (_, rx) = fields[4].split_once(':').unwrap();
+                usize::from_str_radix(rx, 16).unwrap()
+            })
+        })
+        .sum()
+}
+
 /// Under a descriptor limit of 256, sluice computes its capacity, logs and
 /// exports it, and at that capacity stops accepting: further clients wait
-/// in the listen backlog and are served as connections close. No backend
-/// is blamed, none is ejected, no connect fails.
+/// in the listen backlog (not one is accepted early) and are served as
+/// connections close. No backend is blamed, none is ejected, no connect
+/// fails.
 #[test]
 fn at_the_descriptor_capacity_clients_wait_and_no_backend_is_blamed() {
     let admin = free_addr(unique_loopback());
@@ -755,6 +784,14 @@ fn at_the_descriptor_capacity_clients_wait_and_no_backend_is_blamed() {
     wait_until("the capacity to fill", || {
         served.load(Ordering::SeqCst) == capacity
     });
+    // The clients beyond the capacity wait in the kernel's accept queue:
+    // sluice takes at most one it has no room for per accept loop (one per
+    // worker here), and keeps it until there is room.
+    const LOOPS: usize = 2;
+    wait_until(
+        "the clients beyond the capacity in the accept queue",
+        || accept_queue(sluice.listen_addr()) >= 30 - LOOPS,
+    );
     sluice.wait_for_log("all the descriptor limit allows");
     assert!(metric(admin, "sluice_accept_paused_total", &[]) >= 1.0);
 
@@ -770,6 +807,9 @@ fn at_the_descriptor_capacity_clients_wait_and_no_backend_is_blamed() {
     wait_until("ten waiting clients to be served", || {
         served.load(Ordering::SeqCst) == capacity + 10
     });
+    // Room for ten did not empty the accept queue into sluice.
+    let waiting = accept_queue(sluice.listen_addr());
+    assert!(waiting >= 20 - LOOPS, "{waiting} left in the accept queue");
     for (stream, waiter) in clients {
         drop(stream);
         waiter.join().unwrap();

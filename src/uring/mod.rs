@@ -7,7 +7,8 @@
 //! last turn queued and waits for the next completions (or the earliest
 //! deadline).
 //!
-//! - Listeners: a multishot accept each. At the descriptor capacity the
+//! - Listeners: a multishot accept each, or a single-shot one with its
+//!   slot taken first near the descriptor capacity. At the capacity the
 //!   accepts are cancelled and new clients wait in the kernel's backlog;
 //!   a tick checks for room.
 //! - Connections ([`conn`]): admission, dialing and the rules of their
@@ -149,7 +150,7 @@ struct Listening {
     addr: SocketAddr,
     socket: TcpListener,
     stop: Arc<Stop>,
-    /// A multishot accept is armed on it.
+    /// An accept is armed on it.
     armed: bool,
     /// After an accept error: not re-armed before this.
     backoff: Option<Instant>,
@@ -266,6 +267,9 @@ pub struct Worker {
     shared: &'static Shared,
     /// Completions of one turn, copied out of the ring.
     completed: Vec<(u64, i32, u32)>,
+    /// The longest a listener's accept queue can be: the kernel's
+    /// `somaxconn`, which caps every backlog.
+    accept_queue: usize,
     /// The kernel can limit a multishot receive's total (Linux 6.16).
     bounded_multishot: bool,
 }
@@ -292,6 +296,7 @@ impl Worker {
             wake: Box::new(0),
             shared,
             completed: Vec::with_capacity(4 * RING_ENTRIES as usize),
+            accept_queue: somaxconn(),
             bounded_multishot,
         })
     }
@@ -423,20 +428,42 @@ impl Worker {
         }
     }
 
+    /// Arms an accept on listener `index`. A multishot accept takes every
+    /// client waiting in the backlog at once, and only then can the worker
+    /// count them: it is used only while the descriptor capacity has room
+    /// for every accept queue of the process to empty at once. Nearer the
+    /// capacity, accepts are single-shot: at most one client per listener
+    /// and worker is accepted beyond the capacity (the
+    /// [`Budget`](crate::capacity::Budget) keeps a descriptor for it),
+    /// held until there is room, and the rest wait in the backlog.
     fn arm_accept(&mut self, index: usize) {
+        let multishot = self.room_for_bursts();
         let Some(listener) = &mut self.listeners[index] else {
             return;
         };
         if listener.armed {
             return;
         }
+        let fd = types::Fd(listener.socket.as_raw_fd());
+        let flags = libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK;
+        let entry = if multishot {
+            opcode::AcceptMulti::new(fd).flags(flags).build()
+        } else {
+            opcode::Accept::new(fd, std::ptr::null_mut(), std::ptr::null_mut())
+                .flags(flags)
+                .build()
+        };
         listener.armed = true;
-        let fd = listener.socket.as_raw_fd();
-        let entry = opcode::AcceptMulti::new(types::Fd(fd))
-            .flags(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
-            .build()
-            .user_data(Token::new(Op::Accept, index as u32, listener.generation).0);
-        self.push(entry);
+        let token = Token::new(Op::Accept, index as u32, listener.generation);
+        self.push(entry.user_data(token.0));
+    }
+
+    /// Whether the descriptor capacity has room for every accept queue of
+    /// the process (each at most `somaxconn` long) to be emptied at once.
+    fn room_for_bursts(&self) -> bool {
+        let connections = &self.shared.connections;
+        let room = connections.capacity().saturating_sub(connections.open());
+        room >= self.shared.accepting.load(Ordering::Relaxed) * self.accept_queue
     }
 
     fn accepted(&mut self, token: Token, result: i32, flags: u32) {
@@ -452,19 +479,25 @@ impl Worker {
             }
             return;
         };
-        if !cqueue::more(flags) {
+        let multishot = cqueue::more(flags);
+        if !multishot {
             listener.armed = false;
         }
         if result >= 0 {
             // SAFETY: the accept gave us this descriptor.
             let client = unsafe { OwnedFd::from_raw_fd(result) };
             let address = listener.addr;
+            let generation = listener.generation;
             match self.shared.connections.take() {
                 Some(slot) => self.open(client, address, slot),
                 None => {
                     self.held.push_back((client, address));
                     self.pause();
                 }
+            }
+            if multishot && !self.paused && !self.room_for_bursts() {
+                // Near the capacity: single-shot accepts from now on.
+                self.cancel_accept(index, generation);
             }
         } else {
             let errno = -result;
@@ -667,6 +700,14 @@ impl Worker {
     fn conn(&mut self, index: u32, generation: u32) -> Option<&mut Conn> {
         live(&mut self.conns, index, generation)
     }
+}
+
+/// The kernel's cap on every listen backlog (4096 if it cannot be read).
+fn somaxconn() -> usize {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(4096)
 }
 
 /// Connection `index` if it is still the one of `generation`.
