@@ -380,3 +380,40 @@ fn a_carried_address_is_passed_on_to_the_backend() {
         Seen::V1("PROXY TCP4 203.0.113.9 192.0.2.1 40001 6379\r\n".into())
     );
 }
+
+/// A client whose bytes follow its PROXY header closely (a second write,
+/// while sluice is still connecting to the backend): the backend still
+/// gets sluice's header first, then every byte of the client's, in order.
+#[test]
+fn bytes_right_after_a_header_wait_behind_the_one_sent_on() {
+    let (server, seen) = header_reader();
+    let text = config(
+        free_addr(unique_loopback()),
+        &[("reader".into(), server.addr)],
+        "    send_proxy: v1\n",
+    )
+    .replace(
+        "    pool: back\n",
+        "    pool: back\n    accept_proxy: true\n",
+    );
+    let sluice = Sluice::start(&text);
+    let header = b"PROXY TCP4 203.0.113.9 192.0.2.1 40001 6379\r\n";
+    for round in 0..200u32 {
+        let mut stream = connect_from(client_ip(9), sluice.listen_addr());
+        stream.set_nodelay(true).unwrap();
+        stream.set_read_timeout(Some(DEADLINE)).unwrap();
+        stream.write_all(header).unwrap();
+        let body: Vec<u8> = (0..3000u32).map(|i| (i * 7 + round) as u8).collect();
+        for piece in body.chunks(1000) {
+            stream.write_all(piece).unwrap();
+        }
+        let mut back = vec![0u8; body.len()];
+        stream.read_exact(&mut back).unwrap();
+        assert!(back == body, "round {round}: the bytes came back changed");
+        assert_eq!(
+            seen.recv_timeout(DEADLINE).unwrap(),
+            Seen::V1(String::from_utf8(header.to_vec()).unwrap()),
+            "round {round}"
+        );
+    }
+}

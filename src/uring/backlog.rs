@@ -53,11 +53,11 @@ impl Backlog {
     /// Puts `bytes` before everything held; `own`: they are sluice's own
     /// (a PROXY header). Only before any of the front chunk was sent.
     pub fn push_front(&mut self, bytes: Vec<u8>, own: bool) {
-        debug_assert_eq!(self.sent, 0, "the front chunk is partly sent");
-        debug_assert!(own || self.own == 0, "the peer's bytes before sluice's");
         if bytes.is_empty() {
             return;
         }
+        debug_assert_eq!(self.sent, 0, "the front chunk is partly sent");
+        debug_assert!(own || self.own == 0, "the peer's bytes before sluice's");
         self.len += bytes.len();
         if own {
             self.own += bytes.len();

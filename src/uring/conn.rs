@@ -342,6 +342,8 @@ impl Worker {
         }
         let dialed = dialing.dialer.connected(attempt, shared);
         if let Some(header) = dialing.dialer.proxy_header() {
+            // Nothing the client sent has left: it all waits in the backlog.
+            debug_assert!(conn.flows[UP].lent.is_none() && !conn.flows[UP].sending);
             conn.flows[UP].backlog.push_front(header.to_vec(), true);
         }
         let stats = dialed.stats.route(&conn.listener).cloned();

@@ -130,8 +130,11 @@ impl Worker {
                 self.buffers.give_back(id);
                 return self.header_came(index);
             }
+            // Before the backend is connected (a receive that ended just
+            // after a PROXY header) the bytes wait too.
+            let relaying = matches!(conn.stage, Stage::Relaying(_));
             let flow = &mut conn.flows[f];
-            if flow.sending || flow.holding() {
+            if flow.sending || flow.holding() || !relaying {
                 // Behind: the buffer goes back to the ring at once.
                 let busy = flow.sending_backlog();
                 flow.backlog
