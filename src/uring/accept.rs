@@ -5,7 +5,11 @@
 //! multishot accept takes every client waiting in the backlog at once, and
 //! only then can the worker count them; so nearer the capacity accepts are
 //! single-shot, and at the capacity they are cancelled: new clients wait in
-//! the kernel's backlog, and a tick looks for room.
+//! the kernel's backlog, and a tick looks for room. Near means: less room
+//! than every accept queue of the process could fill at once (listeners ×
+//! workers × `somaxconn`); multishot accepts come back once there is room
+//! for [`SLACK`] more per queue, so a process hovering at the line does
+//! not switch at every connection.
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
@@ -23,6 +27,10 @@ use crate::capacity::Slot;
 use crate::logging::Throttle;
 use crate::mailbox::{BoundListener, Stop};
 
+/// Connections per accept queue, beyond room for a burst, before accepts
+/// are multishot again.
+const SLACK: usize = 64;
+
 static ACCEPT_ERROR: Throttle = Throttle::new();
 static AT_CAPACITY: Throttle = Throttle::new();
 static RESUMED: Throttle = Throttle::new();
@@ -34,6 +42,8 @@ pub(super) struct Listening {
     stop: Arc<Stop>,
     /// An accept is armed on it.
     armed: bool,
+    /// The accept armed is multishot, and not being cancelled.
+    multishot: bool,
     /// After an accept error: not re-armed before this.
     backoff: Option<Instant>,
     /// Tells its accepts from those of an earlier listener in the same
@@ -58,6 +68,7 @@ impl Worker {
             socket: listener.socket,
             stop: listener.stop,
             armed: false,
+            multishot: false,
             backoff: None,
             generation: self.generation,
         });
@@ -66,16 +77,14 @@ impl Worker {
         }
     }
 
-    /// Arms an accept on listener `index`. A multishot accept takes every
-    /// client waiting in the backlog at once, and only then can the worker
-    /// count them: it is used only while the descriptor capacity has room
-    /// for every accept queue of the process to empty at once. Nearer the
-    /// capacity, accepts are single-shot: at most one client per listener
-    /// and worker is accepted beyond the capacity (the
-    /// [`Budget`](crate::capacity::Budget) keeps a descriptor for it),
-    /// held until there is room, and the rest wait in the backlog.
+    /// Arms an accept on listener `index`: multishot with room for a
+    /// burst and [`SLACK`] (see the module's doc), single-shot otherwise. Single-shot,
+    /// at most one client per listener and worker is accepted beyond the
+    /// capacity (the [`Budget`](crate::capacity::Budget) keeps a
+    /// descriptor for it), held until there is room, and the rest wait in
+    /// the backlog.
     fn arm_accept(&mut self, index: usize) {
-        let multishot = self.room_for_bursts();
+        let multishot = self.room_for_burst(SLACK);
         let Some(listener) = &mut self.listeners[index] else {
             return;
         };
@@ -92,16 +101,33 @@ impl Worker {
                 .build()
         };
         listener.armed = true;
+        listener.multishot = multishot;
         let token = Token::new(Op::Accept, index as u32, listener.generation);
         self.push(entry.user_data(token.0));
     }
 
     /// Whether the descriptor capacity has room for every accept queue of
-    /// the process (each at most `somaxconn` long) to be emptied at once.
-    fn room_for_bursts(&self) -> bool {
+    /// the process to be emptied at once, and `slack` more connections per
+    /// queue.
+    fn room_for_burst(&self, slack: usize) -> bool {
         let connections = &self.shared.connections;
         let room = connections.capacity().saturating_sub(connections.open());
-        room >= self.shared.accepting.load(Ordering::Relaxed) * self.accept_queue
+        room >= self.shared.accepting.load(Ordering::Relaxed) * (self.accept_queue + slack)
+    }
+
+    /// Once a loop turn: without room for one burst, every multishot
+    /// accept becomes single-shot, including those of quiet listeners
+    /// while others (or other workers) fill the capacity.
+    pub(super) fn bound_accepts(&mut self) {
+        let armed = |l: &Option<Listening>| l.as_ref().is_some_and(|l| l.multishot);
+        if !self.listeners.iter().any(armed) || self.room_for_burst(0) {
+            return;
+        }
+        for index in 0..self.listeners.len() {
+            if armed(&self.listeners[index]) {
+                self.cancel_accept(index);
+            }
+        }
     }
 
     pub(super) fn accepted(&mut self, token: Token, result: i32, flags: u32) {
@@ -117,25 +143,20 @@ impl Worker {
             }
             return;
         };
-        let multishot = cqueue::more(flags);
-        if !multishot {
+        if !cqueue::more(flags) {
             listener.armed = false;
+            listener.multishot = false;
         }
         if result >= 0 {
             // SAFETY: the accept gave us this descriptor.
             let client = unsafe { OwnedFd::from_raw_fd(result) };
             let address = listener.addr;
-            let generation = listener.generation;
             match self.shared.connections.take() {
                 Some(slot) => self.open(client, address, slot),
                 None => {
                     self.held.push_back((client, address));
                     self.pause();
                 }
-            }
-            if multishot && !self.paused && !self.room_for_bursts() {
-                // Near the capacity: single-shot accepts from now on.
-                self.cancel_accept(index, generation);
             }
         } else {
             let errno = -result;
@@ -179,15 +200,24 @@ impl Worker {
             if listener.armed {
                 // Its last completion finds the slot empty, or another
                 // listener's.
-                self.cancel_accept(index, listener.generation);
+                self.push_cancel_accept(index, listener.generation);
             }
             self.shared.accepting.fetch_sub(1, Ordering::AcqRel);
         }
     }
 
-    /// Cancels the multishot accept of listener `index`; its last
-    /// completion says when it has stopped.
-    fn cancel_accept(&mut self, index: usize, generation: u32) {
+    /// Cancels the accept armed on listener `index`; its last completion
+    /// says when it has stopped.
+    fn cancel_accept(&mut self, index: usize) {
+        let Some(listener) = &mut self.listeners[index] else {
+            return;
+        };
+        listener.multishot = false;
+        let generation = listener.generation;
+        self.push_cancel_accept(index, generation);
+    }
+
+    fn push_cancel_accept(&mut self, index: usize, generation: u32) {
         let token = Token::new(Op::Accept, index as u32, generation);
         let cancel = opcode::AsyncCancel::new(token.0)
             .build()
@@ -211,10 +241,8 @@ impl Worker {
             );
         }
         for index in 0..self.listeners.len() {
-            if let Some(listener) = &self.listeners[index] {
-                if listener.armed {
-                    self.cancel_accept(index, listener.generation);
-                }
+            if self.listeners[index].as_ref().is_some_and(|l| l.armed) {
+                self.cancel_accept(index);
             }
         }
     }

@@ -4,15 +4,16 @@
 //!
 //! - **copy**: a multishot receive takes provided buffers as bytes come
 //!   in, and each is sent on as it came, by a send that does not wait for
-//!   room. A buffer is back in the ring by the next loop turn, whatever
-//!   the destination does: when it is behind (a send found no room, or is
-//!   still in flight), bytes are copied into the direction's
+//!   room, so the buffer goes back to the ring as soon as that send
+//!   completes, whatever the destination does. When the destination is
+//!   behind (a send found no room, or is still in flight, or the backend
+//!   is still being dialled), bytes are copied into the direction's
 //!   [`Backlog`](super::backlog::Backlog) instead, and the buffer given
 //!   back. A direction holds at most [`HOLD`] bytes: each receive is
 //!   limited to what may still be held, and armed again once the
 //!   destination has taken half. So a slow peer never keeps ring buffers
 //!   from other connections, and what it costs in memory is bounded. The
-//!   limit on a multishot receive's total needs Linux 6.16; before, a
+//!   limit on a multishot receive's total needs Linux 6.17; before, a
 //!   multishot receive could take a whole burst, and the receives are
 //!   single-shot instead, one buffer each. A receive that finds the ring
 //!   empty (ENOBUFS) waits for buffers; the connection lives on.
@@ -65,10 +66,12 @@ impl Worker {
                 .build()
                 .user_data(Token::flow(FlowOp::Readable, f, index, generation).0)
         } else if self.bounded_multishot {
-            // It ends once it has taken what may still be held.
-            let room = HOLD
-                .saturating_sub(flow.backlog.len())
-                .max(BUFFER_SIZE as usize);
+            // It ends once it has taken what may still be held. The limit
+            // ends it only after the receive that reaches it, which can
+            // take a whole buffer: hence one buffer less. (Armed with at
+            // most half of `HOLD` held, so there is room for two.)
+            let held = flow.backlog.len() + flow.lent.map_or(0, |(_, len)| len as usize);
+            let room = HOLD.saturating_sub(held + BUFFER_SIZE as usize - 1).max(1);
             let entry = opcode::RecvMulti::new(types::Fd(from), super::buffers::GROUP).build();
             limit_total(entry, room as u32)
                 .user_data(Token::flow(FlowOp::Recv, f, index, generation).0)
@@ -410,8 +413,9 @@ impl Worker {
 }
 
 /// `entry`, a multishot receive, limited to `total` bytes: it ends (its
-/// last completion has no `IORING_CQE_F_MORE`) once it has received them.
-/// Linux 6.16 reads the limit from the entry's `optlen` field, which the
+/// last completion has no `IORING_CQE_F_MORE`) once it has received at
+/// least that many (the last receive is not cut short: measured on 6.18).
+/// Linux 6.17 reads the limit from the entry's `optlen` field, which the
 /// `io-uring` crate has no setter for; older kernels refuse the entry
 /// (EINVAL), see [`bounded_multishot_works`].
 pub(super) fn limit_total(entry: squeue::Entry, total: u32) -> squeue::Entry {

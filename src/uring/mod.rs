@@ -87,7 +87,8 @@ const PLAIN_OPS: [Op; 6] = [
 /// The operations of one direction of a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum FlowOp {
-    /// A multishot receive from the source.
+    /// A receive from the source: multishot, or one buffer at a time
+    /// where the kernel cannot bound a multishot one.
     Recv,
     /// A send to the destination.
     Send,
@@ -165,7 +166,7 @@ pub fn probe() -> Result<(), String> {
 }
 
 /// Whether the kernel ends a multishot receive once it has received a
-/// given total ([`flow::limit_total`], Linux 6.16): three bytes wait on a
+/// given total ([`flow::limit_total`], Linux 6.17): three bytes wait on a
 /// socket, and a receive limited to two must end. Run before the worker
 /// serves anything; the ring is left as it was found.
 fn bounded_multishot_works(ring: &mut IoUring, buffers: &mut Buffers) -> bool {
@@ -248,7 +249,7 @@ pub struct Worker {
     /// The longest a listener's accept queue can be: the kernel's
     /// `somaxconn`, which caps every backlog.
     accept_queue: usize,
-    /// The kernel can limit a multishot receive's total (Linux 6.16).
+    /// The kernel can limit a multishot receive's total (Linux 6.17).
     bounded_multishot: bool,
 }
 
@@ -274,7 +275,8 @@ impl Worker {
             wake: Box::new(0),
             shared,
             completed: Vec::with_capacity(4 * RING_ENTRIES as usize),
-            accept_queue: accept::somaxconn(),
+            // The kernel queues one more than the backlog it allows.
+            accept_queue: accept::somaxconn() + 1,
             bounded_multishot,
         })
     }
@@ -306,6 +308,7 @@ impl Worker {
             if self.needs_tick() {
                 self.tick(now);
             }
+            self.bound_accepts();
             self.feed_starved();
         }
     }

@@ -126,8 +126,9 @@ pub struct Flow {
     /// A send (copy) or a writability poll (splice) is in flight.
     pub(super) sending: bool,
     /// A ring buffer being sent as it came (buffer id, length): the send
-    /// does not wait for room, so that the buffer is back in the ring at
-    /// once. At most one per direction, and only while nothing is behind.
+    /// does not wait for room, so the buffer goes back to the ring when
+    /// that send completes, whatever the destination does. Only while
+    /// relaying and nothing else is waiting for the destination.
     pub(super) lent: Option<(u16, u32)>,
     /// What the destination has not taken yet, copied out of the ring:
     /// the PROXY header and what came after the client's, the rest of a
