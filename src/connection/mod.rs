@@ -1,8 +1,9 @@
 //! What happens to a connection, whichever driver moves its bytes: who is
 //! let in ([`admit`]), which backend it is given and how a failed connect
-//! is retried ([`dial`]), and what its ending means ([`ending`]): the
-//! close reason it is logged with, whether both sides are reset, what the
-//! backend's passive health hears and what is counted.
+//! is retried ([`dial`]), how its FINs are passed on and which engine each
+//! direction uses ([`relaying`]), and what its ending means ([`ending`]):
+//! the close reason it is logged with, whether both sides are reset, what
+//! the backend's passive health hears and what is counted.
 //!
 //! None of this does I/O. The two drivers, io_uring ([`crate::uring`]) and
 //! epoll ([`crate::relay`]), call it with what their sockets said, so the
@@ -12,6 +13,7 @@
 pub mod admit;
 pub mod dial;
 pub mod ending;
+pub mod relaying;
 
 use std::net::SocketAddr;
 use std::time::Instant;

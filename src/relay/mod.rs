@@ -2,10 +2,10 @@
 //! choose the backend, connect (with timeout and retries), then move bytes
 //! both ways until both directions are finished.
 //!
-//! Half-close is honoured: when one side sends FIN, the other side gets
-//! `shutdown(Write)` and the opposite direction keeps flowing until its own
-//! FIN. An error or reset on either side ends both directions at once and is
-//! passed on as a reset.
+//! Half-close is honoured, by the rules of [`Halves`]: when one side sends
+//! FIN, the other side gets `shutdown(Write)` and the opposite direction
+//! keeps flowing until its own FIN. An error or reset on either side ends
+//! both directions at once and is passed on as a reset.
 //!
 //! How each attempt and each connection ended decides its log line, whether
 //! its sides are reset, and what its backend's passive health hears:
@@ -34,7 +34,8 @@ use crate::balancer::load::Lease;
 use crate::capacity::Slot;
 use crate::connection::admit::{self, Admitted};
 use crate::connection::dial::{Dialed, Dialer, Next};
-use crate::connection::ending::{self, Ending, Side};
+use crate::connection::ending::{self, Classified, Ending, Side};
+use crate::connection::relaying::{shutdown_write, Halves, PassFin};
 use crate::connection::{judge, log_closed, Bytes};
 use crate::net::{self, Socket};
 use crate::proxy_protocol::{self, Carried};
@@ -63,7 +64,9 @@ struct Opened {
 
 /// Why a relay ended.
 enum Ended {
-    Relayed(Result<(), Failure>),
+    /// Both sides sent FIN, and each was passed on.
+    Finished(Classified),
+    Failed(Failure),
     /// `shutdown_timeout` ran out.
     Shutdown,
     /// Nothing moved either way for `idle_timeout`.
@@ -121,7 +124,7 @@ pub async fn serve(
         downstream: pump::Direction::new(Side::Backend, engine),
         to_backend: Bytes::new(route.map(|r| &r.to_backend)),
         to_client: Bytes::new(route.map(|r| &r.to_client)),
-        first_fin: None,
+        halves: Halves::default(),
         idle: idle_timeout.map(|limit| {
             Box::new(Idle {
                 limit,
@@ -149,25 +152,21 @@ pub async fn serve(
     let Relay {
         to_backend,
         to_client,
-        first_fin,
         ..
     } = relay;
     if let Some(route) = route {
         route.active.decrement(1.0);
     }
     let (to_backend, to_client) = (to_backend.total, to_client.total);
-    let ending = match &outcome {
-        Ended::Shutdown => Ending::Shutdown,
-        Ended::Idle => Ending::Idle { stalled },
-        Ended::Relayed(Ok(())) => Ending::Finished {
-            first_fin: first_fin.unwrap_or(Side::Client),
-        },
-        Ended::Relayed(Err(failure)) => Ending::Failed {
+    let classified = match outcome {
+        Ended::Finished(classified) => classified,
+        Ended::Shutdown => ending::classify(&Ending::Shutdown),
+        Ended::Idle => ending::classify(&Ending::Idle { stalled }),
+        Ended::Failed(failure) => ending::classify(&Ending::Failed {
             side: failure.side,
             error: &failure.error,
-        },
+        }),
     };
-    let classified = ending::classify(&ending);
     if classified.reset {
         net::abort(&client);
         net::abort(&backend_socket);
@@ -279,8 +278,7 @@ struct Relay {
     downstream: pump::Direction,
     to_backend: Bytes,
     to_client: Bytes,
-    /// Which side sent FIN first.
-    first_fin: Option<Side>,
+    halves: Halves,
     /// Boxed: most connections have none, and an idle one pays for a word.
     idle: Option<Box<Idle>>,
 }
@@ -302,23 +300,22 @@ impl Relay {
             cx,
             (client, backend),
             &mut self.to_backend,
-            &mut self.first_fin,
+            &mut self.halves,
         )
-        .and_then(|()| {
-            drive(
+        .and_then(|up| match up {
+            Some(finished) => Ok(Some(finished)),
+            None => drive(
                 &mut self.downstream,
                 cx,
                 (backend, client),
                 &mut self.to_client,
-                &mut self.first_fin,
-            )
+                &mut self.halves,
+            ),
         });
         match relayed {
-            Err(failure) => return Poll::Ready(Ended::Relayed(Err(failure))),
-            Ok(()) if self.upstream.finished() && self.downstream.finished() => {
-                return Poll::Ready(Ended::Relayed(Ok(())))
-            }
-            Ok(()) => {}
+            Err(failure) => return Poll::Ready(Ended::Failed(failure)),
+            Ok(Some(finished)) => return Poll::Ready(Ended::Finished(finished)),
+            Ok(None) => {}
         }
         if let Some(idle) = &mut self.idle {
             let now = Instant::now();
@@ -340,23 +337,30 @@ impl Relay {
     }
 }
 
-/// Moves what one direction has to move now; notes the first FIN.
+/// Moves what one direction has to move now, and passes its FIN on once
+/// it is finished: `Some` once the connection is over.
 fn drive(
     direction: &mut pump::Direction,
     cx: &mut Context,
     (from, to): (&Socket, &Socket),
     bytes: &mut Bytes,
-    first_fin: &mut Option<Side>,
-) -> Result<(), Failure> {
-    if direction.finished() {
-        return Ok(());
+    halves: &mut Halves,
+) -> Result<Option<Classified>, Failure> {
+    let sender = direction.sender();
+    if halves.passed(sender) {
+        return Ok(None);
     }
     let mut moved = 0;
     let done = direction.poll(cx, from, to, |n| moved += n);
     bytes.add(moved);
     if let Poll::Ready(done) = done {
         done?;
-        first_fin.get_or_insert(direction.sender());
+        match halves.fin(sender) {
+            PassFin::Shutdown => {
+                shutdown_write(to).map_err(|e| Failure::new(sender.other(), e))?;
+            }
+            PassFin::Close(finished) => return Ok(Some(finished)),
+        }
     }
-    Ok(())
+    Ok(None)
 }

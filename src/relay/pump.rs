@@ -6,11 +6,8 @@
 //!   the kernel received are handed on as they are.
 //! - **copy**: `read(2)` into the worker's scratch buffer, `write(2)` out.
 //!
-//! `auto` copies while the traffic is small messages and splices while it
-//! is bulk: a read that fills the whole scratch buffer means the sender is
-//! ahead of us, and from then on splicing saves a copy of every byte; a
-//! splice that moves less than [`SMALL`] goes back to copying, which costs
-//! less per message than a trip through a pipe.
+//! Which one a direction uses, and when `auto` switches, is
+//! [`EngineChoice`]'s rule, shared with the io_uring driver.
 //!
 //! Both engines wait for readiness (epoll, through tokio's `AsyncFd`) and
 //! then move what is there with plain non-blocking calls. Nothing is held
@@ -31,13 +28,13 @@
 
 use std::cell::RefCell;
 use std::io;
-use std::net::Shutdown;
 use std::os::fd::AsRawFd;
 use std::task::{ready, Context, Poll};
 
 use tokio::io::Ready;
 
 use crate::config::Engine;
+use crate::connection::relaying::EngineChoice;
 use crate::net::{self, Socket};
 use crate::pipe::{splice, Pipe, PIPE_CAPACITY};
 
@@ -46,9 +43,6 @@ use super::{Failure, Side};
 /// What the copy engine reads at once. A read that fills it is what makes
 /// `auto` switch to splice.
 const SCRATCH_SIZE: usize = 64 * 1024;
-
-/// Under `auto`, a splice that moves less than this goes back to copying.
-const SMALL: usize = 16 * 1024;
 
 thread_local! {
     /// Where the copy engine puts bytes between a read and its write.
@@ -79,8 +73,7 @@ enum Step {
 /// nothing else.
 pub struct Direction {
     from_side: Side,
-    engine: Engine,
-    splicing: bool,
+    engine: EngineChoice,
     /// Bytes the destination has not taken yet, and how many were read.
     /// Boxed: rarely there, and this way it costs an idle connection one
     /// word instead of six.
@@ -93,8 +86,7 @@ impl Direction {
     pub fn new(from_side: Side, engine: Engine) -> Direction {
         Direction {
             from_side,
-            engine,
-            splicing: engine == Engine::Splice,
+            engine: EngineChoice::new(engine),
             pending: None,
             finished: false,
         }
@@ -110,14 +102,9 @@ impl Direction {
         self.pending.is_some()
     }
 
-    /// Whether `from` has sent FIN and it was passed on.
-    pub fn finished(&self) -> bool {
-        self.finished
-    }
-
-    /// Relays what there is to relay now, until `from` sends FIN; then
-    /// passes the FIN on and is ready. `moved` is told of the bytes `to`
-    /// took.
+    /// Relays what there is to relay now, until `from` sends FIN and `to`
+    /// has taken every byte before it: then it is ready, and the FIN is
+    /// the caller's to pass on. `moved` is told of the bytes `to` took.
     pub fn poll(
         &mut self,
         cx: &mut Context,
@@ -147,34 +134,33 @@ impl Direction {
                 continue;
             }
             let mut ready = ready!(from.poll_read_ready(cx)).map_err(|e| ends.source(e))?;
-            let (step, limit) = match self.splicing.then(Pipe::take).flatten() {
-                Some(pipe) => (ends.splice_in(pipe)?, PIPE_CAPACITY),
-                None => (ends.copy_in()?, SCRATCH_SIZE),
+            let pipe = self.engine.splicing().then(Pipe::take).flatten();
+            if pipe.is_none() && self.engine.splicing() {
+                self.engine.no_pipe();
+            }
+            let splicing = pipe.is_some();
+            let step = match pipe {
+                Some(pipe) => ends.splice_in(pipe)?,
+                None => ends.copy_in()?,
             };
             match step {
                 Step::WouldBlock => ready.clear_ready_matching(Ready::READABLE),
-                Step::End => {
-                    // The peer may already be gone; the other direction will
-                    // see it.
-                    match to.get_ref().shutdown(Shutdown::Write) {
-                        Err(e) if e.kind() != io::ErrorKind::NotConnected => {
-                            return Poll::Ready(Err(ends.destination(e)))
-                        }
-                        _ => self.finished = true,
-                    }
-                }
+                Step::End => self.finished = true,
                 Step::Moved { n, pending } => {
                     // A short read emptied the socket: wait for the next edge
                     // rather than pay for a call that would say EAGAIN.
+                    let limit = if splicing {
+                        PIPE_CAPACITY
+                    } else {
+                        SCRATCH_SIZE
+                    };
                     if n < limit {
                         ready.clear_ready_matching(Ready::READABLE);
                     }
-                    if self.engine == Engine::Auto {
-                        self.splicing = if self.splicing {
-                            n >= SMALL
-                        } else {
-                            n == SCRATCH_SIZE
-                        };
+                    if splicing {
+                        self.engine.spliced(n);
+                    } else {
+                        self.engine.copied(n, SCRATCH_SIZE);
                     }
                     match pending {
                         Some(unsent) => self.pending = Some(Box::new((unsent, n))),

@@ -21,10 +21,10 @@ use super::state::{
 };
 use super::{close_entry, FlowOp, Op, Token, Worker};
 use crate::capacity::Slot;
-use crate::config::Engine;
 use crate::connection::admit::{self, Admitted};
 use crate::connection::dial::{Dialer, Next};
 use crate::connection::ending::{self, Classified, Ending, Side};
+use crate::connection::relaying::{EngineChoice, Halves};
 use crate::connection::{judge, log_closed, Bytes};
 use crate::net;
 use crate::proxy_protocol::{self, Carried};
@@ -72,7 +72,7 @@ impl Worker {
             _slot: slot,
             idle_timeout: None,
             last_moved: accepted,
-            first_fin: None,
+            halves: Halves::default(),
             ending: None,
         });
         match header_within {
@@ -352,10 +352,7 @@ impl Worker {
             stats.active.increment(1.0);
         }
         for (f, flow) in conn.flows.iter_mut().enumerate() {
-            flow.auto = dialed.engine == Engine::Auto;
-            if dialed.engine == Engine::Splice {
-                flow.splicing = true;
-            }
+            flow.engine = EngineChoice::new(dialed.engine);
             let counter = stats
                 .as_ref()
                 .map(|s| if f == UP { &s.to_backend } else { &s.to_client });

@@ -21,29 +21,24 @@
 //!   from the worker's pool (io_uring's own splice always runs on kernel
 //!   worker threads).
 //!
-//! `auto` copies until a receive fills a whole buffer (bulk), splices
-//! until a splice moves less than [`SMALL`], and so on. Bytes keep their
-//! order across a switch: the splice engine starts only once what the copy
+//! When a direction switches engines and how its FIN is passed on are
+//! the rules of [`crate::connection::relaying`]. Bytes keep their order
+//! across a switch: the splice engine starts only once what the copy
 //! engine holds is sent.
 
 use std::io;
-use std::net::Shutdown;
 use std::os::fd::RawFd;
 
 use io_uring::{opcode, squeue, types};
-use socket2::SockRef;
 
 use super::state::{error_of, source_side, Stage};
 use super::{FlowOp, Op, Token, Worker, BUFFER_SIZE};
-use crate::connection::ending::{self, Ending, Side};
+use crate::connection::relaying::{shutdown_write, PassFin};
 use crate::pipe::{splice, Pipe, PIPE_CAPACITY};
 
 /// Bytes a direction may hold for a slow destination before it stops
 /// receiving.
 const HOLD: usize = 4 * BUFFER_SIZE as usize;
-
-/// Under `auto`, a splice that moves less than this goes back to copying.
-const SMALL: usize = 16 * 1024;
 
 impl Worker {
     /// Arms the receive (or readiness poll) of direction `f` on its source.
@@ -61,7 +56,7 @@ impl Worker {
         };
         let flow = &mut conn.flows[f];
         flow.armed = true;
-        let entry = if flow.splicing {
+        let entry = if flow.engine.splicing() {
             opcode::PollAdd::new(types::Fd(from), libc::POLLIN as u32)
                 .build()
                 .user_data(Token::flow(FlowOp::Readable, f, index, generation).0)
@@ -146,9 +141,8 @@ impl Worker {
             } else {
                 flow.lent = Some((id, len));
             }
-            if flow.auto && !flow.splicing && len == BUFFER_SIZE {
-                // Bulk: the sender is ahead of us.
-                flow.splicing = true;
+            if flow.engine.copied(len as usize, BUFFER_SIZE as usize) {
+                // Bulk: the receive gives way to readiness polls.
                 self.cancel_receive(index, f);
             }
             return self.pump(index, f);
@@ -218,32 +212,20 @@ impl Worker {
             return;
         };
         let flow = &mut conn.flows[f];
-        if flow.eof && !flow.shut && !flow.sending && !flow.holding() {
-            flow.shut = true;
-            conn.first_fin.get_or_insert(source_side(f));
-            let last = conn.flows.iter().all(|flow| flow.shut);
-            // The last FIN needs no shutdown(2): both sockets were read to
-            // their end, so closing them sends FIN. (A shutdown in the ring
-            // would run on a kernel worker thread.)
-            if !last {
-                // A peer already gone is the other direction's to notice.
-                if let Err(e) = SockRef::from(&borrowed(to)).shutdown(Shutdown::Write) {
-                    if e.kind() != io::ErrorKind::NotConnected {
-                        return self.fail(index, source_side(f).other(), e);
+        let from = source_side(f);
+        if flow.eof && !conn.halves.passed(from) && !flow.sending && !flow.holding() {
+            match conn.halves.fin(from) {
+                PassFin::Shutdown => {
+                    if let Err(e) = shutdown_write(&borrowed(to)) {
+                        self.fail(index, from.other(), e);
                     }
                 }
-            }
-            if last {
-                let first_fin = conn.first_fin.unwrap_or(Side::Client);
-                self.end(
-                    index,
-                    Some(ending::classify(&Ending::Finished { first_fin })),
-                );
+                PassFin::Close(finished) => self.end(index, Some(finished)),
             }
             return;
         }
         let ready = !flow.armed && !flow.eof && !flow.starved;
-        let room = if flow.splicing {
+        let room = if flow.engine.splicing() {
             !flow.sending && !flow.holding()
         } else {
             flow.backlog.len() <= HOLD / 2 && flow.pipe.is_none()
@@ -298,8 +280,7 @@ impl Worker {
             let from = conn.source(f).expect("relaying");
             let flow = &mut conn.flows[f];
             let Some(pipe) = Pipe::take() else {
-                // Out of pipes: copy instead.
-                flow.splicing = false;
+                flow.engine.no_pipe();
                 break;
             };
             let n = match splice(&borrowed(from), &pipe.write, PIPE_CAPACITY) {
@@ -319,11 +300,9 @@ impl Worker {
                 }
             };
             flow.pipe = Some((pipe, n));
-            if flow.auto && n < SMALL {
-                flow.splicing = false;
-            }
+            flow.engine.spliced(n);
             // A full pipe: the source may well have more.
-            let again = n == PIPE_CAPACITY && flow.splicing;
+            let again = n == PIPE_CAPACITY && flow.engine.splicing();
             if !self.drain_pipe(index, f) || !again {
                 break;
             }

@@ -16,6 +16,7 @@ use crate::balancer::load::Lease;
 use crate::capacity::Slot;
 use crate::connection::dial::{Attempt, Dialed, Dialer};
 use crate::connection::ending::{Classified, Side};
+use crate::connection::relaying::{EngineChoice, Halves};
 use crate::connection::Bytes;
 use crate::metrics::RouteStats;
 use crate::pipe::Pipe;
@@ -40,7 +41,7 @@ pub struct Conn {
     pub(super) _slot: Slot,
     pub(super) idle_timeout: Option<Duration>,
     pub(super) last_moved: Instant,
-    pub(super) first_fin: Option<Side>,
+    pub(super) halves: Halves,
     /// Set once it is ending: how (nothing to log if `None` inside).
     pub(super) ending: Option<Option<Classified>>,
 }
@@ -112,8 +113,7 @@ pub const DOWN: usize = 1;
 /// One direction of a connection.
 #[derive(Default)]
 pub struct Flow {
-    pub(super) splicing: bool,
-    pub(super) auto: bool,
+    pub(super) engine: EngineChoice,
     /// A receive (copy) or a readiness poll (splice) is armed on the source.
     pub(super) armed: bool,
     pub(super) cancelling: bool,
@@ -121,8 +121,6 @@ pub struct Flow {
     pub(super) starved: bool,
     /// The source sent FIN.
     pub(super) eof: bool,
-    /// The FIN was passed on.
-    pub(super) shut: bool,
     /// A send (copy) or a writability poll (splice) is in flight.
     pub(super) sending: bool,
     /// A ring buffer being sent as it came (buffer id, length): the send
