@@ -6,7 +6,10 @@
 #   make bench     sluice next to HAProxy, NGINX and a direct connection (benches/compare
 #                  installs the peers and writes benches/RESULTS.md), how sluice scales
 #                  (benches/scaling), and the Maglev criterion benchmarks
-#   make install   PREFIX=/usr/local DESTDIR= : binary, unit and /etc/sluice/sluice.yaml
+#   make deb       the Debian package, target/debian/sluice_VERSION_ARCH.deb (installs
+#                  the pinned cargo-deb if it is missing); see Cargo.toml
+#   make install   PREFIX=/usr/local DESTDIR= : binary, unit, /etc/sluice/sluice.yaml,
+#                  dashboard and alert rules in PREFIX/share/sluice
 #                  (BIN=path installs an already built binary instead of building)
 #   make fuzz      every fuzz target for FUZZ_SECONDS each (default 60), with
 #                  libFuzzer (installs cargo-fuzz); see scripts/fuzz
@@ -20,13 +23,17 @@ BIN     ?= target/release/sluice
 
 # Debian packages the tests talk to or use: the servers behind sluice (the
 # tests start their own on loopback ports, whatever services the packages
-# start), and systemd-analyze to verify the unit file.
-TEST_PACKAGES := redis-server redis-tools memcached postgresql mariadb-server systemd
+# start), systemd-analyze to verify the unit file, and Prometheus with
+# promtool to scrape sluice and check the alert rules. (`make deb`, which the
+# package test runs, installs cargo-deb itself.)
+TEST_PACKAGES := redis-server redis-tools memcached postgresql mariadb-server systemd prometheus
+
+CARGO_DEB_VERSION := 3.8.0
 
 FUZZ_SECONDS ?= 60
 SOAK_SECONDS ?= 600
 
-.PHONY: all build test deps run bench install lint clean fuzz soak
+.PHONY: all build test deps run bench install deb lint clean fuzz soak
 
 all: build
 
@@ -65,13 +72,19 @@ soak: deps
 install: $(if $(filter target/release/sluice,$(BIN)),build)
 	install -D -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/sluice
 	install -D -m 0644 systemd/sluice.service $(DESTDIR)/lib/systemd/system/sluice.service
-	sed -i 's|/usr/local/bin/sluice|$(PREFIX)/bin/sluice|' $(DESTDIR)/lib/systemd/system/sluice.service
+	sed -i 's|/usr/bin/sluice|$(PREFIX)/bin/sluice|' $(DESTDIR)/lib/systemd/system/sluice.service
+	install -D -m 0644 -t $(DESTDIR)$(PREFIX)/share/sluice conf/grafana-dashboard.json conf/prometheus-alerts.yml
 	@# Never overwrite an operator's configuration.
 	@if [ -e $(DESTDIR)/etc/sluice/sluice.yaml ]; then \
 		echo "keeping the existing $(DESTDIR)/etc/sluice/sluice.yaml"; \
 	else \
 		install -D -m 0644 conf/sluice.yaml $(DESTDIR)/etc/sluice/sluice.yaml; \
 	fi
+
+deb:
+	@$(CARGO) deb --version 2>/dev/null | grep -qx 'cargo-deb $(CARGO_DEB_VERSION)' || \
+		$(CARGO) install cargo-deb --version $(CARGO_DEB_VERSION) --locked
+	$(CARGO) deb --strip
 
 clean:
 	$(CARGO) clean

@@ -90,10 +90,11 @@ pub enum Family {
     ConnectionsCapacity,
     AcceptPaused,
     ConnectionsUnrouted,
+    ListenerMaxConnections,
 }
 
 impl Family {
-    const ALL: [Family; 12] = [
+    const ALL: [Family; 13] = [
         Family::ConnectionsTotal,
         Family::ConnectionsActive,
         Family::ConnectionErrors,
@@ -106,6 +107,7 @@ impl Family {
         Family::ConnectionsCapacity,
         Family::AcceptPaused,
         Family::ConnectionsUnrouted,
+        Family::ListenerMaxConnections,
     ];
 
     /// Name, Prometheus type and help text.
@@ -170,6 +172,11 @@ impl Family {
                 "sluice_connections_unrouted_total",
                 "counter",
                 "Connections accepted just as a reload removed their listener, closed unserved.",
+            ),
+            Family::ListenerMaxConnections => (
+                "sluice_listener_max_connections",
+                "gauge",
+                "The listener's max_connections; 0: no limit.",
             ),
         }
     }
@@ -463,6 +470,17 @@ impl ListenerStats {
                 )
             }),
         }
+    }
+
+    /// Exports listener `listener`'s `max_connections`, so that an alert
+    /// can compare its open connections with it.
+    pub fn limit(metrics: &Metrics, listener: &str, max_connections: u32) {
+        metrics
+            .gauge(
+                Family::ListenerMaxConnections,
+                vec![("listener", listener.to_owned())],
+            )
+            .set(f64::from(max_connections));
     }
 
     pub fn error(&self, reason: ErrorReason) {

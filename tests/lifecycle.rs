@@ -159,7 +159,7 @@ fn unit_file() -> (String, TempFile) {
         "/systemd/sluice.service"
     ))
     .unwrap()
-    .replace("/usr/local/bin/sluice", SLUICE);
+    .replace("/usr/bin/sluice", SLUICE);
     let file = temp_file("sluice.service", &unit);
     (unit, file)
 }
@@ -231,7 +231,7 @@ fn make_install_lays_out_the_files() {
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .arg("install")
         .arg(format!("DESTDIR={}", root.path().display()))
-        .arg("PREFIX=/usr")
+        .arg("PREFIX=/usr/local")
         .arg(format!("BIN={SLUICE}"))
         .output()
         .expect("make");
@@ -240,15 +240,22 @@ fn make_install_lays_out_the_files() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let binary = root.path().join("usr/bin/sluice");
+    let binary = root.path().join("usr/local/bin/sluice");
     let version = Command::new(&binary).arg("--version").output().unwrap();
     assert!(String::from_utf8_lossy(&version.stdout).starts_with("sluice "));
     let unit =
         std::fs::read_to_string(root.path().join("lib/systemd/system/sluice.service")).unwrap();
     assert!(
-        unit.contains("ExecStart=/usr/bin/sluice -c /etc/sluice/sluice.yaml"),
+        unit.contains("ExecStart=/usr/local/bin/sluice -c /etc/sluice/sluice.yaml"),
         "{unit}"
     );
+    for file in ["grafana-dashboard.json", "prometheus-alerts.yml"] {
+        assert!(root
+            .path()
+            .join("usr/local/share/sluice")
+            .join(file)
+            .exists());
+    }
     let conf = root.path().join("etc/sluice/sluice.yaml");
     let check = Command::new(&binary)
         .arg("--check")
@@ -266,7 +273,7 @@ fn make_install_lays_out_the_files() {
     std::fs::write(&conf, "# edited by the operator\n").unwrap();
     let again = Command::new("make")
         .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(["install", "PREFIX=/usr"])
+        .args(["install", "PREFIX=/usr/local"])
         .arg(format!("DESTDIR={}", root.path().display()))
         .arg(format!("BIN={SLUICE}"))
         .output()

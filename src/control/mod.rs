@@ -48,7 +48,7 @@ use crate::config::{self, Config, ConfigError};
 use crate::health::ProbeFailure;
 use crate::logging::Throttle;
 use crate::mailbox::{BoundListener, Command, Mailbox};
-use crate::metrics::{Metrics, ProcessStats};
+use crate::metrics::{ListenerStats, Metrics, ProcessStats};
 use crate::shared::{Event, Shared};
 use crate::signals::{Request, Signals};
 use crate::snapshot::{Pool, Snapshot};
@@ -454,6 +454,9 @@ impl Controller {
         let events = self.probing.then_some(&self.shared.events);
         self.backends.sync(&self.config, &self.metrics, events);
         self.listeners.renew_stats(&self.metrics);
+        for (name, listener) in &self.config.listeners {
+            ListenerStats::limit(&self.metrics, name, listener.max_connections);
+        }
         let previous = self.shared.snapshot.load();
         let listeners = &self.listeners;
         let snapshot = publish::snapshot(

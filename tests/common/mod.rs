@@ -950,7 +950,7 @@ pub fn mariadb(init: &str) -> Server {
     start_server(command, addr, Some(dir), Signal::SIGKILL)
 }
 
-fn running_as_root() -> bool {
+pub fn running_as_root() -> bool {
     // SAFETY: geteuid cannot fail and touches no memory.
     unsafe { libc::geteuid() == 0 }
 }
