@@ -1,4 +1,7 @@
-//! The admin endpoint at `admin.listen`: Prometheus text at `GET /metrics`.
+//! The admin endpoint at `admin.listen`: Prometheus text at `GET /metrics`,
+//! and at `GET /ready` whether this instance should get traffic
+//! ([`Readiness`]): what a BGP speaker, keepalived or an upstream balancer
+//! checks.
 //!
 //! A deliberately small HTTP/1.x server: one request per connection, `GET`
 //! only, a request head of at most [`MAX_REQUEST`] bytes, at most
@@ -9,6 +12,8 @@
 //! [`Request::parse`], the only code that reads bytes from such a client,
 //! is fuzzed.
 
+use std::cell::RefCell;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,6 +35,8 @@ const DEADLINE: Duration = Duration::from_secs(10);
 pub enum Request {
     /// `GET /metrics` (with or without a query string).
     Metrics,
+    /// `GET /ready`.
+    Ready,
     /// `GET` of any other path.
     NotFound,
     /// Anything but `GET`, or no request line at all.
@@ -49,15 +56,72 @@ impl Request {
         let path = target.map(|t| t.split(|&b| b == b'?').next().unwrap_or_default());
         match (method, path) {
             (Some(b"GET"), Some(b"/metrics")) => Request::Metrics,
+            (Some(b"GET"), Some(b"/ready")) => Request::Ready,
             (Some(b"GET"), _) => Request::NotFound,
             _ => Request::NotAllowed,
         }
     }
 }
 
+/// Whether this instance should get new connections, as `/ready` says:
+/// 200 while it serves and every pool has a backend up; 503, with the
+/// reason, while it starts, once it drains, and while a pool has none.
+/// Set by the control plane, read by the admin endpoint on the same
+/// thread.
+#[derive(Clone, Default)]
+pub struct Readiness(Rc<RefCell<ReadyState>>);
+
+#[derive(Default)]
+struct ReadyState {
+    phase: Phase,
+    /// Pools with no backend up, by name.
+    pools_down: Vec<String>,
+}
+
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    #[default]
+    Starting,
+    Serving,
+    Draining,
+}
+
+impl Readiness {
+    /// Every listener accepts.
+    pub fn serving(&self) {
+        self.0.borrow_mut().phase = Phase::Serving;
+    }
+
+    /// A stop signal came: never ready again.
+    pub fn draining(&self) {
+        self.0.borrow_mut().phase = Phase::Draining;
+    }
+
+    /// The pools that have no backend up now.
+    pub fn pools_down<'a>(&self, pools: impl IntoIterator<Item = &'a String>) {
+        let mut pools: Vec<String> = pools.into_iter().cloned().collect();
+        pools.sort();
+        self.0.borrow_mut().pools_down = pools;
+    }
+
+    /// `None` when ready, else why not.
+    pub fn not_ready(&self) -> Option<String> {
+        let state = self.0.borrow();
+        match state.phase {
+            Phase::Starting => Some("starting".to_owned()),
+            Phase::Draining => Some("draining".to_owned()),
+            Phase::Serving if !state.pools_down.is_empty() => Some(format!(
+                "no backend up in pool {}",
+                state.pools_down.join(", ")
+            )),
+            Phase::Serving => None,
+        }
+    }
+}
+
 /// Serves the admin endpoint on `listener` until the process ends. Runs on
 /// the control plane's runtime; each request is a task of its own.
-pub async fn serve(listener: tokio::net::TcpListener, metrics: Metrics) {
+pub async fn serve(listener: tokio::net::TcpListener, metrics: Metrics, readiness: Readiness) {
     let slots = Arc::new(Semaphore::new(ADMIN_CONNECTIONS));
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
@@ -65,9 +129,10 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Metrics) {
         };
         match listener.accept().await {
             Ok((stream, peer)) => {
-                let metrics = metrics.clone();
+                let (metrics, readiness) = (metrics.clone(), readiness.clone());
                 tokio::task::spawn_local(async move {
-                    let answered = tokio::time::timeout(DEADLINE, answer(stream, &metrics)).await;
+                    let answered =
+                        tokio::time::timeout(DEADLINE, answer(stream, &metrics, &readiness)).await;
                     if !matches!(answered, Ok(Ok(()))) {
                         debug!(%peer, "admin request failed or timed out");
                     }
@@ -83,7 +148,11 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Metrics) {
 }
 
 /// One HTTP/1.x exchange: reads the request head, answers, closes.
-async fn answer(mut stream: tokio::net::TcpStream, metrics: &Metrics) -> std::io::Result<()> {
+async fn answer(
+    mut stream: tokio::net::TcpStream,
+    metrics: &Metrics,
+    readiness: &Readiness,
+) -> std::io::Result<()> {
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST {
@@ -95,10 +164,18 @@ async fn answer(mut stream: tokio::net::TcpStream, metrics: &Metrics) -> std::io
     }
     let (status, content_type, body) = match Request::parse(&head) {
         Request::Metrics => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
+        Request::Ready => match readiness.not_ready() {
+            None => ("200 OK", "text/plain", "ready\n".to_owned()),
+            Some(why) => (
+                "503 Service Unavailable",
+                "text/plain",
+                format!("not ready: {why}\n"),
+            ),
+        },
         Request::NotFound => (
             "404 Not Found",
             "text/plain",
-            "not found: try /metrics\n".to_owned(),
+            "not found: try /metrics or /ready\n".to_owned(),
         ),
         Request::NotAllowed => (
             "405 Method Not Allowed",
@@ -120,13 +197,14 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
-    fn only_get_metrics_is_served() {
+    fn only_get_metrics_and_ready_are_served() {
         for (head, expected) in [
             (
                 &b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"[..],
                 Request::Metrics,
             ),
             (b"GET /metrics?name[]=x HTTP/1.0\r\n\r\n", Request::Metrics),
+            (b"GET /ready HTTP/1.0\r\n\r\n", Request::Ready),
             (b"GET / HTTP/1.1\r\n\r\n", Request::NotFound),
             (b"GET /metricsx HTTP/1.1\r\n\r\n", Request::NotFound),
             (b"POST /metrics HTTP/1.1\r\n\r\n", Request::NotAllowed),
@@ -135,6 +213,24 @@ mod tests {
         ] {
             assert_eq!(Request::parse(head), expected, "{}", head.escape_ascii());
         }
+    }
+
+    #[test]
+    fn ready_only_while_serving_with_a_backend_up_in_every_pool() {
+        let readiness = Readiness::default();
+        assert_eq!(readiness.not_ready().as_deref(), Some("starting"));
+        readiness.serving();
+        assert_eq!(readiness.not_ready(), None);
+        let down = ["redis".to_owned(), "pg".to_owned()];
+        readiness.pools_down(&down);
+        assert_eq!(
+            readiness.not_ready().as_deref(),
+            Some("no backend up in pool pg, redis")
+        );
+        readiness.pools_down(&[]);
+        assert_eq!(readiness.not_ready(), None);
+        readiness.draining();
+        assert_eq!(readiness.not_ready().as_deref(), Some("draining"));
     }
 
     proptest! {
@@ -149,10 +245,10 @@ mod tests {
             headers in proptest::collection::vec("[A-Za-z-]{1,10}: [ -~]{0,40}", 0..8),
         ) {
             let head = format!("GET {path} HTTP/1.1\r\n{}\r\n\r\n", headers.join("\r\n"));
-            let expected = if path.split('?').next() == Some("/metrics") {
-                Request::Metrics
-            } else {
-                Request::NotFound
+            let expected = match path.split('?').next() {
+                Some("/metrics") => Request::Metrics,
+                Some("/ready") => Request::Ready,
+                _ => Request::NotFound,
             };
             prop_assert_eq!(Request::parse(head.as_bytes()), expected);
         }

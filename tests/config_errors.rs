@@ -108,7 +108,7 @@ fn unknown_keys() {
     );
     assert_eq!(
         rejected(&format!("wokers: 2\n{VALID}")),
-        "sluice: sluice.yaml:1:1: unknown field `wokers`, expected one of `workers`, `io`, `pin_workers`, `shutdown_timeout`, `admin`, `log`, `listeners`, `pools`"
+        "sluice: sluice.yaml:1:1: unknown field `wokers`, expected one of `workers`, `io`, `pin_workers`, `shutdown_timeout`, `shutdown_delay`, `admin`, `log`, `listeners`, `pools`"
     );
 }
 

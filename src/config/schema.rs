@@ -28,6 +28,10 @@ pub struct Config {
     pub pin_workers: bool,
     #[serde(default = "defaults::shutdown_timeout", with = "duration")]
     pub shutdown_timeout: Duration,
+    /// After a stop signal, how long listeners keep accepting while
+    /// `/ready` says 503, so that routers move new flows away first.
+    #[serde(default, with = "duration")]
+    pub shutdown_delay: Duration,
     pub admin: Option<Admin>,
     #[serde(default)]
     pub log: Log,

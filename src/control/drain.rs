@@ -1,7 +1,9 @@
-//! Stopping: SIGTERM or SIGINT stops every listener, then open connections
-//! have up to `shutdown_timeout` to finish; a second signal ends the wait
-//! at once, and so does the timeout, after the workers have reset what is
-//! left.
+//! Stopping: on SIGTERM or SIGINT `/ready` turns 503 at once, listeners
+//! keep accepting for `shutdown_delay` (routers that poll `/ready` move new
+//! flows away meanwhile), then every listener stops and open connections
+//! have up to `shutdown_timeout` to finish. A second signal ends either
+//! wait at once, and so does the timeout, after the workers have reset what
+//! is left.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -18,6 +20,17 @@ impl Controller {
     /// Drains: returns once every connection has finished, or a second
     /// signal or `shutdown_timeout` (0: no limit) ended the wait.
     pub(super) async fn drain(&mut self, signal: Signal, signals: &Signals) {
+        self.readiness.draining();
+        let delay = self.config.shutdown_delay;
+        if !delay.is_zero() {
+            let delay = humantime::format_duration(delay);
+            info!(%signal, "stopping: /ready answers 503; still accepting for {delay} (shutdown_delay)");
+            self.notifier
+                .stopping(&format!("not ready; still accepting for {delay}"));
+            if !self.wait_out(self.config.shutdown_delay, signals).await {
+                return;
+            }
+        }
         self.listeners.stop_all();
         let open = self.shared.connections.open();
         let timeout = self.config.shutdown_timeout;
@@ -30,8 +43,11 @@ impl Controller {
                  set it to 1 so that another process on the same ports takes them over"
             );
         }
-        self.notifier
-            .stopping(&format!("draining {open} connections"));
+        let status = format!("draining {open} connections");
+        match delay.is_zero() {
+            true => self.notifier.stopping(&status),
+            false => self.notifier.status(&status),
+        }
         let deadline = async {
             if timeout.is_zero() {
                 std::future::pending::<()>().await
@@ -69,6 +85,25 @@ impl Controller {
                             "second signal: exiting now"
                         );
                         return;
+                    }
+                },
+            }
+        }
+    }
+
+    /// Waits `delay`, still answering signals: `false` if a second stop
+    /// signal ended the wait.
+    async fn wait_out(&self, delay: Duration, signals: &Signals) -> bool {
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                _ = &mut sleep => return true,
+                request = signals.next() => match request {
+                    Ok(Request::Reload) => info!("SIGHUP while stopping: ignored"),
+                    Ok(Request::Stop(_)) | Err(_) => {
+                        warn!("second signal: exiting now");
+                        return false;
                     }
                 },
             }

@@ -42,7 +42,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::oneshot;
 use tracing::{debug, error, info, warn};
 
-use crate::admin;
+use crate::admin::{self, Readiness};
 use crate::capacity::{Budget, Connections};
 use crate::config::{self, Config, ConfigError};
 use crate::health::ProbeFailure;
@@ -82,6 +82,8 @@ pub struct Controller {
     process: ProcessStats,
     /// Pools routing over all backends because none is up.
     panicking: HashSet<String>,
+    /// What `/ready` answers.
+    readiness: Readiness,
     /// The admin endpoint's socket, until `run` serves it.
     admin: Option<TcpListener>,
     reloads: (u64, u64),
@@ -160,6 +162,7 @@ impl Controller {
             metrics,
             process,
             panicking: HashSet::new(),
+            readiness: Readiness::default(),
             admin,
             reloads: (0, 0),
             notifier: Notifier::from_env(),
@@ -189,8 +192,12 @@ impl Controller {
                 let address = socket.local_addr().map_err(|e| format!("admin: {e}"))?;
                 let socket =
                     tokio::net::TcpListener::from_std(socket).map_err(|e| format!("admin: {e}"))?;
-                tokio::task::spawn_local(admin::serve(socket, self.metrics.clone()));
-                info!(%address, "metrics at http://{address}/metrics");
+                tokio::task::spawn_local(admin::serve(
+                    socket,
+                    self.metrics.clone(),
+                    self.readiness.clone(),
+                ));
+                info!(%address, "metrics at http://{address}/metrics, readiness at http://{address}/ready");
             }
             self.probing = true;
             self.backends
@@ -206,6 +213,7 @@ impl Controller {
                 "sluice is ready"
             );
             self.notifier.ready(&self.status());
+            self.readiness.serving();
             let mut reloading: Option<Reloading> = None;
             loop {
                 tokio::select! {
@@ -490,7 +498,8 @@ impl Controller {
         self.notifier.status(&self.status());
     }
 
-    /// Logs a pool entering or leaving panic routing (every backend down).
+    /// Logs a pool entering or leaving panic routing (every backend down);
+    /// `/ready` follows.
     fn note_panic(&mut self, pool: &Pool) {
         if pool.panic && self.panicking.insert(pool.name.clone()) {
             warn!(
@@ -503,6 +512,7 @@ impl Controller {
                 "a backend is up again: no longer routing over down backends"
             );
         }
+        self.readiness.pools_down(&self.panicking);
     }
 
     /// One line for systemd's STATUS.
