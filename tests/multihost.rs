@@ -18,7 +18,8 @@
 //! that stopping an instance, or restarting each in turn, fails no
 //! connection and moves no client to another backend; and (first test)
 //! that when a backend dies every instance takes it out within `fall ×
-//! interval + timeout` and moves the same clients to the same places.
+//! interval + timeout`, only its clients move, and every instance, asked
+//! for every client, moves them to the same places.
 //!
 //! Needs root (network namespaces); skipped with a message otherwise.
 
@@ -650,8 +651,37 @@ fn instances_behind_ecmp_keep_every_client_on_its_backend() {
         .inspect(|(client, old)| assert_eq!(*old, "backend-1", "{client} moved"))
         .count();
     assert!(moved > 0);
-    eprintln!("{moved} clients of backend-1 moved, the same way on every instance");
     check_spread_and_backends(&topology);
+    // And each instance, asked directly for every client (the client
+    // addresses on its own loopback, so nothing else may run now), routes
+    // it where the others do.
+    let batch: String = (0..CLIENTS)
+        .map(|i| format!("addr add {}/32 dev lo\n", client_addr(i)))
+        .collect();
+    let batch_file = temp_file("clients", &batch);
+    for (n, host) in topology.hosts.iter().enumerate() {
+        ip(&[
+            "-n",
+            &host.name,
+            "-batch",
+            batch_file.path.to_str().unwrap(),
+        ]);
+        let reached: Vec<(IpAddr, Result<String, String>)> = host.enter(|| {
+            (0..CLIENTS)
+                .map(client_addr)
+                .map(|c| (c, round_trip(c, SERVICE)))
+                .collect()
+        });
+        for (client, reached) in reached {
+            assert_eq!(
+                reached.as_deref(),
+                Ok(topology.expected[&client].as_str()),
+                "instance {} routes {client} elsewhere",
+                n + 1
+            );
+        }
+    }
+    eprintln!("{moved} clients of backend-1 moved, the same way on every instance");
 }
 
 /// BIRD on the router and on every instance's host (conf/bird/), each
