@@ -13,15 +13,11 @@ use common::*;
 #[test]
 fn every_family_moves_with_the_traffic() {
     let (mut servers, backends) = name_servers(2);
-    let admin = free_addr(unique_loopback());
-    let text = format!(
-        "admin:\n  listen: {admin}\n{}",
-        config(
-            free_addr(unique_loopback()),
-            &backends,
-            "    health: { interval: 100ms, timeout: 50ms, fall: 1, rise: 1 }\n"
-        )
-    );
+    let (admin, text) = with_admin(&config(
+        free_addr(unique_loopback()),
+        &backends,
+        "    health: { interval: 100ms, timeout: 50ms, fall: 1, rise: 1 }\n",
+    ));
     let sluice = Sluice::start(&text);
     let front = sluice.listen_addr();
 

@@ -197,18 +197,16 @@ fn a_real_prometheus_scrapes_every_family_and_runs_the_dashboard_and_the_alerts(
     let (_servers, mut backends) = name_servers(2);
     // Nothing listens there: its probes fail and it is taken out.
     backends.push(("dead".to_owned(), free_addr(unique_loopback())));
-    let admin = free_addr(unique_loopback());
-    let text = format!(
-        "admin:\n  listen: {admin}\n{}",
-        config(
+    let (admin, text) = with_admin(
+        &config(
             free_addr(unique_loopback()),
             &backends,
             "    health: { interval: 200ms, timeout: 100ms, fall: 1, rise: 1 }\n",
         )
         .replace(
             "    pool: back\n",
-            "    pool: back\n    max_connections: 50\n"
-        )
+            "    pool: back\n    max_connections: 50\n",
+        ),
     );
     let sluice = Sluice::start(&text);
     let front = sluice.listen_addr();

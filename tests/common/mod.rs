@@ -786,6 +786,13 @@ pub fn sample(body: &str, family: &str, labels: &[&str]) -> Option<f64> {
         .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
 }
 
+/// `config` with the admin endpoint on a free address: (that address, the
+/// configuration).
+pub fn with_admin(config: &str) -> (SocketAddr, String) {
+    let admin = free_addr(unique_loopback());
+    (admin, format!("admin:\n  listen: {admin}\n{config}"))
+}
+
 /// The Prometheus text at `/metrics`.
 pub fn scrape(admin: SocketAddr) -> String {
     let (status, body) = get(admin, "/metrics");
