@@ -36,7 +36,7 @@ use tokio::io::Ready;
 use crate::config::Engine;
 use crate::connection::relaying::EngineChoice;
 use crate::net::{self, Socket};
-use crate::pipe::{splice, Pipe, PIPE_CAPACITY};
+use crate::pipe::{splice, Pipe};
 
 use super::{Failure, Side};
 
@@ -138,6 +138,8 @@ impl Direction {
             if pipe.is_none() && self.engine.splicing() {
                 self.engine.no_pipe();
             }
+            // What a read that emptied nothing would have moved.
+            let limit = pipe.as_ref().map_or(SCRATCH_SIZE, |pipe| pipe.capacity);
             let splicing = pipe.is_some();
             let step = match pipe {
                 Some(pipe) => ends.splice_in(pipe)?,
@@ -149,11 +151,6 @@ impl Direction {
                 Step::Moved { n, pending } => {
                     // A short read emptied the socket: wait for the next edge
                     // rather than pay for a call that would say EAGAIN.
-                    let limit = if splicing {
-                        PIPE_CAPACITY
-                    } else {
-                        SCRATCH_SIZE
-                    };
                     if n < limit {
                         ready.clear_ready_matching(Ready::READABLE);
                     }
@@ -218,7 +215,7 @@ impl Ends<'_> {
     /// Splices what the source has into `pipe`, and on from the pipe as far
     /// as the destination takes it; a pipe still holding bytes is pending.
     fn splice_in(&self, pipe: Pipe) -> Result<Step, Failure> {
-        let n = match splice(self.from, &pipe.write, PIPE_CAPACITY) {
+        let n = match splice(self.from, &pipe.write, pipe.capacity) {
             Ok(0) => {
                 pipe.give_back();
                 return Ok(Step::End);

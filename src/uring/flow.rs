@@ -34,7 +34,7 @@ use io_uring::{opcode, squeue, types};
 use super::state::{error_of, source_side, Stage};
 use super::{FlowOp, Op, Token, Worker, BUFFER_SIZE};
 use crate::connection::relaying::{shutdown_write, PassFin};
-use crate::pipe::{splice, Pipe, PIPE_CAPACITY};
+use crate::pipe::{splice, Pipe};
 
 /// Bytes a direction may hold for a slow destination before it stops
 /// receiving.
@@ -283,7 +283,8 @@ impl Worker {
                 flow.engine.no_pipe();
                 break;
             };
-            let n = match splice(&borrowed(from), &pipe.write, PIPE_CAPACITY) {
+            let capacity = pipe.capacity;
+            let n = match splice(&borrowed(from), &pipe.write, capacity) {
                 Ok(0) => {
                     pipe.give_back();
                     flow.eof = true;
@@ -302,7 +303,7 @@ impl Worker {
             flow.pipe = Some((pipe, n));
             flow.engine.spliced(n);
             // A full pipe: the source may well have more.
-            let again = n == PIPE_CAPACITY && flow.engine.splicing();
+            let again = n == capacity && flow.engine.splicing();
             if !self.drain_pipe(index, f) || !again {
                 break;
             }
