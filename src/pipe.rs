@@ -11,8 +11,9 @@
 //! the splice calls per byte of bulk (about 20% less CPU per GB through
 //! sluice, `benches/RESULTS.md`). The kernel counts pipe pages per user and
 //! gives an unprivileged user who has more than `fs.pipe-user-pages-soft`
-//! (64 MiB by default) only tiny new pipes, so grown pipes take at most
-//! half of that allowance; the others keep the default size.
+//! (64 MiB by default) only tiny new pipes, so a pipe is grown only while
+//! sluice's pipes, grown or not, take at most half of that allowance. A
+//! pipe says what it holds ([`Pipe::capacity`], asked of the kernel).
 
 use std::cell::{Cell, RefCell};
 use std::io;
@@ -26,15 +27,19 @@ use tracing::warn;
 use crate::logging::Throttle;
 use crate::net;
 
-/// What a pipe holds unless grown: the kernel's default (16 pages).
+/// What a pipe holds unless grown: the kernel's default (16 pages), and
+/// what is assumed if the kernel will not say.
 const DEFAULT_CAPACITY: usize = 64 * 1024;
 
 /// What a pipe is grown to, while the allowance lasts.
 const LARGE_CAPACITY: usize = 256 * 1024;
 
-/// Grown pipes open, all workers together (the kernel's allowance is per
-/// user, so per process here).
-static LARGE_PIPES: AtomicUsize = AtomicUsize::new(0);
+/// Pages of every pipe sluice has open, all workers together: what the
+/// kernel counts against the user's allowance (other processes of the
+/// same user count too, and are not seen here).
+static PIPE_PAGES: AtomicUsize = AtomicUsize::new(0);
+
+const PAGE: usize = 4096;
 
 thread_local! {
     /// Empty pipes ready for the next splice.
@@ -111,44 +116,46 @@ impl Pipe {
 impl Drop for Pipe {
     fn drop(&mut self) {
         PIPES_OPEN.with(|open| open.set(open.get() - 1));
-        if self.capacity == LARGE_CAPACITY {
-            LARGE_PIPES.fetch_sub(1, Ordering::Relaxed);
-        }
+        PIPE_PAGES.fetch_sub(self.capacity / PAGE, Ordering::Relaxed);
     }
 }
 
-/// Grows a new pipe to [`LARGE_CAPACITY`] if the allowance has room for
-/// it: its capacity.
+/// Grows a new pipe to [`LARGE_CAPACITY`] if sluice's pipes leave room for
+/// it in half the allowance: what it holds now, as the kernel says.
 fn grow(write: &OwnedFd) -> usize {
-    let limit = *LARGE_LIMIT.get_or_init(large_pipes_allowed);
-    let taken = LARGE_PIPES.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-        (n < limit).then_some(n + 1)
-    });
-    if taken.is_err() {
-        return DEFAULT_CAPACITY;
-    }
-    // SAFETY: F_SETPIPE_SZ on a pipe we own; it fails cleanly (EPERM) when
-    // the kernel's allowance is used up after all.
-    let grown = unsafe {
-        libc::fcntl(
-            write.as_raw_fd(),
-            libc::F_SETPIPE_SZ,
-            LARGE_CAPACITY as libc::c_int,
-        )
+    let limit = *PAGES_ALLOWED.get_or_init(pages_allowed);
+    let large = LARGE_CAPACITY / PAGE;
+    let grown = PIPE_PAGES
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |pages| {
+            (pages + large <= limit).then_some(pages + large)
+        })
+        .is_ok();
+    // SAFETY: F_SETPIPE_SZ and F_GETPIPE_SZ on a pipe we own; growing fails
+    // cleanly (EPERM) when the kernel's allowance is used up after all.
+    let capacity = unsafe {
+        if grown {
+            libc::fcntl(
+                write.as_raw_fd(),
+                libc::F_SETPIPE_SZ,
+                LARGE_CAPACITY as libc::c_int,
+            );
+        }
+        libc::fcntl(write.as_raw_fd(), libc::F_GETPIPE_SZ)
     };
-    if grown >= LARGE_CAPACITY as libc::c_int {
-        LARGE_CAPACITY
-    } else {
-        LARGE_PIPES.fetch_sub(1, Ordering::Relaxed);
-        DEFAULT_CAPACITY
+    let capacity = usize::try_from(capacity).unwrap_or(DEFAULT_CAPACITY);
+    // Count what it holds instead of what was asked for.
+    if grown {
+        PIPE_PAGES.fetch_sub(large, Ordering::Relaxed);
     }
+    PIPE_PAGES.fetch_add(capacity / PAGE, Ordering::Relaxed);
+    capacity
 }
 
-static LARGE_LIMIT: OnceLock<usize> = OnceLock::new();
+static PAGES_ALLOWED: OnceLock<usize> = OnceLock::new();
 
-/// How many pipes may be grown: half of `fs.pipe-user-pages-soft` (0: no
-/// limit there).
-fn large_pipes_allowed() -> usize {
+/// Pages sluice's pipes may take before new ones stay small: half of
+/// `fs.pipe-user-pages-soft` (0 there: no limit).
+fn pages_allowed() -> usize {
     let soft_pages: usize = std::fs::read_to_string("/proc/sys/fs/pipe-user-pages-soft")
         .ok()
         .and_then(|text| text.trim().parse().ok())
@@ -156,7 +163,7 @@ fn large_pipes_allowed() -> usize {
     if soft_pages == 0 {
         return usize::MAX;
     }
-    soft_pages / 2 / (LARGE_CAPACITY / 4096)
+    soft_pages / 2
 }
 
 /// Moves up to `len` bytes from `from` to `to`, one of which is a pipe,
@@ -181,18 +188,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_pipe_says_what_it_holds_and_is_grown_while_the_allowance_lasts() {
+    fn a_pipe_says_what_it_holds_and_its_pages_are_counted() {
         keep_pipes(4);
+        let before = PIPE_PAGES.load(Ordering::Relaxed);
         let pipe = Pipe::take().expect("a pipe within the budget");
         // SAFETY: F_GETPIPE_SZ on a pipe we own.
         let size = unsafe { libc::fcntl(pipe.write.as_raw_fd(), libc::F_GETPIPE_SZ) };
         assert_eq!(size as usize, pipe.capacity);
-        if large_pipes_allowed() > 0 {
-            assert_eq!(pipe.capacity, LARGE_CAPACITY);
-        }
-        let after =
-            LARGE_PIPES.load(Ordering::Relaxed) - usize::from(pipe.capacity == LARGE_CAPACITY);
+        assert!(
+            pipe.capacity == LARGE_CAPACITY || before + LARGE_CAPACITY / PAGE > pages_allowed()
+        );
+        assert_eq!(
+            PIPE_PAGES.load(Ordering::Relaxed),
+            before + pipe.capacity / PAGE
+        );
         drop(pipe);
-        assert_eq!(LARGE_PIPES.load(Ordering::Relaxed), after);
+        assert_eq!(PIPE_PAGES.load(Ordering::Relaxed), before);
     }
 }

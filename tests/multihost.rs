@@ -258,11 +258,8 @@ impl Topology {
                 text
             })
             .collect();
-        let sluices = hosts
-            .iter()
-            .zip(&configs)
-            .map(|(host, config)| Some(Sluice::start_in(host, config)))
-            .collect::<Vec<_>>();
+        // Whole before anything may fail, so that its `Drop` stops the
+        // backends inside their namespace.
         let mut topology = Topology {
             router,
             client,
@@ -270,9 +267,12 @@ impl Topology {
             hosts,
             backends,
             configs,
-            sluices,
+            sluices: (0..INSTANCES).map(|_| None).collect(),
             expected: BTreeMap::new(),
         };
+        for n in 0..INSTANCES {
+            topology.start(n);
+        }
         topology.expected = topology.explain(&[]);
         Some(topology)
     }
@@ -562,11 +562,12 @@ fn stop_under_traffic(topology: &mut Topology, n: usize) -> (Duration, Duration)
     wait_for_hops(topology, &others);
     let withdrawn = signalled.elapsed();
     traffic.wait_for(200);
-    // The held connections of the stopping instance still work: their
-    // flows stay with it, and its drain waits for them.
-    let held_failures = held.check();
     stopping.wait_for_log("stopping: no new connections");
     let closed = signalled.elapsed();
+    // The held connections of the stopping instance still work after its
+    // listeners closed: their flows stay with it, and its drain waits for
+    // them.
+    let held_failures = held.check();
     assert_eq!(stopping.wait_exit().code(), Some(0));
     traffic.wait_for(200);
     let (served, mut failures) = traffic.stop();
@@ -689,7 +690,8 @@ fn instances_behind_ecmp_keep_every_client_on_its_backend() {
 /// `conf/bird/sluice-ready-check`.
 struct Bird {
     daemons: Vec<Child>,
-    _dir: tempfile::TempDir,
+    /// Configurations and control sockets.
+    dir: tempfile::TempDir,
 }
 
 impl Drop for Bird {
@@ -703,7 +705,12 @@ impl Drop for Bird {
 
 impl Bird {
     fn start(topology: &Topology) -> Bird {
-        let dir = tempfile::tempdir().unwrap();
+        // The guard first: whatever fails below, it stops what started.
+        let mut bird = Bird {
+            daemons: Vec::new(),
+            dir: tempfile::tempdir().unwrap(),
+        };
+        let dir = bird.dir.path().to_owned();
         let spawn = |netns: &NetNs, program: &str, args: &[&str]| {
             Command::new("ip")
                 .args(["netns", "exec", &netns.name, program])
@@ -713,8 +720,8 @@ impl Bird {
                 .spawn()
                 .unwrap_or_else(|e| panic!("{program}: {e}"))
         };
-        let socket = |name: &str| dir.path().join(format!("{name}.ctl"));
-        let mut daemons = vec![spawn(
+        let socket = |name: &str| dir.join(format!("{name}.ctl"));
+        bird.daemons.push(spawn(
             &topology.router,
             "bird",
             &[
@@ -724,7 +731,7 @@ impl Bird {
                 "-s",
                 socket("router").to_str().unwrap(),
             ],
-        )];
+        ));
         let template =
             std::fs::read_to_string(format!("{ROOT}/conf/bird/sluice-host.conf")).unwrap();
         for (n, host) in topology.hosts.iter().enumerate() {
@@ -732,10 +739,10 @@ impl Bird {
                 .replace("@HOST@", &instance_addr(n).to_string())
                 .replace("@AS@", &(65001 + n).to_string())
                 .replace("@ROUTER@", &router_addr(n).to_string());
-            let path = dir.path().join(format!("lb{n}.conf"));
+            let path = dir.join(format!("lb{n}.conf"));
             std::fs::write(&path, config).unwrap();
             let control = socket(&format!("lb{n}"));
-            daemons.push(spawn(
+            bird.daemons.push(spawn(
                 host,
                 "bird",
                 &[
@@ -747,7 +754,7 @@ impl Bird {
                 ],
             ));
             wait_until("BIRD to open its control socket", || control.exists());
-            daemons.push(spawn(
+            bird.daemons.push(spawn(
                 host,
                 &format!("{ROOT}/conf/bird/sluice-ready-check"),
                 &[
@@ -757,7 +764,7 @@ impl Bird {
                 ],
             ));
         }
-        Bird { daemons, _dir: dir }
+        bird
     }
 }
 

@@ -4,7 +4,12 @@
 //! reinstall keeps an edited configuration; a purge leaves nothing behind.
 //!
 //! Needs root and dpkg (CI runs `make test` as root); skipped otherwise,
-//! and where a sluice package is installed already (it would be replaced).
+//! and where sluice is installed already, from a package or `make install`
+//! (it would be replaced, then purged). A `policy-rc.d` that forbids
+//! starting services is in place meanwhile (the machine's own, if any, is
+//! put back after), so that where systemd runs the
+//! installed unit is enabled but not started (the reference configuration
+//! it would start with probes made-up backends).
 //! Runs once, not again for the epoll pass of `make test`: nothing in it
 //! depends on the driver.
 
@@ -35,6 +40,38 @@ const GONE_AFTER_PURGE: [&str; 5] = [
     "/usr/lib/systemd/system/sluice.service",
     "/etc/systemd/system/multi-user.target.wants/sluice.service",
 ];
+
+/// What `deb-systemd-invoke` asks before it starts a service: 101 says no.
+const POLICY: &str = "/usr/sbin/policy-rc.d";
+
+/// Forbids starting services while it lives (the machine's own
+/// `policy-rc.d`, if any, is put back afterwards).
+struct NoServiceStarts {
+    kept: Option<Vec<u8>>,
+}
+
+impl NoServiceStarts {
+    fn new() -> NoServiceStarts {
+        use std::os::unix::fs::PermissionsExt;
+        let kept = std::fs::read(POLICY).ok();
+        std::fs::write(
+            POLICY,
+            "#!/bin/sh\n# sluice's package test: start nothing.\nexit 101\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(POLICY, std::fs::Permissions::from_mode(0o755)).unwrap();
+        NoServiceStarts { kept }
+    }
+}
+
+impl Drop for NoServiceStarts {
+    fn drop(&mut self) {
+        let _ = match &self.kept {
+            Some(kept) => std::fs::write(POLICY, kept),
+            None => std::fs::remove_file(POLICY),
+        };
+    }
+}
 
 fn run(program: &str, args: &[&str]) -> Output {
     let out = Command::new(program)
@@ -67,9 +104,14 @@ fn cannot_run() -> Option<&'static str> {
     let installed = Command::new("dpkg-query")
         .args(["-W", "-f=${Status}", "sluice"])
         .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("installed"));
+        .is_ok_and(|o| o.stdout == b"install ok installed");
     if installed {
         return Some("a sluice package is installed here; `dpkg --purge sluice` to run this test");
+    }
+    if INSTALLED.iter().any(|path| Path::new(path).exists()) {
+        return Some(
+            "sluice's files are installed here (make install?); the package would replace them",
+        );
     }
     None
 }
@@ -92,6 +134,7 @@ fn the_package_installs_keeps_an_edited_configuration_and_purges_clean() {
         eprintln!("skipped: {why}");
         return;
     }
+    let _no_starts = NoServiceStarts::new();
     let deb = build();
     let deb = deb.to_str().unwrap();
     let info =

@@ -11,7 +11,8 @@
 //!   that fills the whole buffer means the sender is ahead of us (bulk),
 //!   and from then on splicing saves a copy of every byte; a splice that
 //!   moves less than [`SMALL`] goes back to copying, which costs less per
-//!   message than a trip through a pipe.
+//!   message than a trip through a pipe. When the worker has no pipe to
+//!   spare, a direction copies instead.
 
 use std::io;
 use std::net::Shutdown;
@@ -103,10 +104,16 @@ impl EngineChoice {
     }
 
     /// A copy took `n` bytes into a buffer of `size`: a full buffer turns
-    /// `auto` (and `splice`, after [`EngineChoice::no_pipe`]) to splicing.
-    /// Returns whether it did.
+    /// `auto` to splicing, and `splice` goes back to splicing after the
+    /// one copy a pipe shortage made ([`EngineChoice::no_pipe`]). Returns
+    /// whether it switched.
     pub fn copied(&mut self, n: usize, size: usize) -> bool {
-        let switch = !self.splicing && self.engine != Engine::Copy && n >= size;
+        let switch = !self.splicing
+            && match self.engine {
+                Engine::Copy => false,
+                Engine::Splice => true,
+                Engine::Auto => n >= size,
+            };
         self.splicing |= switch;
         switch
     }
@@ -118,7 +125,8 @@ impl EngineChoice {
         }
     }
 
-    /// The worker has no pipe to spare: copy until the next full read.
+    /// The worker has no pipe to spare: copy, until the next full read
+    /// under `auto`, for one read under `splice`.
     pub fn no_pipe(&mut self) {
         self.splicing = false;
     }
@@ -155,7 +163,7 @@ mod tests {
     }
 
     #[test]
-    fn copy_never_splices_and_splice_comes_back_after_a_pipe_shortage() {
+    fn copy_never_splices_and_splice_tries_again_after_a_pipe_shortage() {
         let mut copy = EngineChoice::new(Engine::Copy);
         assert!(!copy.copied(16384, 16384) && !copy.splicing());
 
@@ -165,6 +173,10 @@ mod tests {
         assert!(splice.splicing(), "splice stays on small messages");
         splice.no_pipe();
         assert!(!splice.splicing());
-        assert!(splice.copied(16384, 16384) && splice.splicing());
+        assert!(splice.copied(10, 16384) && splice.splicing());
+        let mut auto = EngineChoice::new(Engine::Auto);
+        auto.copied(16384, 16384);
+        auto.no_pipe();
+        assert!(!auto.copied(10, 16384), "auto copies small messages");
     }
 }

@@ -91,14 +91,16 @@ impl Controller {
         }
     }
 
-    /// Waits `delay`, still answering signals: `false` if a second stop
-    /// signal ended the wait.
-    async fn wait_out(&self, delay: Duration, signals: &Signals) -> bool {
+    /// Waits `delay`, still answering signals and following backend
+    /// health (the listeners still accept meanwhile): `false` if a second
+    /// stop signal ended the wait.
+    async fn wait_out(&mut self, delay: Duration, signals: &Signals) -> bool {
         let sleep = tokio::time::sleep(delay);
         tokio::pin!(sleep);
         loop {
             tokio::select! {
                 _ = &mut sleep => return true,
+                Some(event) = self.events.recv() => self.handle(event),
                 request = signals.next() => match request {
                     Ok(Request::Reload) => info!("SIGHUP while stopping: ignored"),
                     Ok(Request::Stop(_)) | Err(_) => {

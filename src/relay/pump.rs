@@ -138,8 +138,6 @@ impl Direction {
             if pipe.is_none() && self.engine.splicing() {
                 self.engine.no_pipe();
             }
-            // What a read that emptied nothing would have moved.
-            let limit = pipe.as_ref().map_or(SCRATCH_SIZE, |pipe| pipe.capacity);
             let splicing = pipe.is_some();
             let step = match pipe {
                 Some(pipe) => ends.splice_in(pipe)?,
@@ -150,8 +148,10 @@ impl Direction {
                 Step::End => self.finished = true,
                 Step::Moved { n, pending } => {
                     // A short read emptied the socket: wait for the next edge
-                    // rather than pay for a call that would say EAGAIN.
-                    if n < limit {
+                    // rather than pay for a call that would say EAGAIN. (Not
+                    // so a short splice: it stops at the pipe's slots, one
+                    // per packet, with more in the socket.)
+                    if !splicing && n < SCRATCH_SIZE {
                         ready.clear_ready_matching(Ready::READABLE);
                     }
                     if splicing {
