@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 
 use serde_json::Value;
 
-const FAMILIES: [&str; 9] = [
+const FAMILIES: [&str; 11] = [
     "sluice_connections_total",
     "sluice_connections_active",
     "sluice_connection_errors_total",
@@ -16,6 +16,8 @@ const FAMILIES: [&str; 9] = [
     "sluice_health_checks_total",
     "sluice_config_reloads_total",
     "sluice_build_info",
+    "sluice_connections_capacity",
+    "sluice_listener_max_connections",
 ];
 
 /// Every `expr` and `query` string in the dashboard.
