@@ -28,7 +28,7 @@ use crate::shared::Shared;
 use crate::snapshot::{Pool, Route};
 
 use super::admit::turn_away;
-use super::ending::{self, Ending};
+use super::ending::{self, Classified, Ending};
 use super::{judge, log_closed};
 
 /// "No backend reachable" is logged at most once per interval, with a count.
@@ -181,16 +181,24 @@ impl Dialer {
         None
     }
 
-    /// `attempt` connected: the connection's backend.
-    pub fn connected(&self, attempt: Attempt, shared: &Shared) -> Dialed {
+    /// What `ending` of `attempt` says, and what its backend's passive
+    /// health hears of it.
+    fn judge(&self, attempt: &Attempt, ending: &Ending, shared: &Shared) -> Classified {
+        let classified = ending::classify(ending);
         let backend = &self.pool.backends[attempt.backend];
-        let classified = ending::classify(&Ending::Connected);
         judge(
             classified.passive,
             &backend.passive,
             self.pool.eject_after,
             shared,
         );
+        classified
+    }
+
+    /// `attempt` connected: the connection's backend.
+    pub fn connected(&self, attempt: Attempt, shared: &Shared) -> Dialed {
+        self.judge(&attempt, &Ending::Connected, shared);
+        let backend = &self.pool.backends[attempt.backend];
         backend
             .stats
             .connect_seconds
@@ -215,14 +223,8 @@ impl Dialer {
         route: &Route,
         shared: &Shared,
     ) -> Next {
+        let classified = self.judge(&attempt, &Ending::ConnectFailed(&error), shared);
         let backend = &self.pool.backends[attempt.backend];
-        let classified = ending::classify(&Ending::ConnectFailed(&error));
-        judge(
-            classified.passive,
-            &backend.passive,
-            self.pool.eject_after,
-            shared,
-        );
         let error = io::Error::new(
             error.kind(),
             format!("{} ({}): {error}", backend.name, backend.addr),
