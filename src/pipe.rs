@@ -12,8 +12,9 @@
 //! sluice, `benches/RESULTS.md`). The kernel counts pipe pages per user and
 //! gives an unprivileged user who has more than `fs.pipe-user-pages-soft`
 //! (64 MiB by default) only tiny new pipes, so a pipe is grown only while
-//! sluice's pipes, grown or not, take at most half of that allowance. A
-//! pipe says what it holds ([`Pipe::capacity`], asked of the kernel).
+//! sluice's pipes, grown or not, take at most half of that allowance, and
+//! none is made beyond it (connections copy instead). A pipe says what it
+//! holds ([`Pipe::capacity`], asked of the kernel).
 
 use std::cell::{Cell, RefCell};
 use std::io;
@@ -79,6 +80,17 @@ impl Pipe {
         if PIPES_OPEN.with(Cell::get) >= PIPE_BUDGET.with(Cell::get) {
             return None;
         }
+        // Beyond the allowance the kernel would make a tiny pipe, which
+        // splices worse than copying.
+        if PIPE_PAGES.load(Ordering::Relaxed) + DEFAULT_CAPACITY / PAGE > allowance() {
+            if let Some(suppressed) = NO_PIPE.allow() {
+                warn!(
+                    suppressed,
+                    "the pipes of sluice's user fill fs.pipe-user-pages-soft: copying instead of splicing"
+                );
+            }
+            return None;
+        }
         let mut fds = [0; 2];
         // SAFETY: `fds` has room for the two descriptors pipe2 writes.
         let made = net::syscall(unsafe {
@@ -123,7 +135,7 @@ impl Drop for Pipe {
 /// Grows a new pipe to [`LARGE_CAPACITY`] if sluice's pipes leave room for
 /// it in half the allowance: what it holds now, as the kernel says.
 fn grow(write: &OwnedFd) -> usize {
-    let limit = *PAGES_ALLOWED.get_or_init(pages_allowed);
+    let limit = pages_allowed();
     let large = LARGE_CAPACITY / PAGE;
     let grown = PIPE_PAGES
         .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |pages| {
@@ -151,19 +163,44 @@ fn grow(write: &OwnedFd) -> usize {
     capacity
 }
 
-static PAGES_ALLOWED: OnceLock<usize> = OnceLock::new();
+static ALLOWANCE: OnceLock<usize> = OnceLock::new();
 
-/// Pages sluice's pipes may take before new ones stay small: half of
-/// `fs.pipe-user-pages-soft` (0 there: no limit).
+/// The pages of pipes the kernel lets sluice's user have before it makes
+/// new pipes tiny (2 pages): `fs.pipe-user-pages-soft`; no limit where that
+/// is 0 or sluice holds CAP_SYS_RESOURCE or CAP_SYS_ADMIN, which the kernel
+/// exempts.
+fn allowance() -> usize {
+    *ALLOWANCE.get_or_init(|| {
+        let soft_pages: usize = std::fs::read_to_string("/proc/sys/fs/pipe-user-pages-soft")
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(16384);
+        if soft_pages == 0 || exempt() {
+            usize::MAX
+        } else {
+            soft_pages
+        }
+    })
+}
+
+/// Whether sluice holds a capability that exempts it from the pipe
+/// allowance.
+fn exempt() -> bool {
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_SYS_RESOURCE: u32 = 24;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let effective = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or(0);
+    effective & (1 << CAP_SYS_ADMIN | 1 << CAP_SYS_RESOURCE) != 0
+}
+
+/// Pages sluice's pipes may take before it stops growing them: half the
+/// allowance.
 fn pages_allowed() -> usize {
-    let soft_pages: usize = std::fs::read_to_string("/proc/sys/fs/pipe-user-pages-soft")
-        .ok()
-        .and_then(|text| text.trim().parse().ok())
-        .unwrap_or(16384);
-    if soft_pages == 0 {
-        return usize::MAX;
-    }
-    soft_pages / 2
+    allowance() / 2
 }
 
 /// Moves up to `len` bytes from `from` to `to`, one of which is a pipe,
