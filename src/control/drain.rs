@@ -5,6 +5,7 @@
 //! wait at once, and so does the timeout, after the workers have reset what
 //! is left.
 
+use std::io;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -77,15 +78,8 @@ impl Controller {
                     self.close_all().await;
                     return;
                 }
-                request = signals.next() => match request {
-                    Ok(Request::Reload) => info!("SIGHUP while stopping: ignored"),
-                    Ok(Request::Stop(_)) | Err(_) => {
-                        warn!(
-                            open = self.shared.connections.open(),
-                            "second signal: exiting now"
-                        );
-                        return;
-                    }
+                request = signals.next() => if self.stops_now(request) {
+                    return;
                 },
             }
         }
@@ -101,13 +95,27 @@ impl Controller {
             tokio::select! {
                 _ = &mut sleep => return true,
                 Some(event) = self.events.recv() => self.handle(event),
-                request = signals.next() => match request {
-                    Ok(Request::Reload) => info!("SIGHUP while stopping: ignored"),
-                    Ok(Request::Stop(_)) | Err(_) => {
-                        warn!("second signal: exiting now");
-                        return false;
-                    }
+                request = signals.next() => if self.stops_now(request) {
+                    return false;
                 },
+            }
+        }
+    }
+
+    /// A signal while stopping: a second stop signal (or a signal that
+    /// cannot be read) ends the wait at once; SIGHUP is ignored.
+    fn stops_now(&self, request: io::Result<Request>) -> bool {
+        match request {
+            Ok(Request::Reload) => {
+                info!("SIGHUP while stopping: ignored");
+                false
+            }
+            Ok(Request::Stop(_)) | Err(_) => {
+                warn!(
+                    open = self.shared.connections.open(),
+                    "second signal: exiting now"
+                );
+                true
             }
         }
     }

@@ -78,7 +78,6 @@ pub struct Direction {
     /// Boxed: rarely there, and this way it costs an idle connection one
     /// word instead of six.
     pending: Option<Box<(Pending, usize)>>,
-    finished: bool,
 }
 
 impl Direction {
@@ -88,7 +87,6 @@ impl Direction {
             from_side,
             engine: EngineChoice::new(engine),
             pending: None,
-            finished: false,
         }
     }
 
@@ -103,8 +101,9 @@ impl Direction {
     }
 
     /// Relays what there is to relay now, until `from` sends FIN and `to`
-    /// has taken every byte before it: then it is ready, and the FIN is
-    /// the caller's to pass on. `moved` is told of the bytes `to` took.
+    /// has taken every byte before it: then it is ready (and not polled
+    /// again), and the FIN is the caller's to pass on. `moved` is told of
+    /// the bytes `to` took.
     pub fn poll(
         &mut self,
         cx: &mut Context,
@@ -117,7 +116,7 @@ impl Direction {
             to,
             from_side: self.from_side,
         };
-        while !self.finished {
+        loop {
             if let Some(held) = &mut self.pending {
                 let (unsent, n) = &mut **held;
                 let mut ready = ready!(to.poll_write_ready(cx)).map_err(|e| ends.destination(e))?;
@@ -134,10 +133,13 @@ impl Direction {
                 continue;
             }
             let mut ready = ready!(from.poll_read_ready(cx)).map_err(|e| ends.source(e))?;
-            let pipe = self.engine.splicing().then(Pipe::take).flatten();
-            if pipe.is_none() && self.engine.splicing() {
-                self.engine.no_pipe();
-            }
+            let pipe = match self.engine.splicing() {
+                true => Pipe::take().or_else(|| {
+                    self.engine.no_pipe();
+                    None
+                }),
+                false => None,
+            };
             let splicing = pipe.is_some();
             let step = match pipe {
                 Some(pipe) => ends.splice_in(pipe)?,
@@ -145,7 +147,8 @@ impl Direction {
             };
             match step {
                 Step::WouldBlock => ready.clear_ready_matching(Ready::READABLE),
-                Step::End => self.finished = true,
+                // Nothing is pending here: all before the FIN was taken.
+                Step::End => return Poll::Ready(Ok(())),
                 Step::Moved { n, pending } => {
                     // A short read emptied the socket: wait for the next edge
                     // rather than pay for a call that would say EAGAIN. (Not
@@ -166,7 +169,6 @@ impl Direction {
                 }
             }
         }
-        Poll::Ready(Ok(()))
     }
 }
 

@@ -119,12 +119,12 @@ impl Worker {
     /// accept becomes single-shot, including those of quiet listeners
     /// while others (or other workers) fill the capacity.
     pub(super) fn bound_accepts(&mut self) {
-        let armed = |l: &Option<Listening>| l.as_ref().is_some_and(|l| l.multishot);
-        if !self.listeners.iter().any(armed) || self.room_for_burst(0) {
+        let multishot = |l: &Option<Listening>| l.as_ref().is_some_and(|l| l.multishot);
+        if !self.listeners.iter().any(multishot) || self.room_for_burst(0) {
             return;
         }
         for index in 0..self.listeners.len() {
-            if armed(&self.listeners[index]) {
+            if multishot(&self.listeners[index]) {
                 self.cancel_accept(index);
             }
         }
