@@ -91,13 +91,8 @@ impl Prometheus {
 
     /// The body of `path`, or `None` if the server did not answer 200.
     fn get(&self, path: &str) -> Option<String> {
-        let mut stream = TcpStream::connect(self.addr).ok()?;
-        // HTTP/1.0: no chunked body, and the server closes when done.
-        write!(stream, "GET {path} HTTP/1.0\r\nHost: prometheus\r\n\r\n").ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).ok()?;
-        let (head, body) = response.split_once("\r\n\r\n")?;
-        head.starts_with("HTTP/1.0 200").then(|| body.to_owned())
+        let (status, body) = try_get(self.addr, path)?;
+        status.contains(" 200 ").then_some(body)
     }
 
     /// The `data` of an API call that must succeed.

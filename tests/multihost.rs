@@ -75,6 +75,31 @@ fn admin_addr(n: usize) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(instance_addr(n)), 9137)
 }
 
+/// Puts every client address on the loopback of `netns`.
+fn add_client_addresses(netns: &NetNs) {
+    let batch: String = (0..CLIENTS)
+        .map(|i| format!("addr add {}/32 dev lo\n", client_addr(i)))
+        .collect();
+    let batch_file = temp_file("clients", &batch);
+    ip(&[
+        "-n",
+        &netns.name,
+        "-batch",
+        batch_file.path.to_str().unwrap(),
+    ]);
+}
+
+/// Connects every client once, from inside `netns`, to the service
+/// address: the backend each reached, or its failure.
+fn every_client_from(netns: &NetNs) -> Vec<(IpAddr, Result<String, String>)> {
+    netns.enter(|| {
+        (0..CLIENTS)
+            .map(client_addr)
+            .map(|c| (c, round_trip(c, SERVICE)))
+            .collect()
+    })
+}
+
 /// Puts the calling thread in `netns` for good: what it connects or binds
 /// from now on is the namespace's.
 fn enter_for_good(netns: &str) {
@@ -222,16 +247,7 @@ impl Topology {
             ]);
         }
         router.run(&["nft", "-f", &format!("{ROOT}/conf/bird/flow-pinning.nft")]);
-        let batch: String = (0..CLIENTS)
-            .map(|i| format!("addr add {}/32 dev lo\n", client_addr(i)))
-            .collect();
-        let batch_file = temp_file("clients", &batch);
-        ip(&[
-            "-n",
-            &client.name,
-            "-batch",
-            batch_file.path.to_str().unwrap(),
-        ]);
+        add_client_addresses(&client);
 
         let backends: Vec<TestServer> = backend_host.enter(|| {
             (0..3)
@@ -290,17 +306,6 @@ impl Topology {
         self.sluices[n].as_ref().expect("instance running")
     }
 
-    /// Connects every client once through the service address: the
-    /// backend each reached, or its failure.
-    fn every_client_once(&self) -> Vec<(IpAddr, Result<String, String>)> {
-        self.client.enter(|| {
-            (0..CLIENTS)
-                .map(client_addr)
-                .map(|c| (c, round_trip(c, SERVICE)))
-                .collect()
-        })
-    }
-
     /// `/ready` of instance `n`, from the router: the status code, if it
     /// answered.
     fn ready(&self, n: usize) -> Option<u16> {
@@ -349,12 +354,7 @@ impl Topology {
 
 /// A GET of `/ready` at `admin`: its status code, if anything answered.
 fn ready_status(admin: SocketAddr) -> Option<u16> {
-    let mut stream = TcpStream::connect_timeout(&admin, Duration::from_millis(300)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
-    write!(stream, "GET /ready HTTP/1.0\r\n\r\n").ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    response.split(' ').nth(1)?.parse().ok()
+    try_get(admin, "/ready")?.0.split(' ').nth(1)?.parse().ok()
 }
 
 /// Clients connecting through the service address without pause, each
@@ -524,7 +524,7 @@ fn wait_for_hops(topology: &Topology, hops: &[usize]) {
 /// instance carried some of them.
 fn check_spread_and_backends(topology: &Topology) -> Vec<f64> {
     let before = topology.relayed();
-    for (client, reached) in topology.every_client_once() {
+    for (client, reached) in every_client_from(&topology.client) {
         assert_eq!(
             reached.as_deref(),
             Ok(topology.expected[&client].as_str()),
@@ -656,24 +656,9 @@ fn instances_behind_ecmp_keep_every_client_on_its_backend() {
     // And each instance, asked directly for every client (the client
     // addresses on its own loopback, so nothing else may run now), routes
     // it where the others do.
-    let batch: String = (0..CLIENTS)
-        .map(|i| format!("addr add {}/32 dev lo\n", client_addr(i)))
-        .collect();
-    let batch_file = temp_file("clients", &batch);
     for (n, host) in topology.hosts.iter().enumerate() {
-        ip(&[
-            "-n",
-            &host.name,
-            "-batch",
-            batch_file.path.to_str().unwrap(),
-        ]);
-        let reached: Vec<(IpAddr, Result<String, String>)> = host.enter(|| {
-            (0..CLIENTS)
-                .map(client_addr)
-                .map(|c| (c, round_trip(c, SERVICE)))
-                .collect()
-        });
-        for (client, reached) in reached {
+        add_client_addresses(host);
+        for (client, reached) in every_client_from(host) {
             assert_eq!(
                 reached.as_deref(),
                 Ok(topology.expected[&client].as_str()),

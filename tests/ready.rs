@@ -6,24 +6,11 @@
 
 mod common;
 
-use std::io::Read;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
 use common::*;
-
-/// Reads the backend's name line through `front`: the connection was
-/// served.
-fn served(front: std::net::SocketAddr) -> bool {
-    let Ok(mut stream) = std::net::TcpStream::connect_timeout(&front, Duration::from_secs(2))
-    else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    let mut name = [0u8; 10];
-    stream.read_exact(&mut name).is_ok()
-}
 
 #[test]
 fn ready_follows_the_pools_then_turns_503_on_sigterm_while_accepting_for_shutdown_delay() {
@@ -75,7 +62,7 @@ fn ready_follows_the_pools_then_turns_503_on_sigterm_while_accepting_for_shutdow
     let mut served_during_delay = 0;
     while stopped_at.elapsed() < delay - Duration::from_millis(500) {
         assert!(
-            served(front),
+            round_trip(client_ip(1), front).is_ok(),
             "a new connection refused {:?} into a delay of {delay:?}",
             stopped_at.elapsed()
         );

@@ -769,12 +769,20 @@ pub fn drain(from: &mut impl Read, chunk: usize, pause: Option<Duration>) -> (us
 
 /// GETs `path` from sluice's admin endpoint: (status line, body).
 pub fn get(admin: SocketAddr, path: &str) -> (String, String) {
-    let mut stream = TcpStream::connect(admin).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: sluice\r\n\r\n").unwrap();
+    try_get(admin, path).unwrap_or_else(|| panic!("GET {path} from {admin} got no answer"))
+}
+
+/// GETs `path` from an HTTP server at `addr`: (status line, body), or
+/// `None` if nothing answered. HTTP/1.0, so that the body is never chunked
+/// and the server closes when done.
+pub fn try_get(addr: SocketAddr, path: &str) -> Option<(String, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    stream.set_read_timeout(Some(DEADLINE)).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").ok()?;
     let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").unwrap();
-    (head.lines().next().unwrap().to_owned(), body.to_owned())
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    Some((head.lines().next()?.to_owned(), body.to_owned()))
 }
 
 /// The value of the sample of `family` whose labels contain every one of
