@@ -8,12 +8,12 @@
 use std::borrow::Cow;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Instant;
 
 use io_uring::{cqueue, opcode, types};
-use socket2::{Domain, Protocol, SockAddr, SockRef, Type};
+use socket2::{SockAddr, SockRef};
 use tracing::debug;
 
 use super::state::{
@@ -110,12 +110,19 @@ impl Worker {
             if let Some(id) = buffer {
                 self.buffers.give_back(id);
             }
+            if op == Op::Socket && result >= 0 {
+                // Made for an attempt that is not going to happen: closed
+                // with the connection.
+                // SAFETY: the ring made this descriptor for us alone.
+                conn.backend = Some(unsafe { OwnedFd::from_raw_fd(result) });
+            }
             if conn.pending == 0 {
                 self.finish(index);
             }
             return;
         }
         match (op, flow) {
+            (Op::Socket, _) => self.socket_made(index, result),
             (Op::Connect, _) => self.connected(index, result),
             // A kernel without socket commands in the ring (before 6.7).
             (Op::NoDelay, _) if result < 0 => {
@@ -211,58 +218,78 @@ impl Worker {
         let Stage::Dialing(dialing) = &mut conn.stage else {
             return;
         };
-        loop {
-            let Some(attempt) = dialing.dialer.next_attempt() else {
-                let Stage::Dialing(dialing) = std::mem::replace(&mut conn.stage, Stage::Bare)
-                else {
-                    unreachable!("dialing above")
-                };
-                dialing
-                    .dialer
-                    .give_up(&dialing.route, conn.peer, conn.accepted);
-                return self.end(index, None);
+        let Some(attempt) = dialing.dialer.next_attempt() else {
+            let Stage::Dialing(dialing) = std::mem::replace(&mut conn.stage, Stage::Bare) else {
+                unreachable!("dialing above")
             };
-            let socket = socket2::Socket::new(
-                Domain::for_address(attempt.addr),
-                Type::STREAM.nonblocking().cloexec(),
-                Some(Protocol::TCP),
-            );
-            let socket = match socket {
-                Ok(socket) => socket,
-                // Out of descriptors, say: the plan gives up at once.
-                Err(e) => {
-                    let _: Next = dialing
-                        .dialer
-                        .failed(attempt, e, &dialing.route, self.shared);
-                    continue;
-                }
-            };
-            dialing.addr = SockAddr::from(attempt.addr);
-            let fd = socket.as_raw_fd();
-            let connect = opcode::Connect::new(
-                types::Fd(fd),
-                dialing.addr.as_ptr().cast(),
-                dialing.addr.len(),
-            )
-            .build()
-            .user_data(Token::new(Op::Connect, index, generation).0);
-            dialing.attempt = Some(attempt);
-            conn.backend = Some(OwnedFd::from(socket));
-            // A balancer must not add Nagle delays to request/response
-            // traffic. Set in the ring, before the connect is issued.
-            static ONE: libc::c_int = 1;
-            let no_delay = opcode::SetSockOpt::new(
-                types::Fd(fd),
-                libc::IPPROTO_TCP as u32,
-                libc::TCP_NODELAY as u32,
-                (&ONE as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as u32,
-            )
-            .build()
-            .user_data(Token::new(Op::NoDelay, index, generation).0);
-            self.push_for(index, no_delay);
-            return self.push_limited(index, connect);
+            dialing
+                .dialer
+                .give_up(&dialing.route, conn.peer, conn.accepted);
+            return self.end(index, None);
+        };
+        // The socket is made in the ring; the connect follows once it is
+        // there ([`Worker::socket_made`]).
+        let domain = match attempt.addr {
+            SocketAddr::V4(_) => libc::AF_INET,
+            SocketAddr::V6(_) => libc::AF_INET6,
+        };
+        dialing.addr = SockAddr::from(attempt.addr);
+        dialing.attempt = Some(attempt);
+        let entry = opcode::Socket::new(
+            domain,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_TCP,
+        )
+        .build()
+        .user_data(Token::new(Op::Socket, index, generation).0);
+        self.push_for(index, entry);
+    }
+
+    /// The socket for the attempt in flight was made (`result` is its
+    /// descriptor) or not: connect it, or try the next backend.
+    pub(super) fn socket_made(&mut self, index: u32, result: i32) {
+        let shared = self.shared;
+        let Some(conn) = self.conns[index as usize].as_mut() else {
+            // Finished already, by an earlier step of this turn.
+            return;
+        };
+        let generation = conn.generation;
+        let Stage::Dialing(dialing) = &mut conn.stage else {
+            return;
+        };
+        if result < 0 {
+            // Out of descriptors, say: the plan gives up at once.
+            let attempt = dialing.attempt.take().expect("a socket in the making");
+            let _: Next = dialing
+                .dialer
+                .failed(attempt, error_of(result), &dialing.route, shared);
+            return self.connect_next(index);
         }
+        // SAFETY: the ring made this descriptor for us alone.
+        let socket = unsafe { OwnedFd::from_raw_fd(result) };
+        let fd = socket.as_raw_fd();
+        conn.backend = Some(socket);
+        let connect = opcode::Connect::new(
+            types::Fd(fd),
+            dialing.addr.as_ptr().cast(),
+            dialing.addr.len(),
+        )
+        .build()
+        .user_data(Token::new(Op::Connect, index, generation).0);
+        // A balancer must not add Nagle delays to request/response
+        // traffic. Set in the ring, before the connect is issued.
+        static ONE: libc::c_int = 1;
+        let no_delay = opcode::SetSockOpt::new(
+            types::Fd(fd),
+            libc::IPPROTO_TCP as u32,
+            libc::TCP_NODELAY as u32,
+            (&ONE as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as u32,
+        )
+        .build()
+        .user_data(Token::new(Op::NoDelay, index, generation).0);
+        self.push_for(index, no_delay);
+        self.push_limited(index, connect);
     }
 
     /// Queues `entry`, the connect or the wait for its outcome, with the

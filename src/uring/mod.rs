@@ -66,6 +66,8 @@ enum Op {
     /// A close or a cancel: only its connection's count of pending
     /// operations cares.
     Cleanup,
+    /// A backend socket made in the ring.
+    Socket,
     Connect,
     ConnectTimeout,
     /// TCP_NODELAY on a new backend socket (`SOCKET_URING_OP_SETSOCKOPT`).
@@ -75,10 +77,11 @@ enum Op {
 }
 
 /// Every [`Op`] but the flow operations.
-const PLAIN_OPS: [Op; 6] = [
+const PLAIN_OPS: [Op; 7] = [
     Op::Accept,
     Op::Wake,
     Op::Cleanup,
+    Op::Socket,
     Op::Connect,
     Op::ConnectTimeout,
     Op::NoDelay,
@@ -155,6 +158,7 @@ pub fn probe() -> Result<(), String> {
         (opcode::AsyncCancel2::CODE, "cancel"),
         (opcode::Close::CODE, "close"),
         (opcode::PollAdd::CODE, "poll"),
+        (opcode::Socket::CODE, "socket"),
     ] {
         if !probe.is_supported(code) {
             return Err(format!("the kernel's io_uring lacks {name}"));
