@@ -37,6 +37,14 @@ pub fn reuseport_listener(addr: SocketAddr, backlog: u32) -> io::Result<std::net
     Ok(socket.into())
 }
 
+/// The local address of a TCP socket: where a client was accepted.
+pub fn local_addr(socket: &impl AsFd) -> io::Result<SocketAddr> {
+    SockRef::from(socket)
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::other("not a TCP/IP socket"))
+}
+
 /// Connects to `addr`, giving up after `timeout` (zero: the kernel's own
 /// limit), and returns the socket non-blocking and registered with the
 /// calling thread's reactor. TCP_NODELAY is set: a balancer must not add

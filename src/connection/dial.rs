@@ -287,36 +287,11 @@ impl Dialer {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-    use std::sync::atomic::AtomicUsize;
-
-    use arc_swap::ArcSwap;
-    use metrics::Counter;
-    use tokio::sync::mpsc::UnboundedReceiver;
-
     use super::*;
-    use crate::capacity::Connections;
-    use crate::config::{self, Resolver};
     use crate::shared::Event;
-    use crate::snapshot::Snapshot;
 
     /// Three backends; `fall: 2` ejects after two failed connects in a row.
     const POOL: &str = "listeners:\n  l: { listen: 127.0.0.1:7000, pool: p }\npools:\n  p:\n    retries: 1\n    health: { fall: 2 }\n    backends:\n      - { address: 10.0.0.1:1, name: a }\n      - { address: 10.0.0.2:1, name: b, max_connections: 1 }\n      - { address: 10.0.0.3:1, name: c }\n";
-
-    fn shared(text: &str) -> (Shared, UnboundedReceiver<Event>) {
-        let config = config::parse(Path::new("t.yaml"), text, Resolver::Offline).unwrap();
-        let (events, received) = tokio::sync::mpsc::unbounded_channel();
-        let shared = Shared {
-            snapshot: ArcSwap::from_pointee(Snapshot::from_config(&config)),
-            events,
-            connections: Connections::new(10),
-            accepting: AtomicUsize::new(0),
-            pipes_per_worker: 0,
-            accept_paused: Counter::noop(),
-            unrouted: Counter::noop(),
-        };
-        (shared, received)
-    }
 
     fn dialer(shared: &Shared, client: &str) -> (Dialer, Arc<Route>) {
         let route = shared
@@ -344,7 +319,7 @@ mod tests {
 
     #[test]
     fn retries_follow_the_preference_order_and_stop_at_retries() {
-        let (shared, _events) = shared(POOL);
+        let (shared, _events) = Shared::for_tests(POOL);
         let client = "192.0.2.10:5000";
         let expected: Vec<SocketAddr> = {
             let snapshot = shared.snapshot.load();
@@ -353,17 +328,17 @@ mod tests {
                 .map(|b| b.addr)
                 .collect()
         };
-        let (mut dialer, route) = dialer(&shared, client);
+        let (mut dialer, route) = dialer(shared, client);
         let first = dialer.next_attempt().unwrap();
         assert_eq!(first.addr, expected[0]);
         assert!(matches!(
-            dialer.failed(first, refused(), &route, &shared),
+            dialer.failed(first, refused(), &route, shared),
             Next::Retry
         ));
         let second = dialer.next_attempt().unwrap();
         assert_eq!(second.addr, expected[1]);
         assert!(matches!(
-            dialer.failed(second, refused(), &route, &shared),
+            dialer.failed(second, refused(), &route, shared),
             Next::Retry
         ));
         // retries: 1 — two tries in all.
@@ -372,7 +347,7 @@ mod tests {
 
     #[test]
     fn a_full_backend_is_passed_over_without_counting_a_try() {
-        let (shared, _events) = shared(POOL);
+        let (shared, _events) = Shared::for_tests(POOL);
         let full = {
             let snapshot = shared.snapshot.load();
             let b = &snapshot.pool("p").unwrap().backends[1];
@@ -380,11 +355,11 @@ mod tests {
         };
         // Whatever the order, b is never offered while full, and a try
         // on each of a and c is still allowed.
-        let (mut dialer, route) = dialer(&shared, "192.0.2.11:5000");
+        let (mut dialer, route) = dialer(shared, "192.0.2.11:5000");
         let mut tried = Vec::new();
         while let Some(attempt) = dialer.next_attempt() {
             tried.push(attempt.addr);
-            let _ = dialer.failed(attempt, refused(), &route, &shared);
+            let _ = dialer.failed(attempt, refused(), &route, shared);
         }
         tried.sort();
         let a_and_c: Vec<SocketAddr> =
@@ -395,13 +370,13 @@ mod tests {
 
     #[test]
     fn running_out_of_descriptors_stops_the_tries_and_blames_nobody() {
-        let (shared, mut events) = shared(POOL);
+        let (shared, mut events) = Shared::for_tests(POOL);
         for _ in 0..3 {
-            let (mut dialer, route) = dialer(&shared, "192.0.2.12:5000");
+            let (mut dialer, route) = dialer(shared, "192.0.2.12:5000");
             let attempt = dialer.next_attempt().unwrap();
             let error = io::Error::from_raw_os_error(libc::EMFILE);
             assert!(matches!(
-                dialer.failed(attempt, error, &route, &shared),
+                dialer.failed(attempt, error, &route, shared),
                 Next::GiveUp
             ));
             assert!(dialer.next_attempt().is_none());
@@ -411,21 +386,21 @@ mod tests {
 
     #[test]
     fn failed_connects_eject_after_fall_and_a_success_ends_the_streak() {
-        let (shared, mut events) = shared(POOL);
+        let (shared, mut events) = Shared::for_tests(POOL);
         let client = "192.0.2.13:5000";
         // One failure, then a success: the streak is over.
-        let (mut dialer, route) = dialer(&shared, client);
+        let (mut dialer, route) = dialer(shared, client);
         let attempt = dialer.next_attempt().unwrap();
-        let _ = dialer.failed(attempt, refused(), &route, &shared);
-        let (mut dialer, _) = self::dialer(&shared, client);
+        let _ = dialer.failed(attempt, refused(), &route, shared);
+        let (mut dialer, _) = self::dialer(shared, client);
         let attempt = dialer.next_attempt().unwrap();
-        drop(dialer.connected(attempt, &shared));
+        drop(dialer.connected(attempt, shared));
         assert!(events.try_recv().is_err());
         // Two failures in a row on the client's first choice: ejected.
         for _ in 0..2 {
-            let (mut dialer, route) = self::dialer(&shared, client);
+            let (mut dialer, route) = self::dialer(shared, client);
             let attempt = dialer.next_attempt().unwrap();
-            let _ = dialer.failed(attempt, refused(), &route, &shared);
+            let _ = dialer.failed(attempt, refused(), &route, shared);
         }
         assert!(matches!(events.try_recv(), Ok(Event::Ejected { .. })));
     }

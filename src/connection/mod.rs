@@ -1,12 +1,15 @@
-//! What happens to a connection, whichever driver moves its bytes: who is
-//! let in ([`admit`]), which backend it is given and how a failed connect
-//! is retried ([`dial`]), how its FINs are passed on and which engine each
-//! direction uses ([`relaying`]), and what its ending means ([`ending`]):
-//! the close reason it is logged with, whether both sides are reset, what
-//! the backend's passive health hears and what is counted.
+//! What happens to a connection, whichever driver moves its bytes. Its
+//! life is a [`session::Session`]: a state machine that does no I/O, which
+//! the drivers feed with what their sockets said and which tells them what
+//! to do next (read a PROXY header, connect there, close). Under it: who
+//! is let in ([`admit`]), which backend it is given and how a failed
+//! connect is retried ([`dial`]), how its FINs are passed on and which
+//! engine each direction uses ([`relaying`]), and what its ending means
+//! ([`ending`]): the close reason it is logged with, whether both sides
+//! are reset, what the backend's passive health hears and what is counted.
 //!
-//! None of this does I/O. The two drivers, io_uring ([`crate::uring`]) and
-//! epoll ([`crate::relay`]), call it with what their sockets said, so the
+//! The two drivers, io_uring ([`crate::uring`]) and epoll
+//! ([`crate::relay`]), own only the sockets and how bytes move, so the
 //! rules are written once, unit-tested without sockets, and cannot drift
 //! between drivers.
 
@@ -14,11 +17,11 @@ pub mod admit;
 pub mod dial;
 pub mod ending;
 pub mod relaying;
+pub mod session;
 
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use metrics::Counter;
 use tracing::info;
 
 use crate::health::PassiveHealth;
@@ -66,28 +69,5 @@ pub fn judge(passive: Passive, health: &PassiveHealth, eject_after: Option<u32>,
             }
         }
         Passive::Silent => {}
-    }
-}
-
-/// Bytes moved in one direction: a total for the end of the connection,
-/// and the Prometheus counter, which moves as they go.
-pub struct Bytes {
-    pub total: u64,
-    counter: Option<Counter>,
-}
-
-impl Bytes {
-    pub fn new(counter: Option<&Counter>) -> Bytes {
-        Bytes {
-            total: 0,
-            counter: counter.cloned(),
-        }
-    }
-
-    pub fn add(&mut self, n: usize) {
-        self.total += n as u64;
-        if let Some(counter) = &self.counter {
-            counter.increment(n as u64);
-        }
     }
 }

@@ -1,8 +1,10 @@
-//! One proxied connection, from the accepted client socket to the end:
-//! choose the backend, connect (with timeout and retries), then move bytes
-//! both ways until both directions are finished.
+//! The epoll driver's connection, from the accepted client socket to the
+//! end: a task that does what its [`Session`] asks (read a PROXY header,
+//! connect with a timeout, try the next backend), then moves bytes both
+//! ways until both directions are finished.
 //!
-//! Half-close is honoured, by the rules of [`Halves`]: when one side sends
+//! Half-close is honoured, by the rules of
+//! [`Halves`](crate::connection::relaying::Halves): when one side sends
 //! FIN, the other side gets `shutdown(Write)` and the opposite direction
 //! keeps flowing until its own FIN. An error or reset on either side ends
 //! both directions at once and is passed on as a reset.
@@ -15,7 +17,6 @@
 
 mod pump;
 
-use std::fmt::Display;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::net::{SocketAddr, TcpStream};
@@ -23,22 +24,20 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::io::Interest;
 use tokio::sync::Notify;
 use tokio::time::Sleep;
 use tracing::warn;
 
-use crate::balancer::load::Lease;
 use crate::capacity::Slot;
-use crate::connection::admit::{self, Admitted};
-use crate::connection::dial::{Dialed, Dialer, Next};
+use crate::config::Engine;
 use crate::connection::ending::{self, Classified, Ending, Side};
-use crate::connection::relaying::{shutdown_write, Halves, PassFin};
-use crate::connection::{judge, log_closed, Bytes};
+use crate::connection::relaying::{shutdown_write, PassFin};
+use crate::connection::session::{Session, Step};
 use crate::net::{self, Socket};
-use crate::proxy_protocol::{self, Carried};
+use crate::proxy_protocol;
 use crate::shared::Shared;
 use crate::snapshot::Route;
 
@@ -52,16 +51,6 @@ pub fn close_all() {
     CLOSING.with(|closing| closing.notify_waiters());
 }
 
-/// A connection let in and given its backend.
-struct Opened {
-    backend: Dialed,
-    socket: Socket,
-    /// The client's address: the one a PROXY header carried, if any.
-    client_addr: SocketAddr,
-    /// Counts the connection against its listener's `max_connections`.
-    lease: Lease,
-}
-
 /// Why a relay ended.
 enum Ended {
     /// Both sides sent FIN, and each was passed on.
@@ -73,72 +62,53 @@ enum Ended {
     Idle,
 }
 
-/// Serves one accepted connection from `client_addr` on `listener`, which
-/// holds `slot` of the process's connection capacity until it ends, by
-/// the `route` of the listener that accepted it. `client` must be
-/// non-blocking.
+/// Serves one accepted connection from `peer` on the listener of `route`,
+/// which holds `slot` of the process's connection capacity until it ends.
+/// `client` must be non-blocking.
 pub async fn serve(
     client: TcpStream,
-    accepted_from: SocketAddr,
+    peer: SocketAddr,
     route: Arc<Route>,
     slot: Slot,
     shared: &'static Shared,
 ) {
-    let accepted = Instant::now();
-    let listener = route.listener.clone();
-    let listener = &*listener;
     let client = match net::watch(client, Interest::READABLE | Interest::WRITABLE) {
         Ok(client) => client,
         Err(e) => {
-            warn!(listener, client = %accepted_from, "cannot watch a new connection: {e}");
+            let listener = &*route.listener;
+            warn!(listener, client = %peer, "cannot watch a new connection: {e}");
             return;
         }
     };
-    // Boxed: what admission and dialing need is large and short-lived;
-    // inline, it would make every connection's task that much bigger for
-    // its whole life.
-    let Some(opened) = Box::pin(open(&client, accepted_from, &route, shared, accepted)).await
-    else {
+    let local = || client.get_ref().local_addr();
+    // The route goes with the session: a long connection need not keep it
+    // alive.
+    let Some((mut session, step)) = Session::open(route, peer, slot, local, shared) else {
         return;
     };
-    // A long connection need not keep its listener's route alive.
-    drop(route);
-    let Opened {
-        backend,
-        socket: backend_socket,
-        client_addr,
-        lease,
-    } = opened;
-    let peer = (client_addr != accepted_from).then_some(accepted_from);
-    let (engine, idle_timeout) = (backend.engine, backend.idle_timeout);
-    let route = backend.stats.route(listener);
-    if let Some(route) = route {
-        route.connections.increment(1);
-        route.active.increment(1.0);
-    }
+    // Boxed: what reading a header and dialing need is large and
+    // short-lived; inline, it would make every connection's task that much
+    // bigger for its whole life.
+    let Some((backend, engine)) = Box::pin(open(&client, &mut session, step, shared)).await else {
+        drop(client);
+        return session.close(None, shared);
+    };
     let closing = CLOSING.with(Rc::clone);
     let shutdown = closing.notified();
     let mut shutdown = std::pin::pin!(shutdown);
     let mut relay = Relay {
         upstream: pump::Direction::new(Side::Client, engine),
         downstream: pump::Direction::new(Side::Backend, engine),
-        to_backend: Bytes::new(route.map(|r| &r.to_backend)),
-        to_client: Bytes::new(route.map(|r| &r.to_client)),
-        halves: Halves::default(),
-        idle: idle_timeout.map(|limit| {
-            Box::new(Idle {
-                limit,
-                timer: Box::pin(tokio::time::sleep(limit)),
-                // Waiting for a PROXY header or a backend is not idleness.
-                last_moved: Instant::now(),
-            })
-        }),
+        idle: session
+            .idle_deadline()
+            .map(|deadline| Box::pin(tokio::time::sleep_until(deadline.into()))),
+        session,
     };
     let outcome = {
         // The future holds one pointer to the relay, not one per field:
         // this is most of what an idle connection costs.
         let relay = &mut relay;
-        let (client, backend) = (&client, &backend_socket);
+        let (client, backend) = (&client, &backend);
         poll_fn(move |cx| {
             if shutdown.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Ended::Shutdown);
@@ -149,15 +119,6 @@ pub async fn serve(
     };
     // Bytes read but not yet taken by their destination.
     let stalled = relay.upstream.holding() || relay.downstream.holding();
-    let Relay {
-        to_backend,
-        to_client,
-        ..
-    } = relay;
-    if let Some(route) = route {
-        route.active.decrement(1.0);
-    }
-    let (to_backend, to_client) = (to_backend.total, to_client.total);
     let classified = match outcome {
         Ended::Finished(classified) => classified,
         Ended::Shutdown => ending::classify(&Ending::Shutdown),
@@ -169,95 +130,48 @@ pub async fn serve(
     };
     if classified.reset {
         net::abort(&client);
-        net::abort(&backend_socket);
+        net::abort(&backend);
     }
-    judge(
-        classified.passive,
-        &backend.passive,
-        backend.eject_after,
-        shared,
-    );
-    // Close both sockets and free the connection's places (the listener's
-    // and the backend's limits, the capacity) before saying it closed:
-    // whoever reads that line may open the next connection at once.
-    let Dialed {
-        name,
-        lease: backend_lease,
-        ..
-    } = backend;
-    drop((client, backend_socket, backend_lease));
-    drop(lease);
-    drop(slot);
-    log_closed(
-        listener,
-        (client_addr, peer),
-        &name,
-        (to_backend, to_client),
-        accepted,
-        &classified.close,
-    );
+    drop((client, backend));
+    relay.session.close(Some(&classified), shared);
 }
 
-/// Lets a new connection in through its listener's gate (and PROXY
-/// header), then dials its backend. `None` if it was turned away: the
-/// reason is counted and logged.
+/// Reads the client's PROXY header if one is due, then dials a backend,
+/// as `session` asks, starting with `step`: the backend's socket and the
+/// engine to relay with. `None` if the client was turned away or no
+/// backend could be reached (counted and logged).
 async fn open(
     client: &Socket,
-    peer: SocketAddr,
-    route: &Route,
+    session: &mut Session,
+    mut step: Step,
     shared: &'static Shared,
-    accepted: Instant,
-) -> Option<Opened> {
-    let Admitted {
-        lease,
-        header_within,
-    } = admit::admit(route, peer, accepted)?;
-    let (client_addr, carried) = match header_within {
-        None => (peer, None),
-        Some(within) => {
-            let read = tokio::time::timeout(within, proxy_protocol::read_header(client)).await;
-            let too_late;
-            let header: Result<Carried, &dyn Display> = match &read {
-                Ok(Ok(carried)) => Ok(*carried),
-                Ok(Err(e)) => Err(e),
-                Err(_) => {
-                    too_late = admit::header_too_late(within);
-                    Err(&too_late)
-                }
-            };
-            let client_addr = admit::admit_header(route, peer, header, accepted)?;
-            (client_addr, header.ok().flatten())
-        }
-    };
+) -> Option<(Socket, Engine)> {
     let local = || client.get_ref().local_addr();
-    let mut dialer = Dialer::new(route, (client_addr, peer), carried, local, shared, accepted)?;
-    while let Some(attempt) = dialer.next_attempt() {
-        let connected = net::connect(attempt.addr, dialer.connect_timeout())
-            .await
-            .and_then(|socket| {
-                if let Some(header) = dialer.proxy_header() {
-                    proxy_protocol::send(socket.get_ref(), header)?;
-                }
-                Ok(socket)
-            });
-        match connected {
-            Ok(socket) => {
-                return Some(Opened {
-                    backend: dialer.connected(attempt, shared),
-                    socket,
-                    client_addr,
-                    lease,
-                })
-            }
-            Err(error) => {
-                if let Next::GiveUp = dialer.failed(attempt, error, route, shared) {
-                    break;
+    loop {
+        step = match step {
+            Step::ReadHeader { deadline } => {
+                let read = proxy_protocol::read_header(client);
+                match tokio::time::timeout_at(deadline.into(), read).await {
+                    Ok(Ok(carried)) => session.header(Ok(carried), local, shared),
+                    Ok(Err(e)) => session.header(Err(&e), local, shared),
+                    Err(_) => session.header_late(),
                 }
             }
+            Step::Connect { addr, timeout } => {
+                let connected = net::connect(addr, timeout).await.and_then(|socket| {
+                    if let Some(header) = session.proxy_header() {
+                        proxy_protocol::send(socket.get_ref(), header)?;
+                    }
+                    Ok(socket)
+                });
+                match connected {
+                    Ok(socket) => return Some((socket, session.connected(shared))),
+                    Err(error) => session.connect_failed(error, shared),
+                }
+            }
+            Step::Close => return None,
         }
     }
-    dialer.give_up(route, peer, accepted);
-    None
 }
 
 /// What ended a relay early, and which peer it came from.
@@ -276,60 +190,35 @@ impl Failure {
 struct Relay {
     upstream: pump::Direction,
     downstream: pump::Direction,
-    to_backend: Bytes,
-    to_client: Bytes,
-    halves: Halves,
+    session: Session,
+    /// The idle timeout's timer, re-armed from the last time bytes moved.
     /// Boxed: most connections have none, and an idle one pays for a word.
-    idle: Option<Box<Idle>>,
-}
-
-/// An idle timeout: a timer re-armed from the last time bytes moved.
-struct Idle {
-    limit: Duration,
-    timer: Pin<Box<Sleep>>,
-    last_moved: Instant,
+    idle: Option<Pin<Box<Sleep>>>,
 }
 
 impl Relay {
     /// Relays both ways until both are finished, one fails, or the idle
     /// timeout passes.
     fn poll(&mut self, cx: &mut Context, client: &Socket, backend: &Socket) -> Poll<Ended> {
-        let before = self.to_backend.total + self.to_client.total;
-        let relayed = drive(
-            &mut self.upstream,
-            cx,
-            (client, backend),
-            &mut self.to_backend,
-            &mut self.halves,
-        )
-        .and_then(|up| match up {
-            Some(finished) => Ok(Some(finished)),
-            None => drive(
-                &mut self.downstream,
-                cx,
-                (backend, client),
-                &mut self.to_client,
-                &mut self.halves,
-            ),
-        });
+        let session = &mut self.session;
+        let relayed =
+            drive(&mut self.upstream, cx, (client, backend), session).and_then(|up| match up {
+                Some(finished) => Ok(Some(finished)),
+                None => drive(&mut self.downstream, cx, (backend, client), session),
+            });
         match relayed {
             Err(failure) => return Poll::Ready(Ended::Failed(failure)),
             Ok(Some(finished)) => return Poll::Ready(Ended::Finished(finished)),
             Ok(None) => {}
         }
-        if let Some(idle) = &mut self.idle {
-            let now = Instant::now();
-            if self.to_backend.total + self.to_client.total != before {
-                idle.last_moved = now;
-            }
-            let deadline = idle.last_moved + idle.limit;
-            if now >= deadline {
+        if let (Some(timer), Some(deadline)) = (&mut self.idle, session.idle_deadline()) {
+            if Instant::now() >= deadline {
                 return Poll::Ready(Ended::Idle);
             }
-            if idle.timer.deadline() != deadline.into() {
-                idle.timer.as_mut().reset(deadline.into());
+            if timer.deadline() != deadline.into() {
+                timer.as_mut().reset(deadline.into());
             }
-            if idle.timer.as_mut().poll(cx).is_ready() {
+            if timer.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Ended::Idle);
             }
         }
@@ -343,19 +232,18 @@ fn drive(
     direction: &mut pump::Direction,
     cx: &mut Context,
     (from, to): (&Socket, &Socket),
-    bytes: &mut Bytes,
-    halves: &mut Halves,
+    session: &mut Session,
 ) -> Result<Option<Classified>, Failure> {
     let sender = direction.sender();
-    if halves.passed(sender) {
+    if session.passed(sender) {
         return Ok(None);
     }
     let mut moved = 0;
     let done = direction.poll(cx, from, to, |n| moved += n);
-    bytes.add(moved);
+    session.moved(sender, moved);
     if let Poll::Ready(done) = done {
         done?;
-        match halves.fin(sender) {
+        match session.fin(sender) {
             PassFin::Shutdown => {
                 shutdown_write(to).map_err(|e| Failure::new(sender.other(), e))?;
             }

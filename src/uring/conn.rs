@@ -1,11 +1,11 @@
-//! One connection on the ring, through its stages: waiting for a PROXY
-//! header (its bytes come in provided buffers like any others), dialing
-//! (an io_uring connect with `connect_timeout` as a linked timeout, and
-//! retries along the client's preference order), relaying (two
-//! [`Flow`](super::state::Flow)s), and its end: everything armed on its
-//! sockets is cancelled, and once the last completion is in, its sockets
-//! are closed through the ring and it is judged and logged.
-use std::borrow::Cow;
+//! One connection on the ring, as its [`Session`] asks: waiting for a
+//! PROXY header (its bytes come in provided buffers like any others),
+//! dialing (a socket made in the ring, then an io_uring connect with
+//! `connect_timeout` as a linked timeout; the next backend of the plan if
+//! it fails), relaying (two [`Flow`](super::state::Flow)s), and its end:
+//! everything armed on its sockets is cancelled, and once the last
+//! completion is in, its sockets are closed through the ring and the
+//! session is closed (judged and logged).
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
@@ -16,18 +16,14 @@ use io_uring::{cqueue, opcode, types};
 use socket2::{SockAddr, SockRef};
 use tracing::debug;
 
-use super::state::{
-    error_of, source_side, Conn, Dialing, Flow, HeaderWait, Relaying, Stage, DOWN, UP,
-};
+use super::state::{error_of, source_side, Conn, Connecting, Flow, DOWN, UP};
 use super::{close_entry, FlowOp, Op, Token, Worker};
 use crate::capacity::Slot;
-use crate::connection::admit::{self, Admitted};
-use crate::connection::dial::{Dialer, Next};
 use crate::connection::ending::{self, Classified, Ending, Side};
-use crate::connection::relaying::{EngineChoice, Halves};
-use crate::connection::{judge, log_closed, Bytes};
+use crate::connection::relaying::EngineChoice;
+use crate::connection::session::{Session, Step};
 use crate::net;
-use crate::proxy_protocol::{self, Carried};
+use crate::proxy_protocol;
 use crate::snapshot::Route;
 
 impl Worker {
@@ -39,51 +35,61 @@ impl Worker {
         route: Arc<Route>,
         slot: Slot,
     ) {
-        let accepted = Instant::now();
-        let Some(Admitted {
-            lease,
-            header_within,
-        }) = admit::admit(&route, peer, accepted)
-        else {
+        let local = || net::local_addr(&client);
+        let Some((session, step)) = Session::open(route, peer, slot, local, self.shared) else {
             return;
         };
         let (index, generation) = self.take_slot();
-        let stage = match header_within {
-            Some(within) => Stage::Header(Box::new(HeaderWait {
-                route: route.clone(),
-                within,
-                deadline: accepted + within,
-                bytes: Vec::new(),
-            })),
-            None => Stage::Bare,
-        };
         self.conns[index as usize] = Some(Conn {
             generation,
             pending: 0,
             client,
             backend: None,
-            stage,
+            session,
+            header: Vec::new(),
+            connecting: None,
             flows: Default::default(),
-            peer,
-            client_addr: peer,
-            accepted,
-            listener: route.listener.clone(),
-            _lease: lease,
-            _slot: slot,
-            idle_timeout: None,
-            last_moved: accepted,
-            halves: Halves::default(),
             ending: None,
         });
-        match header_within {
-            Some(within) => {
-                self.add_timer(accepted + within, index, generation);
-                self.arm(index, UP);
-            }
-            None => self.dial(index, route, None),
-        }
+        self.step(index, step);
     }
 
+    /// Does what the session of connection `index` asked for.
+    fn step(&mut self, index: u32, step: Step) {
+        let Some(conn) = self.conns[index as usize].as_mut() else {
+            // Finished already, by an earlier step of this turn.
+            return;
+        };
+        let generation = conn.generation;
+        match step {
+            Step::ReadHeader { deadline } => {
+                self.add_timer(deadline, index, generation);
+                self.arm(index, UP);
+            }
+            Step::Connect { addr, timeout } => {
+                // The socket is made in the ring; the connect follows once
+                // it is there ([`Worker::socket_made`]).
+                let domain = match addr {
+                    SocketAddr::V4(_) => libc::AF_INET,
+                    SocketAddr::V6(_) => libc::AF_INET6,
+                };
+                conn.connecting = Some(Box::new(Connecting {
+                    addr: SockAddr::from(addr),
+                    limited: !timeout.is_zero(),
+                    timeout: types::Timespec::from(timeout),
+                }));
+                let entry = opcode::Socket::new(
+                    domain,
+                    libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                    libc::IPPROTO_TCP,
+                )
+                .build()
+                .user_data(Token::new(Op::Socket, index, generation).0);
+                self.push_for(index, entry);
+            }
+            Step::Close => self.end(index, None),
+        }
+    }
     /// Completions of connection operations.
     pub(super) fn conn_completed(&mut self, token: Token, result: i32, flags: u32) {
         let (op, flow) = token.op();
@@ -172,110 +178,27 @@ impl Worker {
         self.push(entry);
     }
 
-    /// Loads the pool of `route` and makes the first connect; `carried` is
-    /// what a PROXY header said.
-    pub(super) fn dial(&mut self, index: u32, route: Arc<Route>, carried: Carried) {
-        let Some(conn) = self.conns[index as usize].as_mut() else {
-            // Finished already, by an earlier step of this turn.
-            return;
-        };
-        let client = &conn.client;
-        let local = || {
-            SockRef::from(client)
-                .local_addr()
-                .and_then(|a| a.as_socket().ok_or_else(|| io::Error::other("not TCP/IP")))
-        };
-        let Some(dialer) = Dialer::new(
-            &route,
-            (conn.client_addr, conn.peer),
-            carried,
-            local,
-            self.shared,
-            conn.accepted,
-        ) else {
-            conn.stage = Stage::Bare;
-            return self.end(index, None);
-        };
-        let timeout = types::Timespec::from(dialer.connect_timeout());
-        conn.stage = Stage::Dialing(Box::new(Dialing {
-            route,
-            dialer,
-            attempt: None,
-            // Set before each connect.
-            addr: SockAddr::from(conn.peer),
-            timeout,
-        }));
-        self.connect_next(index);
-    }
-
-    /// Connects to the next backend of the plan, or gives up.
-    pub(super) fn connect_next(&mut self, index: u32) {
-        let Some(conn) = self.conns[index as usize].as_mut() else {
-            // Finished already, by an earlier step of this turn.
-            return;
-        };
-        let generation = conn.generation;
-        let Stage::Dialing(dialing) = &mut conn.stage else {
-            return;
-        };
-        let Some(attempt) = dialing.dialer.next_attempt() else {
-            let Stage::Dialing(dialing) = std::mem::replace(&mut conn.stage, Stage::Bare) else {
-                unreachable!("dialing above")
-            };
-            dialing
-                .dialer
-                .give_up(&dialing.route, conn.peer, conn.accepted);
-            return self.end(index, None);
-        };
-        // The socket is made in the ring; the connect follows once it is
-        // there ([`Worker::socket_made`]).
-        let domain = match attempt.addr {
-            SocketAddr::V4(_) => libc::AF_INET,
-            SocketAddr::V6(_) => libc::AF_INET6,
-        };
-        dialing.addr = SockAddr::from(attempt.addr);
-        dialing.attempt = Some(attempt);
-        let entry = opcode::Socket::new(
-            domain,
-            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            libc::IPPROTO_TCP,
-        )
-        .build()
-        .user_data(Token::new(Op::Socket, index, generation).0);
-        self.push_for(index, entry);
-    }
-
-    /// The socket for the attempt in flight was made (`result` is its
+    /// The socket for the connect to come was made (`result` is its
     /// descriptor) or not: connect it, or try the next backend.
     pub(super) fn socket_made(&mut self, index: u32, result: i32) {
-        let shared = self.shared;
         let Some(conn) = self.conns[index as usize].as_mut() else {
             // Finished already, by an earlier step of this turn.
-            return;
-        };
-        let generation = conn.generation;
-        let Stage::Dialing(dialing) = &mut conn.stage else {
             return;
         };
         if result < 0 {
             // Out of descriptors, say: the plan gives up at once.
-            let attempt = dialing.attempt.take().expect("a socket in the making");
-            let _: Next = dialing
-                .dialer
-                .failed(attempt, error_of(result), &dialing.route, shared);
-            return self.connect_next(index);
+            let step = conn.session.connect_failed(error_of(result), self.shared);
+            return self.step(index, step);
         }
+        let generation = conn.generation;
         // SAFETY: the ring made this descriptor for us alone.
         let socket = unsafe { OwnedFd::from_raw_fd(result) };
         let fd = socket.as_raw_fd();
         conn.backend = Some(socket);
-        let connect = opcode::Connect::new(
-            types::Fd(fd),
-            dialing.addr.as_ptr().cast(),
-            dialing.addr.len(),
-        )
-        .build()
-        .user_data(Token::new(Op::Connect, index, generation).0);
+        let addr = &conn.connecting.as_ref().expect("dialing").addr;
+        let connect = opcode::Connect::new(types::Fd(fd), addr.as_ptr().cast(), addr.len())
+            .build()
+            .user_data(Token::new(Op::Connect, index, generation).0);
         // A balancer must not add Nagle delays to request/response
         // traffic. Set in the ring, before the connect is issued.
         static ONE: libc::c_int = 1;
@@ -300,13 +223,13 @@ impl Worker {
             return;
         };
         let generation = conn.generation;
-        let Stage::Dialing(dialing) = &conn.stage else {
+        let Some(connecting) = &conn.connecting else {
             return;
         };
-        if dialing.dialer.connect_timeout().is_zero() {
+        if !connecting.limited {
             return self.push_for(index, entry);
         }
-        let timeout = opcode::LinkTimeout::new(&dialing.timeout)
+        let timeout = opcode::LinkTimeout::new(&connecting.timeout)
             .build()
             .user_data(Token::new(Op::ConnectTimeout, index, generation).0);
         self.reserve(2);
@@ -321,9 +244,9 @@ impl Worker {
             // Finished already, by an earlier step of this turn.
             return;
         };
-        let Stage::Dialing(dialing) = &mut conn.stage else {
+        if conn.connecting.is_none() {
             return;
-        };
+        }
         let backend = conn.backend.as_ref().expect("a connect in flight");
         let result = match -result {
             // A connect that io_uring retried on a non-blocking socket can
@@ -343,60 +266,31 @@ impl Worker {
             },
             _ => result,
         };
-        let attempt = dialing.attempt.take().expect("a connect in flight");
+        conn.connecting = None;
         if result < 0 {
             let error = match -result {
                 // The linked timeout fired.
                 libc::ECANCELED => io::Error::new(io::ErrorKind::TimedOut, "connect timed out"),
                 errno => io::Error::from_raw_os_error(errno),
             };
-            if let Some(socket) = conn.backend.take() {
-                self.push(close_entry(socket.into_raw_fd()));
-            }
-            let Some(conn) = self.conns[index as usize].as_mut() else {
-                // Finished already, by an earlier step of this turn.
-                return;
-            };
-            let Stage::Dialing(dialing) = &mut conn.stage else {
-                unreachable!()
-            };
-            // Both outcomes go on: a retry, or giving up when the plan is
-            // empty.
-            let _: Next = dialing
-                .dialer
-                .failed(attempt, error, &dialing.route, shared);
-            return self.connect_next(index);
+            let socket = conn.backend.take().expect("a connect in flight");
+            let step = conn.session.connect_failed(error, shared);
+            self.push(close_entry(socket.into_raw_fd()));
+            return self.step(index, step);
         }
-        let dialed = dialing.dialer.connected(attempt, shared);
-        if let Some(header) = dialing.dialer.proxy_header() {
+        if let Some(header) = conn.session.proxy_header() {
             // Nothing the client sent has left: it all waits in the backlog.
             debug_assert!(conn.flows[UP].lent.is_none() && !conn.flows[UP].sending);
             conn.flows[UP].backlog.push_front(header.to_vec(), true);
         }
-        let stats = dialed.stats.route(&conn.listener).cloned();
-        if let Some(stats) = &stats {
-            stats.connections.increment(1);
-            stats.active.increment(1.0);
+        let engine = conn.session.connected(shared);
+        for flow in &mut conn.flows {
+            flow.engine = EngineChoice::new(engine);
         }
-        for (f, flow) in conn.flows.iter_mut().enumerate() {
-            flow.engine = EngineChoice::new(dialed.engine);
-            let counter = stats
-                .as_ref()
-                .map(|s| if f == UP { &s.to_backend } else { &s.to_client });
-            flow.bytes = Some(Bytes::new(counter));
+        if let Some(deadline) = conn.session.idle_deadline() {
+            let generation = conn.generation;
+            self.add_timer(deadline, index, generation);
         }
-        conn.idle_timeout = dialed.idle_timeout;
-        // Waiting for a PROXY header or a backend is not idleness.
-        conn.last_moved = Instant::now();
-        let generation = conn.generation;
-        if let Some(limit) = conn.idle_timeout {
-            self.add_timer(Instant::now() + limit, index, generation);
-        }
-        let Some(conn) = self.conns[index as usize].as_mut() else {
-            // Finished already, by an earlier step of this turn.
-            return;
-        };
-        conn.stage = Stage::Relaying(Box::new(Relaying { dialed, stats }));
         self.pump(index, UP);
         self.pump(index, DOWN);
     }
@@ -407,10 +301,10 @@ impl Worker {
             // Finished already, by an earlier step of this turn.
             return;
         };
-        let Stage::Header(wait) = &mut conn.stage else {
+        if !conn.session.awaits_header() {
             return;
-        };
-        match proxy_protocol::parse_header(&wait.bytes) {
+        }
+        match proxy_protocol::parse_header(&conn.header) {
             // More must come: a receive that ended with these bytes (its
             // last completion can carry data) is armed again.
             Ok(None) => {
@@ -421,31 +315,26 @@ impl Worker {
             }
             Err(e) => self.header_failed(index, &e),
             Ok(Some((length, carried))) => {
-                let Some(client) =
-                    admit::admit_header(&wait.route, conn.peer, Ok(carried), conn.accepted)
-                else {
-                    return self.end(index, None);
-                };
-                conn.client_addr = client;
+                let local = || net::local_addr(&conn.client);
+                let step = conn.session.header(Ok(carried), local, self.shared);
                 // What came after the header, and what comes next, waits
                 // for the backend.
-                conn.flows[UP].backlog.push(&wait.bytes[length..], false);
-                let route = wait.route.clone();
-                conn.stage = Stage::Bare;
+                let header = std::mem::take(&mut conn.header);
+                conn.flows[UP].backlog.push(&header[length..], false);
                 self.cancel_receive(index, UP);
-                self.dial(index, route, carried);
+                self.step(index, step);
             }
         }
     }
 
+    /// The PROXY header awaited cannot be read, for `why`.
     pub(super) fn header_failed(&mut self, index: u32, why: &dyn std::fmt::Display) {
         let conn = self.conns[index as usize]
-            .as_ref()
+            .as_mut()
             .expect("a live connection");
-        if let Stage::Header(wait) = &conn.stage {
-            admit::admit_header(&wait.route, conn.peer, Err(why), conn.accepted);
-        }
-        self.end(index, None);
+        let local = || net::local_addr(&conn.client);
+        let step = conn.session.header(Err(why), local, self.shared);
+        self.step(index, step);
     }
 
     /// A deadline of connection `index` came: its PROXY header's, or its
@@ -457,24 +346,24 @@ impl Worker {
         if conn.ending.is_some() {
             return;
         }
-        match &conn.stage {
-            Stage::Header(wait) if now >= wait.deadline => {
-                let why = admit::header_too_late(wait.within);
-                self.header_failed(index, &why);
+        if let Some(deadline) = conn.session.header_deadline() {
+            if now >= deadline {
+                let step = conn.session.header_late();
+                self.step(index, step);
             }
-            Stage::Relaying(_) => {
-                let Some(limit) = conn.idle_timeout else {
-                    return;
-                };
-                let due = conn.last_moved + limit;
-                if now < due {
-                    return self.add_timer(due, index, generation);
-                }
-                let stalled = conn.flows.iter().any(Flow::holding);
-                self.end(index, Some(ending::classify(&Ending::Idle { stalled })));
-            }
-            _ => {}
+            return;
         }
+        if !conn.session.relaying() {
+            return;
+        }
+        let Some(due) = conn.session.idle_deadline() else {
+            return;
+        };
+        if now < due {
+            return self.add_timer(due, index, generation);
+        }
+        let stalled = conn.flows.iter().any(Flow::holding);
+        self.end(index, Some(ending::classify(&Ending::Idle { stalled })));
     }
 
     /// `shutdown_timeout` ran out: every connection ends now.
@@ -534,7 +423,8 @@ impl Worker {
     }
 
     /// Nothing is pending on connection `index` any more: close its
-    /// sockets, free its places, judge and log it.
+    /// sockets, then its session (which frees its places, judges and
+    /// logs it).
     pub(super) fn finish(&mut self, index: u32) {
         let conn = self.conns[index as usize]
             .take()
@@ -543,18 +433,11 @@ impl Worker {
         let Conn {
             client,
             backend,
-            stage,
+            session,
             flows,
-            peer,
-            client_addr,
-            accepted,
-            listener,
-            _lease,
-            _slot,
             ending,
             ..
         } = conn;
-        let totals = (flows[UP].total(), flows[DOWN].total());
         for flow in flows {
             if let Some((id, _)) = flow.lent {
                 self.buffers.give_back(id);
@@ -564,33 +447,7 @@ impl Worker {
         if let Some(backend) = backend {
             self.push(close_entry(backend.into_raw_fd()));
         }
-        drop((_lease, _slot));
-        let Some(Some(classified)) = ending else {
-            return;
-        };
-        let mut name: Cow<str> = "-".into();
-        if let Stage::Relaying(relaying) = stage {
-            let Relaying { dialed, stats } = *relaying;
-            if let Some(stats) = stats {
-                stats.active.decrement(1.0);
-            }
-            judge(
-                classified.passive,
-                &dialed.passive,
-                dialed.eject_after,
-                self.shared,
-            );
-            name = String::from(&*dialed.name).into();
-        }
-        let peer = (client_addr != peer).then_some(peer);
-        log_closed(
-            &listener,
-            (client_addr, peer),
-            &name,
-            totals,
-            accepted,
-            &classified.close,
-        );
+        session.close(ending.flatten().as_ref(), self.shared);
         debug!(index, "connection closed");
     }
 }

@@ -31,7 +31,7 @@ use std::os::fd::RawFd;
 
 use io_uring::{opcode, squeue, types};
 
-use super::state::{error_of, source_side, Stage};
+use super::state::{error_of, source_side};
 use super::{FlowOp, Op, Token, Worker, BUFFER_SIZE};
 use crate::connection::relaying::{shutdown_write, PassFin};
 use crate::pipe::{splice, Pipe};
@@ -122,15 +122,15 @@ impl Worker {
         if result > 0 {
             let id = buffer.expect("a receive into a provided buffer");
             let len = result as u32;
-            if let Stage::Header(wait) = &mut conn.stage {
-                wait.bytes
+            if conn.session.awaits_header() {
+                conn.header
                     .extend_from_slice(self.buffers.bytes(id, len as usize));
                 self.buffers.give_back(id);
                 return self.header_came(index);
             }
             // Before the backend is connected (a receive that ended just
             // after a PROXY header) the bytes wait too.
-            let relaying = matches!(conn.stage, Stage::Relaying(_));
+            let relaying = conn.session.relaying();
             let flow = &mut conn.flows[f];
             if flow.sending || flow.holding() || !relaying {
                 // Behind: the buffer goes back to the ring at once.
@@ -150,7 +150,7 @@ impl Worker {
         match -result {
             0 => {
                 flow.eof = true;
-                if let Stage::Header(_) = conn.stage {
+                if conn.session.awaits_header() {
                     return self
                         .header_failed(index, &"the connection closed before a PROXY header");
                 }
@@ -164,7 +164,7 @@ impl Worker {
             libc::ECANCELED => self.pump(index, f),
             _ => {
                 let error = error_of(result);
-                if let Stage::Header(_) = conn.stage {
+                if conn.session.awaits_header() {
                     return self.header_failed(index, &error);
                 }
                 self.fail(index, source_side(f), error)
@@ -182,9 +182,9 @@ impl Worker {
         if conn.ending.is_some() {
             return;
         }
-        let Stage::Relaying(_) = conn.stage else {
+        if !conn.session.relaying() {
             return;
-        };
+        }
         let generation = conn.generation;
         let to = conn.destination(f).expect("relaying");
         let flow = &mut conn.flows[f];
@@ -213,8 +213,8 @@ impl Worker {
         };
         let flow = &mut conn.flows[f];
         let from = source_side(f);
-        if flow.eof && !conn.halves.passed(from) && !flow.sending && !flow.holding() {
-            match conn.halves.fin(from) {
+        if flow.eof && !conn.session.passed(from) && !flow.sending && !flow.holding() {
+            match conn.session.fin(from) {
                 PassFin::Shutdown => {
                     if let Err(e) = shutdown_write(&borrowed(to)) {
                         self.fail(index, from.other(), e);
@@ -263,10 +263,7 @@ impl Worker {
         } else {
             flow.backlog.sent(result as usize)
         };
-        flow.moved(n);
-        if result > 0 {
-            conn.moved_now();
-        }
+        conn.session.moved(source_side(f), n);
         self.pump(index, f);
     }
 
@@ -341,16 +338,13 @@ impl Worker {
                 }
             }
         }
-        flow.moved(total - len);
         if len > 0 {
             flow.pipe = Some((pipe, len));
             flow.sending = true;
         } else {
             pipe.give_back();
         }
-        if total > len {
-            conn.moved_now();
-        }
+        conn.session.moved(source_side(f), total - len);
         if len == 0 {
             return true;
         }
@@ -382,7 +376,7 @@ impl Worker {
                 if conn.ending.is_some() {
                     continue;
                 }
-                if matches!(conn.stage, Stage::Header(_)) {
+                if conn.session.awaits_header() {
                     self.arm(index, f);
                 } else {
                     self.pump(index, f);

@@ -10,8 +10,9 @@
 //! - Listeners ([`accept`]): a multishot accept each, single-shot near
 //!   the descriptor capacity; at the capacity, new clients wait in the
 //!   kernel's backlog.
-//! - Connections ([`conn`]): admission, dialing and the rules of their
-//!   ending come from [`crate::connection`]; this driver only moves bytes.
+//! - Connections ([`conn`]): each does what its
+//!   [`Session`](crate::connection::session::Session) asks (admission,
+//!   dialing, the rules of its ending); this driver only does the I/O.
 //! - Timers: PROXY-header deadlines and idle timeouts sit in a heap; the
 //!   loop's wait ends at the earliest. Connect timeouts are linked
 //!   timeouts in the ring.

@@ -1,26 +1,20 @@
-//! What a connection on the ring is made of: its stages ([`Stage`]) and
-//! its two directions ([`Flow`]). The data only: `conn.rs` drives the
-//! stages, `flow.rs` the directions, both as methods of the worker.
+//! What a connection on the ring is made of: its sockets, its
+//! [`Session`], what the ring needs while it reads a PROXY header or
+//! connects, and its two directions ([`Flow`]). The data only: `conn.rs`
+//! drives the session's steps, `flow.rs` the directions, both as methods
+//! of the worker.
 
 use std::io;
-use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use io_uring::types;
 use socket2::SockAddr;
 
 use super::backlog::Backlog;
-use crate::balancer::load::Lease;
-use crate::capacity::Slot;
-use crate::connection::dial::{Attempt, Dialed, Dialer};
 use crate::connection::ending::{Classified, Side};
-use crate::connection::relaying::{EngineChoice, Halves};
-use crate::connection::Bytes;
-use crate::metrics::RouteStats;
+use crate::connection::relaying::EngineChoice;
+use crate::connection::session::Session;
 use crate::pipe::Pipe;
-use crate::snapshot::Route;
 
 pub struct Conn {
     pub generation: u32,
@@ -28,54 +22,24 @@ pub struct Conn {
     pub(super) pending: u32,
     pub(super) client: OwnedFd,
     pub(super) backend: Option<OwnedFd>,
-    pub(super) stage: Stage,
+    pub(super) session: Session,
+    /// What came of a PROXY header so far, while one is awaited (a header
+    /// split over segments is rare).
+    pub(super) header: Vec<u8>,
+    /// The connect being made, while dialing.
+    pub(super) connecting: Option<Box<Connecting>>,
     pub(super) flows: [Flow; 2],
-    /// The connection's own peer, and the client a PROXY header named.
-    pub(super) peer: SocketAddr,
-    pub(super) client_addr: SocketAddr,
-    pub(super) accepted: Instant,
-    pub(super) listener: Arc<str>,
-    /// Counts the connection against its listener's `max_connections`.
-    pub(super) _lease: Lease,
-    /// Its place in the process's descriptor capacity.
-    pub(super) _slot: Slot,
-    pub(super) idle_timeout: Option<Duration>,
-    pub(super) last_moved: Instant,
-    pub(super) halves: Halves,
     /// Set once it is ending: how (nothing to log if `None` inside).
     pub(super) ending: Option<Option<Classified>>,
 }
 
-pub(super) enum Stage {
-    /// Admitted, and about to dial; or done dialing without a backend.
-    Bare,
-    /// Waiting for a PROXY header.
-    Header(Box<HeaderWait>),
-    Dialing(Box<Dialing>),
-    Relaying(Box<Relaying>),
-}
-
-pub(super) struct HeaderWait {
-    pub(super) route: Arc<Route>,
-    pub(super) within: Duration,
-    pub(super) deadline: Instant,
-    /// What came so far (a header split over segments is rare).
-    pub(super) bytes: Vec<u8>,
-}
-
-pub(super) struct Dialing {
-    pub(super) route: Arc<Route>,
-    pub(super) dialer: Dialer,
-    pub(super) attempt: Option<Attempt>,
-    /// Where the connect in flight goes, and its time limit: the ring reads
-    /// both after the entry is queued.
+/// Where the connect in flight goes, and its time limit: the ring reads
+/// both after the entry is queued.
+pub(super) struct Connecting {
     pub(super) addr: SockAddr,
+    /// `connect_timeout` is not zero: `timeout` applies.
+    pub(super) limited: bool,
     pub(super) timeout: types::Timespec,
-}
-
-pub(super) struct Relaying {
-    pub(super) dialed: Dialed,
-    pub(super) stats: Option<RouteStats>,
 }
 
 impl Conn {
@@ -94,14 +58,6 @@ impl Conn {
         match side {
             Side::Client => Some(self.client.as_raw_fd()),
             Side::Backend => self.backend.as_ref().map(AsRawFd::as_raw_fd),
-        }
-    }
-
-    /// Bytes moved: the idle timeout starts again (the clock is read only
-    /// when there is one).
-    pub(super) fn moved_now(&mut self) {
-        if self.idle_timeout.is_some() {
-            self.last_moved = Instant::now();
         }
     }
 }
@@ -134,7 +90,6 @@ pub struct Flow {
     pub(super) backlog: Backlog,
     /// A pipe holding bytes the destination has not taken yet.
     pub(super) pipe: Option<(Pipe, usize)>,
-    pub(super) bytes: Option<Bytes>,
 }
 
 impl Flow {
@@ -145,16 +100,6 @@ impl Flow {
     /// A send from the backlog's front chunk is in flight.
     pub(super) fn sending_backlog(&self) -> bool {
         self.sending && self.lent.is_none() && self.pipe.is_none()
-    }
-
-    pub(super) fn moved(&mut self, n: usize) {
-        if let Some(bytes) = &mut self.bytes {
-            bytes.add(n);
-        }
-    }
-
-    pub(super) fn total(&self) -> u64 {
-        self.bytes.as_ref().map_or(0, |b| b.total)
     }
 }
 

@@ -1,0 +1,519 @@
+//! One connection's life, as a state machine that does no I/O: both
+//! drivers feed it what their sockets said, and it tells them what to do
+//! next ([`Step`]).
+//!
+//! ```text
+//!   open ──► ReadHeader ──header──► Connect ──connected──► relaying ──► close
+//!     │          │                   ▲  │                      (moved, fin,
+//!     │          └─late/bad─► Close  └──┘ connect_failed        idle)
+//!     └──────────────────────► Connect / Close
+//! ```
+//!
+//! The session owns what the connection holds from the moment it is
+//! admitted to its log line: its places (the process's capacity, its
+//! listener's and its backend's `max_connections`), the dialing plan, the
+//! backend it was given, the bytes it moved and the time it last moved
+//! any, and its FINs. The drivers own the sockets and how bytes move.
+
+use std::fmt::Display;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use metrics::Counter;
+
+use super::admit::{self, Admitted};
+use super::dial::{Attempt, Dialed, Dialer, Next};
+use super::ending::{Classified, Side};
+use super::relaying::{Halves, PassFin};
+use super::{judge, log_closed};
+use crate::balancer::load::Lease;
+use crate::capacity::Slot;
+use crate::config::Engine;
+use crate::metrics::RouteStats;
+use crate::proxy_protocol::Carried;
+use crate::shared::Shared;
+use crate::snapshot::Route;
+
+/// What the driver is to do next for a connection.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Read the client's PROXY header until `deadline`; report it with
+    /// [`Session::header`] or [`Session::header_late`].
+    ReadHeader { deadline: Instant },
+    /// Connect to `addr` within `timeout` (zero: no limit), then send
+    /// [`Session::proxy_header`] if there is one; report with
+    /// [`Session::connected`] or [`Session::connect_failed`].
+    Connect { addr: SocketAddr, timeout: Duration },
+    /// Close the client: it was turned away, or no backend could be
+    /// reached. Counted and logged already.
+    Close,
+}
+
+/// A connection from the moment it is admitted until it is logged.
+pub struct Session {
+    listener: Arc<str>,
+    /// The connection's own peer.
+    peer: SocketAddr,
+    /// The client: the peer, or the address its PROXY header named.
+    client: SocketAddr,
+    accepted: Instant,
+    phase: Phase,
+    halves: Halves,
+    /// Indexed by the sending side: to the backend, to the client.
+    bytes: [Bytes; 2],
+    idle: Option<Idle>,
+    /// Counts the connection against its listener's `max_connections`.
+    _lease: Lease,
+    /// Its place in the process's descriptor capacity.
+    _slot: Slot,
+}
+
+enum Phase {
+    /// Waiting for a PROXY header.
+    Header {
+        route: Arc<Route>,
+        within: Duration,
+    },
+    Dialing(Box<Dialing>),
+    Relaying(Box<Relaying>),
+    /// Turned away, or no backend reachable: logged already.
+    Over,
+}
+
+struct Dialing {
+    route: Arc<Route>,
+    dialer: Dialer,
+    /// The connect the driver is making.
+    attempt: Option<Attempt>,
+}
+
+struct Relaying {
+    dialed: Dialed,
+    stats: Option<RouteStats>,
+}
+
+/// Bytes moved in one direction: a total for the end of the connection,
+/// and the Prometheus counter, which moves as they go.
+struct Bytes {
+    total: u64,
+    counter: Option<Counter>,
+}
+
+impl Bytes {
+    fn new(counter: Option<&Counter>) -> Bytes {
+        Bytes {
+            total: 0,
+            counter: counter.cloned(),
+        }
+    }
+
+    fn add(&mut self, n: usize) {
+        self.total += n as u64;
+        if let Some(counter) = &self.counter {
+            counter.increment(n as u64);
+        }
+    }
+}
+
+/// An idle timeout, counted from the last time bytes moved.
+struct Idle {
+    limit: Duration,
+    last_moved: Instant,
+}
+
+impl Session {
+    /// Lets a connection accepted from `peer` on `route` in, holding
+    /// `slot` of the process's capacity: its first step. `None` if it was
+    /// turned away (counted and logged). `local` tells the address it was
+    /// accepted on, for a PROXY header sent to the backend.
+    pub fn open(
+        route: Arc<Route>,
+        peer: SocketAddr,
+        slot: Slot,
+        local: impl FnOnce() -> io::Result<SocketAddr>,
+        shared: &Shared,
+    ) -> Option<(Session, Step)> {
+        let accepted = Instant::now();
+        let Admitted {
+            lease,
+            header_within,
+        } = admit::admit(&route, peer, accepted)?;
+        let mut session = Session {
+            listener: route.listener.clone(),
+            peer,
+            client: peer,
+            accepted,
+            phase: Phase::Over,
+            halves: Halves::default(),
+            bytes: [Bytes::new(None), Bytes::new(None)],
+            idle: None,
+            _lease: lease,
+            _slot: slot,
+        };
+        let step = match header_within {
+            Some(within) => {
+                session.phase = Phase::Header { route, within };
+                Step::ReadHeader {
+                    deadline: accepted + within,
+                }
+            }
+            None => session.dial(route, None, local, shared),
+        };
+        Some((session, step))
+    }
+
+    /// The client's PROXY header came (what it carried), or could not be
+    /// read (why).
+    pub fn header(
+        &mut self,
+        header: Result<Carried, &dyn Display>,
+        local: impl FnOnce() -> io::Result<SocketAddr>,
+        shared: &Shared,
+    ) -> Step {
+        let Phase::Header { route, .. } = std::mem::replace(&mut self.phase, Phase::Over) else {
+            return Step::Close;
+        };
+        let Some(client) = admit::admit_header(&route, self.peer, header, self.accepted) else {
+            return Step::Close;
+        };
+        self.client = client;
+        self.dial(route, header.ok().flatten(), local, shared)
+    }
+
+    /// The deadline of [`Step::ReadHeader`] passed without a header.
+    pub fn header_late(&mut self) -> Step {
+        if let Phase::Header { route, within } = std::mem::replace(&mut self.phase, Phase::Over) {
+            let why = admit::header_too_late(within);
+            // Turns it away.
+            admit::admit_header(&route, self.peer, Err(&why), self.accepted);
+        }
+        Step::Close
+    }
+
+    /// Whether a PROXY header is awaited.
+    pub fn awaits_header(&self) -> bool {
+        matches!(self.phase, Phase::Header { .. })
+    }
+
+    /// Until when a PROXY header is awaited, while it is.
+    pub fn header_deadline(&self) -> Option<Instant> {
+        match &self.phase {
+            Phase::Header { within, .. } => Some(self.accepted + *within),
+            _ => None,
+        }
+    }
+
+    /// What to send the backend before any of the client's bytes, while
+    /// dialing: the PROXY header of `send_proxy`.
+    pub fn proxy_header(&self) -> Option<&[u8]> {
+        match &self.phase {
+            Phase::Dialing(dialing) => dialing.dialer.proxy_header(),
+            _ => None,
+        }
+    }
+
+    /// The connect of [`Step::Connect`] failed with `error`: the next try,
+    /// or giving up.
+    pub fn connect_failed(&mut self, error: io::Error, shared: &Shared) -> Step {
+        let Phase::Dialing(dialing) = &mut self.phase else {
+            return Step::Close;
+        };
+        let attempt = dialing.attempt.take().expect("a connect in flight");
+        // Both outcomes go on: a retry, or giving up when the plan is
+        // empty.
+        let _: Next = dialing
+            .dialer
+            .failed(attempt, error, &dialing.route, shared);
+        self.next_connect()
+    }
+
+    /// The connect of [`Step::Connect`] succeeded (and the PROXY header,
+    /// if any, is on its way): the connection relays from now on, with
+    /// `engine`.
+    pub fn connected(&mut self, shared: &Shared) -> Engine {
+        let Phase::Dialing(mut dialing) = std::mem::replace(&mut self.phase, Phase::Over) else {
+            unreachable!("connected while not dialing")
+        };
+        let attempt = dialing.attempt.take().expect("a connect in flight");
+        let dialed = dialing.dialer.connected(attempt, shared);
+        let stats = dialed.stats.route(&self.listener).cloned();
+        if let Some(stats) = &stats {
+            stats.connections.increment(1);
+            stats.active.increment(1.0);
+        }
+        self.bytes = [
+            Bytes::new(stats.as_ref().map(|s| &s.to_backend)),
+            Bytes::new(stats.as_ref().map(|s| &s.to_client)),
+        ];
+        // Waiting for a PROXY header or a backend is not idleness.
+        self.idle = dialed.idle_timeout.map(|limit| Idle {
+            limit,
+            last_moved: Instant::now(),
+        });
+        let engine = dialed.engine;
+        self.phase = Phase::Relaying(Box::new(Relaying { dialed, stats }));
+        engine
+    }
+
+    /// Whether the connection is relaying: connected, and not yet ended.
+    pub fn relaying(&self) -> bool {
+        matches!(self.phase, Phase::Relaying(_))
+    }
+
+    /// `n` bytes from `from` reached the other side.
+    pub fn moved(&mut self, from: Side, n: usize) {
+        if n == 0 {
+            return;
+        }
+        self.bytes[from as usize].add(n);
+        // The clock is read only when there is an idle timeout.
+        if let Some(idle) = &mut self.idle {
+            idle.last_moved = Instant::now();
+        }
+    }
+
+    /// When the connection is idle for `idle_timeout`, if it has one: the
+    /// driver ends it then ([`Ending::Idle`](super::ending::Ending::Idle)).
+    pub fn idle_deadline(&self) -> Option<Instant> {
+        self.idle.as_ref().map(|idle| idle.last_moved + idle.limit)
+    }
+
+    /// Whether the FIN of `from` was passed on already.
+    pub fn passed(&self, from: Side) -> bool {
+        self.halves.passed(from)
+    }
+
+    /// `from` sent FIN and every byte before it reached the other side:
+    /// see [`Halves::fin`].
+    pub fn fin(&mut self, from: Side) -> PassFin {
+        self.halves.fin(from)
+    }
+
+    /// The connection is over and its sockets are closed: its backend
+    /// hears how it ended (`how`, `None` when it was turned away), its
+    /// places are freed, and then it is logged, since whoever reads that
+    /// line may open the next connection at once.
+    pub fn close(self, how: Option<&Classified>, shared: &Shared) {
+        let Session {
+            listener,
+            peer,
+            client,
+            accepted,
+            phase,
+            bytes: [to_backend, to_client],
+            _lease,
+            _slot,
+            ..
+        } = self;
+        let name = match phase {
+            Phase::Relaying(relaying) => {
+                let Relaying { dialed, stats } = *relaying;
+                if let Some(stats) = stats {
+                    stats.active.decrement(1.0);
+                }
+                if let Some(how) = how {
+                    judge(how.passive, &dialed.passive, dialed.eject_after, shared);
+                }
+                Some(dialed.name)
+            }
+            _ => None,
+        };
+        drop((_lease, _slot));
+        let Some(how) = how else {
+            return;
+        };
+        log_closed(
+            &listener,
+            (client, (client != peer).then_some(peer)),
+            name.as_deref().unwrap_or("-"),
+            (to_backend.total, to_client.total),
+            accepted,
+            &how.close,
+        );
+    }
+
+    /// Loads the pool of `route` and picks the first backend to try.
+    fn dial(
+        &mut self,
+        route: Arc<Route>,
+        carried: Carried,
+        local: impl FnOnce() -> io::Result<SocketAddr>,
+        shared: &Shared,
+    ) -> Step {
+        let Some(dialer) = Dialer::new(
+            &route,
+            (self.client, self.peer),
+            carried,
+            local,
+            shared,
+            self.accepted,
+        ) else {
+            return Step::Close;
+        };
+        self.phase = Phase::Dialing(Box::new(Dialing {
+            route,
+            dialer,
+            attempt: None,
+        }));
+        self.next_connect()
+    }
+
+    /// The next backend of the plan, or giving up (counted and logged).
+    fn next_connect(&mut self) -> Step {
+        let Phase::Dialing(dialing) = &mut self.phase else {
+            return Step::Close;
+        };
+        match dialing.dialer.next_attempt() {
+            Some(attempt) => {
+                let step = Step::Connect {
+                    addr: attempt.addr,
+                    timeout: dialing.dialer.connect_timeout(),
+                };
+                dialing.attempt = Some(attempt);
+                step
+            }
+            None => {
+                let Phase::Dialing(dialing) = std::mem::replace(&mut self.phase, Phase::Over)
+                else {
+                    unreachable!("dialing above")
+                };
+                dialing
+                    .dialer
+                    .give_up(&dialing.route, self.peer, self.accepted);
+                Step::Close
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::connection::ending::{classify, Ending};
+
+    /// Two backends, one retry; listener `p` wants PROXY headers from
+    /// 127.0.0.1.
+    const CONFIG: &str = "listeners:\n  l: { listen: 127.0.0.1:7000, pool: p }\n  h: { listen: 127.0.0.1:7001, pool: p, accept_proxy: { from: [127.0.0.1], timeout: 2s } }\npools:\n  p:\n    retries: 1\n    connect_timeout: 500ms\n    idle_timeout: 30s\n    backends:\n      - { address: 10.0.0.1:1, name: a }\n      - { address: 10.0.0.2:1, name: b }\n";
+
+    fn open(shared: &'static Shared, listen: &str, peer: &str) -> Option<(Session, Step)> {
+        let route = shared
+            .snapshot
+            .load()
+            .route(listen.parse().unwrap())
+            .cloned()
+            .unwrap();
+        let slot = shared.connections.take().unwrap();
+        let local = || unreachable!("no send_proxy");
+        Session::open(route, peer.parse().unwrap(), slot, local, shared)
+    }
+
+    /// Where a client's connects go, in order.
+    fn preference(shared: &Shared, client: &str) -> Vec<SocketAddr> {
+        let snapshot = shared.snapshot.load();
+        let pool = snapshot.pool("p").unwrap();
+        pool.candidates(client.parse().unwrap())
+            .map(|b| b.addr)
+            .collect()
+    }
+
+    fn connect_to(step: &Step) -> SocketAddr {
+        match step {
+            Step::Connect { addr, timeout } => {
+                assert_eq!(
+                    *timeout,
+                    Duration::from_millis(500),
+                    "the pool's connect_timeout"
+                );
+                *addr
+            }
+            other => panic!("expected a connect, got {other:?}"),
+        }
+    }
+
+    fn refused() -> io::Error {
+        io::Error::from_raw_os_error(libc::ECONNREFUSED)
+    }
+
+    #[test]
+    fn a_connection_dials_in_its_clients_order_and_gives_up_after_the_retries() {
+        let (shared, _events) = Shared::for_tests(CONFIG);
+        let client = "192.0.2.1:5000";
+        let (mut session, step) = open(shared, "127.0.0.1:7000", client).unwrap();
+        let order = preference(shared, client);
+        assert_eq!(connect_to(&step), order[0]);
+        assert!(session.proxy_header().is_none());
+        let step = session.connect_failed(refused(), shared);
+        assert_eq!(connect_to(&step), order[1]);
+        assert_eq!(session.connect_failed(refused(), shared), Step::Close);
+        assert!(!session.relaying());
+        assert_eq!(shared.connections.open(), 1);
+        // Turned away: logged already, and its places are freed.
+        session.close(None, shared);
+        assert_eq!(shared.connections.open(), 0);
+    }
+
+    #[test]
+    fn a_proxy_header_names_the_client_whose_backend_is_dialled() {
+        let (shared, _events) = Shared::for_tests(CONFIG);
+        let before = Instant::now();
+        let (mut session, step) = open(shared, "127.0.0.1:7001", "127.0.0.1:6000").unwrap();
+        let Step::ReadHeader { deadline } = step else {
+            panic!("expected a header read, got {step:?}");
+        };
+        assert!(deadline >= before + Duration::from_secs(2));
+        assert!(session.awaits_header());
+        assert_eq!(session.header_deadline(), Some(deadline));
+        let client = "198.51.100.9:4000";
+        let carried = Some((client.parse().unwrap(), "127.0.0.1:7001".parse().unwrap()));
+        let step = session.header(Ok(carried), || unreachable!("no send_proxy"), shared);
+        assert_eq!(connect_to(&step), preference(shared, client)[0]);
+        assert!(!session.awaits_header());
+        assert_eq!(session.header_deadline(), None);
+    }
+
+    #[test]
+    fn a_header_that_comes_late_or_broken_closes_the_connection() {
+        let (shared, _events) = Shared::for_tests(CONFIG);
+        let (mut late, _) = open(shared, "127.0.0.1:7001", "127.0.0.1:6001").unwrap();
+        assert_eq!(late.header_late(), Step::Close);
+        assert!(!late.awaits_header());
+        let (mut broken, _) = open(shared, "127.0.0.1:7001", "127.0.0.1:6002").unwrap();
+        let step = broken.header(Err(&"garbage"), || unreachable!(), shared);
+        assert_eq!(step, Step::Close);
+        // Only the upstream named in `from` may send one.
+        assert!(open(shared, "127.0.0.1:7001", "127.0.0.2:6003").is_none());
+    }
+
+    #[test]
+    fn a_relayed_connection_counts_its_bytes_and_restarts_its_idle_clock() {
+        let (shared, _events) = Shared::for_tests(CONFIG);
+        let (mut session, _) = open(shared, "127.0.0.1:7000", "192.0.2.2:5000").unwrap();
+        assert_eq!(session.idle_deadline(), None, "not idle while dialing");
+        assert_eq!(session.connected(shared), Engine::Auto);
+        assert!(session.relaying());
+        let first = session.idle_deadline().expect("idle_timeout: 30s");
+        assert!(first <= Instant::now() + Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(2));
+        session.moved(Side::Client, 10);
+        session.moved(Side::Backend, 32);
+        assert!(session.idle_deadline().unwrap() > first);
+        assert_eq!([session.bytes[0].total, session.bytes[1].total], [10, 32]);
+        assert_eq!(session.fin(Side::Backend), PassFin::Shutdown);
+        assert!(session.passed(Side::Backend));
+        let PassFin::Close(finished) = session.fin(Side::Client) else {
+            panic!("the second FIN ends the connection");
+        };
+        assert_eq!(
+            finished,
+            classify(&Ending::Finished {
+                first_fin: Side::Backend
+            })
+        );
+        session.close(Some(&finished), shared);
+        assert_eq!(shared.connections.open(), 0);
+    }
+}
