@@ -154,8 +154,8 @@ impl Dialer {
     }
 
     /// What to send the backend first: the PROXY header of `send_proxy`.
-    pub fn proxy_header(&self) -> Option<&[u8]> {
-        self.proxy_header.as_deref()
+    pub fn take_proxy_header(&mut self) -> Option<Box<[u8]>> {
+        self.proxy_header.take()
     }
 
     /// The next backend to connect to, `None` when there is none left to

@@ -42,13 +42,23 @@ pub enum Step {
     /// Read the client's PROXY header until `deadline`; report it with
     /// [`Session::header`] or [`Session::header_late`].
     ReadHeader { deadline: Instant },
-    /// Connect to `addr` within `timeout` (zero: no limit), then send
-    /// [`Session::proxy_header`] if there is one; report with
+    /// Connect to `addr` within `timeout` (zero: no limit); report with
     /// [`Session::connected`] or [`Session::connect_failed`].
     Connect { addr: SocketAddr, timeout: Duration },
     /// Close the client: it was turned away, or no backend could be
     /// reached. Counted and logged already.
     Close,
+}
+
+/// How a connection that reached its backend relays.
+#[derive(Debug)]
+pub struct Connected {
+    /// How its directions move bytes.
+    pub engine: Engine,
+    /// What to send the backend before any of the client's bytes: the
+    /// PROXY header of `send_proxy`. Not counted as bytes relayed; failing
+    /// to send it fails the connection like any send to the backend.
+    pub proxy_header: Option<Box<[u8]>>,
 }
 
 /// A connection from the moment it is admitted until it is logged.
@@ -205,15 +215,6 @@ impl Session {
         }
     }
 
-    /// What to send the backend before any of the client's bytes, while
-    /// dialing: the PROXY header of `send_proxy`.
-    pub fn proxy_header(&self) -> Option<&[u8]> {
-        match &self.phase {
-            Phase::Dialing(dialing) => dialing.dialer.proxy_header(),
-            _ => None,
-        }
-    }
-
     /// The connect of [`Step::Connect`] failed with `error`: the next try,
     /// or giving up.
     pub fn connect_failed(&mut self, error: io::Error, shared: &Shared) -> Step {
@@ -229,10 +230,9 @@ impl Session {
         self.next_connect()
     }
 
-    /// The connect of [`Step::Connect`] succeeded (and the PROXY header,
-    /// if any, is on its way): the connection relays from now on, with
-    /// `engine`.
-    pub fn connected(&mut self, shared: &Shared) -> Engine {
+    /// The connect of [`Step::Connect`] succeeded: the connection relays
+    /// from now on, as [`Connected`] says.
+    pub fn connected(&mut self, shared: &Shared) -> Connected {
         let Phase::Dialing(mut dialing) = std::mem::replace(&mut self.phase, Phase::Over) else {
             unreachable!("connected while not dialing")
         };
@@ -252,9 +252,12 @@ impl Session {
             limit,
             last_moved: Instant::now(),
         });
-        let engine = dialed.engine;
+        let connected = Connected {
+            engine: dialed.engine,
+            proxy_header: dialing.dialer.take_proxy_header(),
+        };
         self.phase = Phase::Relaying(Box::new(Relaying { dialed, stats }));
-        engine
+        connected
     }
 
     /// Whether the connection is relaying: connected, and not yet ended.
@@ -445,7 +448,6 @@ mod tests {
         let (mut session, step) = open(shared, "127.0.0.1:7000", client).unwrap();
         let order = preference(shared, client);
         assert_eq!(connect_to(&step), order[0]);
-        assert!(session.proxy_header().is_none());
         let step = session.connect_failed(refused(), shared);
         assert_eq!(connect_to(&step), order[1]);
         assert_eq!(session.connect_failed(refused(), shared), Step::Close);
@@ -493,7 +495,9 @@ mod tests {
         let (shared, _events) = Shared::for_tests(CONFIG);
         let (mut session, _) = open(shared, "127.0.0.1:7000", "192.0.2.2:5000").unwrap();
         assert_eq!(session.idle_deadline(), None, "not idle while dialing");
-        assert_eq!(session.connected(shared), Engine::Auto);
+        let connected = session.connected(shared);
+        assert_eq!(connected.engine, Engine::Auto);
+        assert_eq!(connected.proxy_header, None, "no send_proxy");
         assert!(session.relaying());
         let first = session.idle_deadline().expect("idle_timeout: 30s");
         assert!(first <= Instant::now() + Duration::from_secs(30));

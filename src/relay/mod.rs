@@ -32,10 +32,9 @@ use tokio::time::Sleep;
 use tracing::warn;
 
 use crate::capacity::Slot;
-use crate::config::Engine;
 use crate::connection::ending::{self, Classified, Ending, Side};
 use crate::connection::relaying::{shutdown_write, PassFin};
-use crate::connection::session::{Session, Step};
+use crate::connection::session::{Connected, Session, Step};
 use crate::net::{self, Socket};
 use crate::proxy_protocol;
 use crate::shared::Shared;
@@ -89,10 +88,15 @@ pub async fn serve(
     // Boxed: what reading a header and dialing need is large and
     // short-lived; inline, it would make every connection's task that much
     // bigger for its whole life.
-    let Some((backend, engine)) = Box::pin(open(&client, &mut session, step, shared)).await else {
+    let Some((backend, connected)) = Box::pin(open(&client, &mut session, step, shared)).await
+    else {
         drop(client);
         return session.close(None, shared);
     };
+    let Connected {
+        engine,
+        proxy_header,
+    } = connected;
     let closing = CLOSING.with(Rc::clone);
     let shutdown = closing.notified();
     let mut shutdown = std::pin::pin!(shutdown);
@@ -104,7 +108,12 @@ pub async fn serve(
             .map(|deadline| Box::pin(tokio::time::sleep_until(deadline.into()))),
         session,
     };
-    let outcome = {
+    let header_sent = proxy_header.map_or(Ok(()), |header| {
+        proxy_protocol::send(backend.get_ref(), &header).map_err(|e| Failure::new(Side::Backend, e))
+    });
+    let outcome = if let Err(failure) = header_sent {
+        Ended::Failed(failure)
+    } else {
         // The future holds one pointer to the relay, not one per field:
         // this is most of what an idle connection costs.
         let relay = &mut relay;
@@ -137,15 +146,15 @@ pub async fn serve(
 }
 
 /// Reads the client's PROXY header if one is due, then dials a backend,
-/// as `session` asks, starting with `step`: the backend's socket and the
-/// engine to relay with. `None` if the client was turned away or no
+/// as `session` asks, starting with `step`: the backend's socket and how
+/// to relay. `None` if the client was turned away or no
 /// backend could be reached (counted and logged).
 async fn open(
     client: &Socket,
     session: &mut Session,
     mut step: Step,
     shared: &'static Shared,
-) -> Option<(Socket, Engine)> {
+) -> Option<(Socket, Connected)> {
     let local = || client.get_ref().local_addr();
     loop {
         step = match step {
@@ -157,18 +166,10 @@ async fn open(
                     Err(_) => session.header_late(),
                 }
             }
-            Step::Connect { addr, timeout } => {
-                let connected = net::connect(addr, timeout).await.and_then(|socket| {
-                    if let Some(header) = session.proxy_header() {
-                        proxy_protocol::send(socket.get_ref(), header)?;
-                    }
-                    Ok(socket)
-                });
-                match connected {
-                    Ok(socket) => return Some((socket, session.connected(shared))),
-                    Err(error) => session.connect_failed(error, shared),
-                }
-            }
+            Step::Connect { addr, timeout } => match net::connect(addr, timeout).await {
+                Ok(socket) => return Some((socket, session.connected(shared))),
+                Err(error) => session.connect_failed(error, shared),
+            },
             Step::Close => return None,
         }
     }

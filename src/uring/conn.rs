@@ -21,7 +21,7 @@ use super::{close_entry, FlowOp, Op, Token, Worker};
 use crate::capacity::Slot;
 use crate::connection::ending::{self, Classified, Ending, Side};
 use crate::connection::relaying::EngineChoice;
-use crate::connection::session::{Session, Step};
+use crate::connection::session::{Connected, Session, Step};
 use crate::net;
 use crate::proxy_protocol;
 use crate::snapshot::Route;
@@ -278,12 +278,15 @@ impl Worker {
             self.push(close_entry(socket.into_raw_fd()));
             return self.step(index, step);
         }
-        if let Some(header) = conn.session.proxy_header() {
+        let Connected {
+            engine,
+            proxy_header,
+        } = conn.session.connected(shared);
+        if let Some(header) = proxy_header {
             // Nothing the client sent has left: it all waits in the backlog.
             debug_assert!(conn.flows[UP].lent.is_none() && !conn.flows[UP].sending);
-            conn.flows[UP].backlog.push_front(header.to_vec(), true);
+            conn.flows[UP].backlog.push_front(header.into_vec(), true);
         }
-        let engine = conn.session.connected(shared);
         for flow in &mut conn.flows {
             flow.engine = EngineChoice::new(engine);
         }
