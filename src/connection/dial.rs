@@ -3,8 +3,9 @@
 //! first. A backend at its `max_connections` is passed over without
 //! counting as a try.
 //!
-//! [`Dialer`] is the plan and its progress; the driver makes each connect
-//! it asks for and reports how it went. Each outcome is judged by
+//! [`Dialer`] is the plan and its progress; the connection's
+//! [`Session`](super::session::Session) asks it for each connect and tells
+//! it how the driver's connect went. Each outcome is judged by
 //! [`classify`](super::ending::classify): a failed connect counts against
 //! its backend (and may eject it), a successful one ends its failure
 //! streak, and running out of local resources stops the retries at once

@@ -46,7 +46,8 @@ pub enum Step {
     /// [`Session::connected`] or [`Session::connect_failed`].
     Connect { addr: SocketAddr, timeout: Duration },
     /// Close the client: it was turned away, or no backend could be
-    /// reached. Counted and logged already.
+    /// reached (counted and logged already), or it is gone (its address
+    /// could not be read).
     Close,
 }
 
@@ -135,21 +136,26 @@ struct Idle {
 
 impl Session {
     /// Lets a connection accepted from `peer` on `route` in, holding
-    /// `slot` of the process's capacity: its first step. `None` if it was
-    /// turned away (counted and logged). `local` tells the address it was
-    /// accepted on, for a PROXY header sent to the backend.
+    /// `slot` of the process's capacity: its first step. `local` tells the
+    /// address it was accepted on, for a PROXY header sent to the backend.
+    ///
+    /// If it was turned away (counted and logged), the slot comes back, to
+    /// be freed once the client's socket is closed.
     pub fn open(
         route: Arc<Route>,
         peer: SocketAddr,
         slot: Slot,
         local: impl FnOnce() -> io::Result<SocketAddr>,
         shared: &Shared,
-    ) -> Option<(Session, Step)> {
+    ) -> Result<(Session, Step), Slot> {
         let accepted = Instant::now();
-        let Admitted {
+        let Some(Admitted {
             lease,
             header_within,
-        } = admit::admit(&route, peer, accepted)?;
+        }) = admit::admit(&route, peer, accepted)
+        else {
+            return Err(slot);
+        };
         let mut session = Session {
             listener: route.listener.clone(),
             peer,
@@ -171,7 +177,7 @@ impl Session {
             }
             None => session.dial(route, None, local, shared),
         };
-        Some((session, step))
+        Ok((session, step))
     }
 
     /// The client's PROXY header came (what it carried), or could not be
@@ -294,10 +300,11 @@ impl Session {
         self.halves.fin(from)
     }
 
-    /// The connection is over and its sockets are closed: its backend
-    /// hears how it ended (`how`, `None` when it was turned away), its
-    /// places are freed, and then it is logged, since whoever reads that
-    /// line may open the next connection at once.
+    /// The connection is over and its sockets are closed (on io_uring,
+    /// their closes queued): its backend hears how it ended (`how`, `None`
+    /// when it was turned away), its places are freed, and then it is
+    /// logged, since whoever reads that line may open the next connection
+    /// at once.
     pub fn close(self, how: Option<&Classified>, shared: &Shared) {
         let Session {
             listener,
@@ -321,7 +328,11 @@ impl Session {
                 }
                 Some(dialed.name)
             }
-            _ => None,
+            // A dialing plan holds the attempt's place at its backend.
+            other => {
+                drop(other);
+                None
+            }
         };
         drop((_lease, _slot));
         let Some(how) = how else {
@@ -402,6 +413,7 @@ mod tests {
     /// 127.0.0.1.
     const CONFIG: &str = "listeners:\n  l: { listen: 127.0.0.1:7000, pool: p }\n  h: { listen: 127.0.0.1:7001, pool: p, accept_proxy: { from: [127.0.0.1], timeout: 2s } }\npools:\n  p:\n    retries: 1\n    connect_timeout: 500ms\n    idle_timeout: 30s\n    backends:\n      - { address: 10.0.0.1:1, name: a }\n      - { address: 10.0.0.2:1, name: b }\n";
 
+    /// `None` if turned away.
     fn open(shared: &'static Shared, listen: &str, peer: &str) -> Option<(Session, Step)> {
         let route = shared
             .snapshot
@@ -411,7 +423,7 @@ mod tests {
             .unwrap();
         let slot = shared.connections.take().unwrap();
         let local = || unreachable!("no send_proxy");
-        Session::open(route, peer.parse().unwrap(), slot, local, shared)
+        Session::open(route, peer.parse().unwrap(), slot, local, shared).ok()
     }
 
     /// Where a client's connects go, in order.

@@ -82,8 +82,9 @@ pub async fn serve(
     let local = || client.get_ref().local_addr();
     // The route goes with the session: a long connection need not keep it
     // alive.
-    let Some((mut session, step)) = Session::open(route, peer, slot, local, shared) else {
-        return;
+    let (mut session, step) = match Session::open(route, peer, slot, local, shared) {
+        Ok(opened) => opened,
+        Err(slot) => return drop((client, slot)),
     };
     // Boxed: what reading a header and dialing need is large and
     // short-lived; inline, it would make every connection's task that much

@@ -36,8 +36,9 @@ impl Worker {
         slot: Slot,
     ) {
         let local = || net::local_addr(&client);
-        let Some((session, step)) = Session::open(route, peer, slot, local, self.shared) else {
-            return;
+        let (session, step) = match Session::open(route, peer, slot, local, self.shared) {
+            Ok(opened) => opened,
+            Err(slot) => return drop((client, slot)),
         };
         let (index, generation) = self.take_slot();
         self.conns[index as usize] = Some(Conn {
@@ -187,6 +188,7 @@ impl Worker {
         };
         if result < 0 {
             // Out of descriptors, say: the plan gives up at once.
+            conn.connecting = None;
             let step = conn.session.connect_failed(error_of(result), self.shared);
             return self.step(index, step);
         }
