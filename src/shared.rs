@@ -54,26 +54,3 @@ pub enum Event {
         answers: Vec<(usize, String, Result<Vec<SocketAddr>, String>)>,
     },
 }
-
-#[cfg(test)]
-impl Shared {
-    /// The shared state of a process started with configuration `text`
-    /// (host names not looked up), room for 10 connections, and what its
-    /// workers report; leaked, as in the process.
-    pub fn for_tests(text: &str) -> (&'static Shared, tokio::sync::mpsc::UnboundedReceiver<Event>) {
-        use crate::config::{self, Resolver};
-        let config = config::parse(std::path::Path::new("t.yaml"), text, Resolver::Offline)
-            .expect("a valid test configuration");
-        let (events, received) = tokio::sync::mpsc::unbounded_channel();
-        let shared = Shared {
-            snapshot: ArcSwap::from_pointee(Snapshot::from_config(&config)),
-            events,
-            connections: Connections::new(10),
-            accepting: AtomicUsize::new(0),
-            pipes_per_worker: 0,
-            accept_paused: Counter::noop(),
-            unrouted: Counter::noop(),
-        };
-        (Box::leak(Box::new(shared)), received)
-    }
-}

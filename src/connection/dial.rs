@@ -289,18 +289,14 @@ impl Dialer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::connection::fixtures::{preference, refused, route, shared};
     use crate::shared::Event;
 
     /// Three backends; `fall: 2` ejects after two failed connects in a row.
     const POOL: &str = "listeners:\n  l: { listen: 127.0.0.1:7000, pool: p }\npools:\n  p:\n    retries: 1\n    health: { fall: 2 }\n    backends:\n      - { address: 10.0.0.1:1, name: a }\n      - { address: 10.0.0.2:1, name: b, max_connections: 1 }\n      - { address: 10.0.0.3:1, name: c }\n";
 
     fn dialer(shared: &Shared, client: &str) -> (Dialer, Arc<Route>) {
-        let route = shared
-            .snapshot
-            .load()
-            .route("127.0.0.1:7000".parse().unwrap())
-            .cloned()
-            .unwrap();
+        let route = route(shared, "127.0.0.1:7000");
         let client: SocketAddr = client.parse().unwrap();
         let local = || unreachable!("no send_proxy");
         let dialer = Dialer::new(
@@ -314,21 +310,11 @@ mod tests {
         (dialer.unwrap(), route)
     }
 
-    fn refused() -> io::Error {
-        io::Error::from_raw_os_error(libc::ECONNREFUSED)
-    }
-
     #[test]
     fn retries_follow_the_preference_order_and_stop_at_retries() {
-        let (shared, _events) = Shared::for_tests(POOL);
+        let (shared, _events) = shared(POOL);
         let client = "192.0.2.10:5000";
-        let expected: Vec<SocketAddr> = {
-            let snapshot = shared.snapshot.load();
-            let pool = snapshot.pool("p").unwrap();
-            pool.candidates(client.parse().unwrap())
-                .map(|b| b.addr)
-                .collect()
-        };
+        let expected = preference(shared, "p", client);
         let (mut dialer, route) = dialer(shared, client);
         let first = dialer.next_attempt().unwrap();
         assert_eq!(first.addr, expected[0]);
@@ -348,7 +334,7 @@ mod tests {
 
     #[test]
     fn a_full_backend_is_passed_over_without_counting_a_try() {
-        let (shared, _events) = Shared::for_tests(POOL);
+        let (shared, _events) = shared(POOL);
         let full = {
             let snapshot = shared.snapshot.load();
             let b = &snapshot.pool("p").unwrap().backends[1];
@@ -371,7 +357,7 @@ mod tests {
 
     #[test]
     fn running_out_of_descriptors_stops_the_tries_and_blames_nobody() {
-        let (shared, mut events) = Shared::for_tests(POOL);
+        let (shared, mut events) = shared(POOL);
         for _ in 0..3 {
             let (mut dialer, route) = dialer(shared, "192.0.2.12:5000");
             let attempt = dialer.next_attempt().unwrap();
@@ -387,7 +373,7 @@ mod tests {
 
     #[test]
     fn failed_connects_eject_after_fall_and_a_success_ends_the_streak() {
-        let (shared, mut events) = Shared::for_tests(POOL);
+        let (shared, mut events) = shared(POOL);
         let client = "192.0.2.13:5000";
         // One failure, then a success: the streak is over.
         let (mut dialer, route) = dialer(shared, client);

@@ -19,6 +19,9 @@ pub mod ending;
 pub mod relaying;
 pub mod session;
 
+#[cfg(test)]
+mod fixtures;
+
 use std::net::SocketAddr;
 use std::time::Instant;
 

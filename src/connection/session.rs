@@ -408,6 +408,7 @@ mod tests {
 
     use super::*;
     use crate::connection::ending::{classify, Ending};
+    use crate::connection::fixtures::{preference, refused, route, shared};
 
     /// Two backends, one retry; listener `p` wants PROXY headers from
     /// 127.0.0.1.
@@ -415,24 +416,10 @@ mod tests {
 
     /// `None` if turned away.
     fn open(shared: &'static Shared, listen: &str, peer: &str) -> Option<(Session, Step)> {
-        let route = shared
-            .snapshot
-            .load()
-            .route(listen.parse().unwrap())
-            .cloned()
-            .unwrap();
+        let route = route(shared, listen);
         let slot = shared.connections.take().unwrap();
         let local = || unreachable!("no send_proxy");
         Session::open(route, peer.parse().unwrap(), slot, local, shared).ok()
-    }
-
-    /// Where a client's connects go, in order.
-    fn preference(shared: &Shared, client: &str) -> Vec<SocketAddr> {
-        let snapshot = shared.snapshot.load();
-        let pool = snapshot.pool("p").unwrap();
-        pool.candidates(client.parse().unwrap())
-            .map(|b| b.addr)
-            .collect()
     }
 
     fn connect_to(step: &Step) -> SocketAddr {
@@ -449,16 +436,12 @@ mod tests {
         }
     }
 
-    fn refused() -> io::Error {
-        io::Error::from_raw_os_error(libc::ECONNREFUSED)
-    }
-
     #[test]
     fn a_connection_dials_in_its_clients_order_and_gives_up_after_the_retries() {
-        let (shared, _events) = Shared::for_tests(CONFIG);
+        let (shared, _events) = shared(CONFIG);
         let client = "192.0.2.1:5000";
         let (mut session, step) = open(shared, "127.0.0.1:7000", client).unwrap();
-        let order = preference(shared, client);
+        let order = preference(shared, "p", client);
         assert_eq!(connect_to(&step), order[0]);
         let step = session.connect_failed(refused(), shared);
         assert_eq!(connect_to(&step), order[1]);
@@ -472,7 +455,7 @@ mod tests {
 
     #[test]
     fn a_proxy_header_names_the_client_whose_backend_is_dialled() {
-        let (shared, _events) = Shared::for_tests(CONFIG);
+        let (shared, _events) = shared(CONFIG);
         let before = Instant::now();
         let (mut session, step) = open(shared, "127.0.0.1:7001", "127.0.0.1:6000").unwrap();
         let Step::ReadHeader { deadline } = step else {
@@ -484,14 +467,14 @@ mod tests {
         let client = "198.51.100.9:4000";
         let carried = Some((client.parse().unwrap(), "127.0.0.1:7001".parse().unwrap()));
         let step = session.header(Ok(carried), || unreachable!("no send_proxy"), shared);
-        assert_eq!(connect_to(&step), preference(shared, client)[0]);
+        assert_eq!(connect_to(&step), preference(shared, "p", client)[0]);
         assert!(!session.awaits_header());
         assert_eq!(session.header_deadline(), None);
     }
 
     #[test]
     fn a_header_that_comes_late_or_broken_closes_the_connection() {
-        let (shared, _events) = Shared::for_tests(CONFIG);
+        let (shared, _events) = shared(CONFIG);
         let (mut late, _) = open(shared, "127.0.0.1:7001", "127.0.0.1:6001").unwrap();
         assert_eq!(late.header_late(), Step::Close);
         assert!(!late.awaits_header());
@@ -504,7 +487,7 @@ mod tests {
 
     #[test]
     fn a_relayed_connection_counts_its_bytes_and_restarts_its_idle_clock() {
-        let (shared, _events) = Shared::for_tests(CONFIG);
+        let (shared, _events) = shared(CONFIG);
         let (mut session, _) = open(shared, "127.0.0.1:7000", "192.0.2.2:5000").unwrap();
         assert_eq!(session.idle_deadline(), None, "not idle while dialing");
         let connected = session.connected(shared);
