@@ -133,12 +133,13 @@ impl Direction {
                 continue;
             }
             let mut ready = ready!(from.poll_read_ready(cx)).map_err(|e| ends.source(e))?;
-            let pipe = match self.engine.splicing() {
-                true => Pipe::take().or_else(|| {
+            let pipe = if self.engine.splicing() {
+                Pipe::take().or_else(|| {
                     self.engine.no_pipe();
                     None
-                }),
-                false => None,
+                })
+            } else {
+                None
             };
             let splicing = pipe.is_some();
             let step = match pipe {

@@ -91,6 +91,7 @@ impl Worker {
             Step::Close => self.end(index, None),
         }
     }
+
     /// Completions of connection operations.
     pub(super) fn conn_completed(&mut self, token: Token, result: i32, flags: u32) {
         let (op, flow) = token.op();
@@ -358,9 +359,7 @@ impl Worker {
             }
             return;
         }
-        if !conn.session.relaying() {
-            return;
-        }
+        // Only a relaying connection has one.
         let Some(due) = conn.session.idle_deadline() else {
             return;
         };
