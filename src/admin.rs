@@ -4,31 +4,44 @@
 //! checks.
 //!
 //! A deliberately small HTTP/1.x server: one request per connection, `GET`
-//! only, a request head of at most [`MAX_REQUEST`] bytes, at most
-//! [`ADMIN_CONNECTIONS`] requests at once (more wait in the listen
-//! backlog), each with a 10-second deadline. It shares the control plane's
-//! runtime, so a slow or hostile client of the admin port must cost
-//! bounded memory and descriptors and never delay a signal or a probe.
+//! only, a request head of at most [`MAX_REQUEST`] bytes. It shares the
+//! control plane's runtime, so a slow or hostile client of the admin port
+//! must cost bounded memory and descriptors and never delay a signal or a
+//! probe, nor keep Prometheus or a `/ready` check from an answer:
+//!
+//! - the request head must come within [`HEAD_DEADLINE`], and the whole
+//!   exchange end within [`DEADLINE`];
+//! - at most a number of connections set by the descriptor budget are open
+//!   at once; when one more comes, the oldest is closed, so that clients
+//!   that send slowly or not at all can delay a scrape by no more than the
+//!   time it takes to accept it, however many they open.
+//!
 //! [`Request::parse`], the only code that reads bytes from such a client,
 //! is fuzzed.
 
 use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::Semaphore;
+use tokio::task::AbortHandle;
 use tracing::{debug, warn};
 
-use crate::capacity::ADMIN_CONNECTIONS;
+use crate::logging::Throttle;
 use crate::metrics::Metrics;
 
 /// Largest request head read.
 pub const MAX_REQUEST: usize = 8192;
 
+/// How long a client has to send its request head, from accept.
+const HEAD_DEADLINE: Duration = Duration::from_secs(2);
+
 /// How long one request may take, from accept to the last byte sent.
 const DEADLINE: Duration = Duration::from_secs(10);
+
+/// Connections closed to make room are logged at most once per interval.
+static FULL: Throttle = Throttle::new();
 
 /// What a request head asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,30 +132,101 @@ impl Readiness {
     }
 }
 
-/// Serves the admin endpoint on `listener` until the process ends. Runs on
-/// the control plane's runtime; each request is a task of its own.
-pub async fn serve(listener: tokio::net::TcpListener, metrics: Metrics, readiness: Readiness) {
-    let slots = Arc::new(Semaphore::new(ADMIN_CONNECTIONS));
+/// Serves the admin endpoint on `listener` until the process ends, with at
+/// most `room` connections open at once. Runs on the control plane's
+/// runtime; each connection is a task of its own.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    metrics: Metrics,
+    readiness: Readiness,
+    room: usize,
+) {
+    let open = Open::default();
     loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                let (metrics, readiness) = (metrics.clone(), readiness.clone());
-                tokio::task::spawn_local(async move {
-                    let answered =
-                        tokio::time::timeout(DEADLINE, answer(stream, &metrics, &readiness)).await;
-                    if !matches!(answered, Ok(Ok(()))) {
-                        debug!(%peer, "admin request failed or timed out");
-                    }
-                    drop(slot);
-                });
-            }
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
             Err(e) => {
                 warn!("admin endpoint: cannot accept: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
             }
+        };
+        if open.len() >= room {
+            open.close_oldest();
+            if let Some(suppressed) = FULL.allow() {
+                warn!(
+                    suppressed,
+                    "admin endpoint: {room} connections open, closed the oldest to answer {peer}"
+                );
+            }
+        }
+        let (metrics, readiness) = (metrics.clone(), readiness.clone());
+        let leaving = open.enter();
+        let id = leaving.id;
+        let task = tokio::task::spawn_local(async move {
+            let _leaving = leaving;
+            let answered =
+                tokio::time::timeout(DEADLINE, answer(stream, &metrics, &readiness)).await;
+            if !matches!(answered, Ok(Ok(()))) {
+                debug!(%peer, "admin request failed or timed out");
+            }
+        });
+        open.started(id, task.abort_handle());
+    }
+}
+
+/// The admin connections open, oldest first: each task's abort handle.
+#[derive(Default, Clone)]
+struct Open(Rc<RefCell<OpenState>>);
+
+#[derive(Default)]
+struct OpenState {
+    tasks: BTreeMap<u64, Option<AbortHandle>>,
+    next: u64,
+}
+
+/// Takes a connection out of [`Open`] when its task ends, however it ends
+/// (aborted included).
+struct Leaving {
+    open: Open,
+    id: u64,
+}
+
+impl Drop for Leaving {
+    fn drop(&mut self) {
+        self.open.0.borrow_mut().tasks.remove(&self.id);
+    }
+}
+
+impl Open {
+    fn len(&self) -> usize {
+        self.0.borrow().tasks.len()
+    }
+
+    /// Counts a new connection, whose task is about to start.
+    fn enter(&self) -> Leaving {
+        let mut state = self.0.borrow_mut();
+        let id = state.next;
+        state.next += 1;
+        state.tasks.insert(id, None);
+        Leaving {
+            open: self.clone(),
+            id,
+        }
+    }
+
+    /// Connection `id`'s task is spawned: it can be closed from now on.
+    fn started(&self, id: u64, task: AbortHandle) {
+        if let Some(slot) = self.0.borrow_mut().tasks.get_mut(&id) {
+            *slot = Some(task);
+        }
+    }
+
+    /// Closes the oldest connection.
+    fn close_oldest(&self) {
+        let oldest = self.0.borrow_mut().tasks.pop_first();
+        if let Some((_, Some(task))) = oldest {
+            task.abort();
         }
     }
 }
@@ -153,15 +237,9 @@ async fn answer(
     metrics: &Metrics,
     readiness: &Readiness,
 ) -> std::io::Result<()> {
-    let mut head = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        head.extend_from_slice(&buf[..n]);
-    }
+    let head = tokio::time::timeout(HEAD_DEADLINE, read_head(&mut stream))
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
     let (status, content_type, body) = match Request::parse(&head) {
         Request::Metrics => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
         Request::Ready => match readiness.not_ready() {
@@ -189,6 +267,21 @@ async fn answer(
     );
     stream.write_all(response.as_bytes()).await?;
     stream.shutdown().await
+}
+
+/// Reads a request head: up to its blank line, at most [`MAX_REQUEST`]
+/// bytes, or what came before the client stopped sending.
+async fn read_head(stream: &mut tokio::net::TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    Ok(head)
 }
 
 #[cfg(test)]

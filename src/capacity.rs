@@ -22,8 +22,9 @@ use tracing::warn;
 /// sockets, host-name lookups, reading the file on reload, and a margin.
 const RESERVED: usize = 64;
 
-/// Admin endpoint requests served at once (more wait in its backlog).
-pub const ADMIN_CONNECTIONS: usize = 16;
+/// Admin endpoint connections open at once: a 64th of the descriptor
+/// limit, within these bounds.
+const ADMIN_CONNECTIONS: (usize, usize) = (16, 256);
 
 /// Descriptors each worker's runtime holds (io_uring ring, epoll, eventfds).
 const PER_WORKER: usize = 8;
@@ -73,6 +74,8 @@ pub struct Budget {
     /// Pipes each worker may have, pooled or in use; beyond, a connection
     /// copies instead of splicing.
     pub pipes_per_worker: usize,
+    /// Admin endpoint connections open at once (see [`crate::admin`]).
+    pub admin_connections: usize,
     /// Descriptors for everything but connections and pipes.
     pub reserved: usize,
     /// Connections that fit in what is left, two descriptors each.
@@ -90,12 +93,14 @@ impl Budget {
         // A small limit keeps a small share for pipes: splicing is an
         // optimisation, connections are the point.
         let pipes_per_worker = (limit_usize / 64 / workers.max(1)).min(MAX_PIPES_PER_WORKER);
+        let admin_connections = (limit_usize / 64).clamp(ADMIN_CONNECTIONS.0, ADMIN_CONNECTIONS.1);
         let reserved =
-            RESERVED + ADMIN_CONNECTIONS + workers * (PER_WORKER + 3 * listeners) + backends;
+            RESERVED + admin_connections + workers * (PER_WORKER + 3 * listeners) + backends;
         let pipes = 2 * pipes_per_worker * workers;
         Budget {
             limit,
             pipes_per_worker,
+            admin_connections,
             reserved,
             connections: limit_usize.saturating_sub(reserved + pipes) / 2,
         }
@@ -210,7 +215,8 @@ mod tests {
     fn a_budget_keeps_room_for_sluice_and_halves_the_rest() {
         let budget = Budget::new(1_048_576, 4, 2, 10);
         assert_eq!(budget.pipes_per_worker, 256);
-        assert_eq!(budget.reserved, 64 + 16 + 4 * (8 + 3 * 2) + 10);
+        assert_eq!(budget.admin_connections, 256);
+        assert_eq!(budget.reserved, 64 + 256 + 4 * (8 + 3 * 2) + 10);
         assert_eq!(
             budget.connections,
             (1_048_576 - budget.reserved - 2 * 256 * 4) / 2
@@ -221,6 +227,7 @@ mod tests {
     fn a_small_limit_keeps_few_pipes_and_may_leave_no_connection() {
         let budget = Budget::new(256, 2, 1, 2);
         assert_eq!(budget.pipes_per_worker, 2);
+        assert_eq!(budget.admin_connections, 16);
         assert_eq!(budget.connections, (256 - (64 + 16 + 2 * 11 + 2) - 8) / 2);
         assert_eq!(Budget::new(64, 2, 1, 2).connections, 0);
     }

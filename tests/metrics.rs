@@ -241,3 +241,73 @@ fn series_follow_the_configuration() {
         "what stays keeps its values"
     );
 }
+
+/// Clients of the admin endpoint that send a request head slowly, or never
+/// finish it, keep no scrape waiting: an early sluice served 16 at a time
+/// for 10 s each, so sixteen such clients starved Prometheus and every
+/// `/ready` check. Here 300 of them, reconnecting as soon as they are
+/// closed, send a byte a second, while 20 scrapers scrape three times
+/// each: every scrape is answered, within a second.
+#[test]
+fn slow_admin_clients_keep_no_scrape_waiting() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+
+    let (admin, text) = with_admin(&config(
+        free_addr(unique_loopback()),
+        &[("none".into(), free_addr(unique_loopback()))],
+        "",
+    ));
+    let _sluice = Sluice::start(&text);
+    let slow_start = |stream: &mut TcpStream| stream.write_all(b"GET /metr").is_ok();
+    let mut slow: Vec<TcpStream> = (0..300)
+        .map(|_| {
+            let mut stream = TcpStream::connect(admin).unwrap();
+            assert!(slow_start(&mut stream));
+            stream
+        })
+        .collect();
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let stopping = stop.clone();
+    let trickler = std::thread::spawn(move || {
+        while !stopping.load(Ordering::SeqCst) {
+            for stream in &mut slow {
+                if stream.write_all(b"i").is_err() {
+                    // Closed by sluice: come back at once.
+                    if let Ok(mut again) = TcpStream::connect(admin) {
+                        if slow_start(&mut again) {
+                            *stream = again;
+                        }
+                    }
+                }
+            }
+            // A byte a second, per client (a slow client, not a wait).
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    });
+    let scrapers: Vec<_> = (0..20)
+        .map(|_| {
+            std::thread::spawn(move || {
+                (0..3)
+                    .map(|_| {
+                        let started = Instant::now();
+                        let answer = try_get(admin, "/metrics").map(|(status, _)| status);
+                        // Scrapes spread over the slow clients' seconds.
+                        std::thread::sleep(Duration::from_millis(700));
+                        (answer, started.elapsed() - Duration::from_millis(700))
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let scrapes: Vec<_> = scrapers
+        .into_iter()
+        .flat_map(|s| s.join().unwrap())
+        .collect();
+    stop.store(true, Ordering::SeqCst);
+    trickler.join().unwrap();
+    for (answer, took) in scrapes {
+        assert_eq!(answer.as_deref(), Some("HTTP/1.1 200 OK"));
+        assert!(took < Duration::from_secs(1), "a scrape took {took:?}");
+    }
+}

@@ -84,8 +84,9 @@ pub struct Controller {
     panicking: HashSet<String>,
     /// What `/ready` answers.
     readiness: Readiness,
-    /// The admin endpoint's socket, until `run` serves it.
-    admin: Option<TcpListener>,
+    /// The admin endpoint's socket, until `run` serves it, and how many
+    /// connections it may have open at once.
+    admin: Option<(TcpListener, usize)>,
     reloads: (u64, u64),
     notifier: Notifier,
     /// The descriptor limit, shared out again when a reload changes the
@@ -128,11 +129,12 @@ impl Controller {
         let metrics = Metrics::new(admin_addr.is_some());
         metrics.build_info(driver.name());
         let admin = match admin_addr {
-            Some(addr) => Some(
+            Some(addr) => Some((
                 TcpListener::bind(addr.0)
                     .and_then(|s| s.set_nonblocking(true).map(|()| s))
                     .map_err(|e| format!("admin: cannot listen on {}: {e}", addr.0))?,
-            ),
+                budget.admin_connections,
+            )),
             None => None,
         };
         let (listeners, bound) = Listeners::bind(&config, workers, &metrics)?;
@@ -188,7 +190,7 @@ impl Controller {
         worker::block_on_local(async move {
             let signals = Signals::open().map_err(|e| format!("cannot read signals: {e}"))?;
             self.notifier.start();
-            if let Some(socket) = self.admin.take() {
+            if let Some((socket, room)) = self.admin.take() {
                 let address = socket.local_addr().map_err(|e| format!("admin: {e}"))?;
                 let socket =
                     tokio::net::TcpListener::from_std(socket).map_err(|e| format!("admin: {e}"))?;
@@ -196,6 +198,7 @@ impl Controller {
                     socket,
                     self.metrics.clone(),
                     self.readiness.clone(),
+                    room,
                 ));
                 info!(%address, "metrics at http://{address}/metrics, readiness at http://{address}/ready");
             }
