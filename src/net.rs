@@ -12,7 +12,6 @@ use std::time::Duration;
 use socket2::{Domain, Protocol, SockRef, Type};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
-use tracing::debug;
 
 /// A connected TCP socket, non-blocking and registered with the calling
 /// thread's reactor: what the relay moves bytes between.
@@ -21,6 +20,10 @@ pub type Socket = AsyncFd<TcpStream>;
 /// A listening socket on `addr` that other sockets of this process (one per
 /// worker) and of a second sluice process (a binary upgrade) may share; the
 /// kernel spreads new connections over them.
+///
+/// The options every relayed socket needs ([`relay_options`]) are set on
+/// the listening socket: the sockets it accepts inherit them, at no system
+/// call per connection.
 pub fn reuseport_listener(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
     let socket =
         socket2::Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
@@ -32,9 +35,26 @@ pub fn reuseport_listener(addr: SocketAddr, backlog: u32) -> io::Result<std::net
         socket.set_only_v6(true)?;
     }
     socket.set_nonblocking(true)?;
+    relay_options(&socket)?;
     socket.bind(&addr.into())?;
     socket.listen(backlog as i32)?;
     Ok(socket.into())
+}
+
+/// What every socket sluice relays between needs, client or backend:
+///
+/// - `TCP_NODELAY`: a balancer must not add Nagle delays to
+///   request/response traffic (a reply in two writes would wait for the
+///   peer's delayed ACK, about 40 ms);
+/// - `SO_OOBINLINE`: a TCP urgent byte (`MSG_OOB`) is a byte of the stream
+///   like any other, so that it is relayed in its place instead of being
+///   dropped.
+///
+/// The io_uring driver sets the same two on backend sockets in its ring.
+pub fn relay_options(socket: &impl AsFd) -> io::Result<()> {
+    let socket = SockRef::from(socket);
+    socket.set_nodelay(true)?;
+    socket.set_out_of_band_inline(true)
 }
 
 /// The local address of a TCP socket: where a client was accepted.
@@ -47,8 +67,7 @@ pub fn local_addr(socket: &impl AsFd) -> io::Result<SocketAddr> {
 
 /// Connects to `addr`, giving up after `timeout` (zero: the kernel's own
 /// limit), and returns the socket non-blocking and registered with the
-/// calling thread's reactor. TCP_NODELAY is set: a balancer must not add
-/// Nagle delays to request/response traffic.
+/// calling thread's reactor, with the [`relay_options`] set.
 ///
 /// The connect is driven by readiness rather than an io_uring op so that a
 /// timed-out attempt closes its socket at once: an abandoned io_uring connect
@@ -59,7 +78,7 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<Socket> 
         Type::STREAM.nonblocking(),
         Some(Protocol::TCP),
     )?;
-    socket.set_nodelay(true)?;
+    relay_options(&socket)?;
     let in_progress = match socket.connect(&addr.into()) {
         Ok(()) => false,
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => true,
@@ -98,17 +117,13 @@ pub fn watch<S: AsFd + AsRawFd>(socket: S, interest: Interest) -> io::Result<Asy
 }
 
 /// Accepts one connection from a non-blocking listener: the new socket is
-/// non-blocking too, with TCP_NODELAY set.
+/// non-blocking too, and has the listener's [`relay_options`].
 pub fn accept(listener: &TcpListener) -> io::Result<(TcpStream, SocketAddr)> {
     let (socket, addr) =
         SockRef::from(listener).accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)?;
     let addr = addr
         .as_socket()
         .ok_or_else(|| io::Error::other("accepted a connection that is not TCP/IP"))?;
-    if let Err(e) = socket.set_nodelay(true) {
-        // The client is already gone; serving it will notice.
-        debug!(client = %addr, "TCP_NODELAY on a new client: {e}");
-    }
     Ok((socket.into(), addr))
 }
 
@@ -119,6 +134,49 @@ pub fn abort(socket: &impl AsFd) {
     // Ignored if it fails: a socket the peer already reset has nothing left
     // to reset.
     let _ = SockRef::from(socket).set_linger(Some(Duration::ZERO));
+}
+
+/// Bytes `socket` has taken and not sent yet (`SIOCOUTQNSD`): what a
+/// reset would discard.
+pub fn unsent(socket: &impl AsRawFd) -> io::Result<usize> {
+    let mut unsent: libc::c_int = 0;
+    // SAFETY: SIOCOUTQNSD writes one int.
+    syscall(unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCOUTQNSD, &mut unsent) } as isize)?;
+    Ok(unsent as usize)
+}
+
+/// Whether `socket`, under [`writable_once_sent`], has sent every byte it
+/// took (or failed, and will send nothing more), asked with poll(2). A
+/// socket that has not remembers to wake its waiters once it has: the
+/// kernel only does so for a socket found not writable by a poll or a
+/// send.
+pub fn sent_everything(socket: &impl AsRawFd) -> io::Result<bool> {
+    let mut entry = libc::pollfd {
+        fd: socket.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one pollfd, not waiting.
+    syscall(unsafe { libc::poll(&mut entry, 1, 0) } as isize)?;
+    Ok(entry.revents != 0)
+}
+
+/// Makes `socket` poll writable only once it has sent every byte it took
+/// (`TCP_NOTSENT_LOWAT` of 1), so that a wait for writability is a wait
+/// for [`unsent`] to reach 0.
+pub fn writable_once_sent(socket: &impl AsFd) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: a plain int option on a socket we hold.
+    syscall(unsafe {
+        libc::setsockopt(
+            socket.as_fd().as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    } as isize)
+    .map(drop)
 }
 
 /// Reads from a non-blocking socket with recv(2) `flags` (`MSG_PEEK` looks

@@ -203,6 +203,42 @@ fn pages_allowed() -> usize {
     allowance() / 2
 }
 
+/// What a splice from a socket into a pipe came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spliced {
+    /// This many bytes are in the pipe now.
+    Moved(usize),
+    /// The socket has nothing to read now.
+    Drained,
+    /// The peer sent FIN and every byte before it was read.
+    End,
+    /// The next byte is TCP urgent data (`MSG_OOB`, read inline): splice
+    /// stops at its mark and moves nothing, though the socket polls
+    /// readable (and, after a FIN, returns 0 as if at the end). One read
+    /// with `recv(2)` steps past the mark; splicing works again after it.
+    UrgentMark,
+}
+
+/// Splices what the socket `from` has into `pipe`. Only when it moves
+/// nothing is the socket asked whether bytes wait (`FIONREAD`): that tells
+/// an urgent byte's mark from an empty socket or its end.
+pub fn splice_in(from: &impl AsRawFd, pipe: &Pipe) -> io::Result<Spliced> {
+    let stuck = match splice(from, &pipe.write, pipe.capacity) {
+        Ok(0) => Spliced::End,
+        Ok(n) => return Ok(Spliced::Moved(n)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Spliced::Drained,
+        Err(e) => return Err(e),
+    };
+    let mut waiting: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    net::syscall(unsafe { libc::ioctl(from.as_raw_fd(), libc::FIONREAD, &mut waiting) } as isize)?;
+    Ok(if waiting > 0 {
+        Spliced::UrgentMark
+    } else {
+        stuck
+    })
+}
+
 /// Moves up to `len` bytes from `from` to `to`, one of which is a pipe,
 /// without blocking. A socket whose peer is gone answers EPIPE; SIGPIPE is
 /// ignored by every Rust program.

@@ -266,3 +266,32 @@ fn an_ipv6_client_rotating_within_its_slash_64_is_one_client() {
         );
     }
 }
+
+/// Connections that closed leave nothing of their idle timeout behind: an
+/// early io_uring worker kept each one's timer until it came due (memory
+/// growing with every short connection, and a wake-up for each). Expected:
+/// once they are gone, the worker sleeps through the time their timeouts
+/// would have come.
+#[test]
+fn closed_connections_leave_no_timer_behind() {
+    let (_server, sluice, admin) = start("", "    idle_timeout: 1s\n");
+    let text = std::fs::read_to_string(sluice.config_path()).unwrap();
+    assert!(text.contains("workers: 2"), "{text}");
+    for i in 0..1000 {
+        let (ok, stream) = served(client_ip(40 + i % 50), sluice.listen_addr());
+        assert!(ok);
+        drop(stream);
+    }
+    wait_until("every connection to close", || {
+        sample(&scrape(admin), "sluice_connections_active", &[]) == Some(0.0)
+    });
+    let wakeups = worker_wakeups(sluice.pid());
+    // Measuring quiet, past the time every timeout would have come: a
+    // sleep, not a wait for an event.
+    std::thread::sleep(Duration::from_millis(1500));
+    let woke = worker_wakeups(sluice.pid()) - wakeups;
+    assert!(
+        woke < 20,
+        "the workers woke {woke} times in 1.5 s with no connection open"
+    );
+}

@@ -317,3 +317,195 @@ fn sending_on_after_the_backend_closed_resets_that_connection_only() {
         assert_eq!(reply, b"bye", "{engine}: sluice serves on");
     }
 }
+
+/// Sends `byte` as TCP urgent data (`MSG_OOB`).
+fn send_urgent(stream: &TcpStream, byte: u8) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: sends one byte from a live buffer.
+    let sent = unsafe { libc::send(stream.as_raw_fd(), [byte].as_ptr().cast(), 1, libc::MSG_OOB) };
+    assert_eq!(sent, 1, "{}", std::io::Error::last_os_error());
+}
+
+/// A backend that reads to the end of the stream and reports every byte.
+fn recorder() -> (TestServer, mpsc::Receiver<Vec<u8>>) {
+    let (report, received) = mpsc::channel();
+    let report = std::sync::Mutex::new(report);
+    let server = TestServer::start(move |mut stream| {
+        let mut data = Vec::new();
+        let _ = stream.read_to_end(&mut data);
+        let _ = report.lock().unwrap().send(data);
+    });
+    (server, received)
+}
+
+/// A client's urgent byte (`MSG_OOB`) stops `splice(2)` at its mark: an
+/// early sluice then spun on a readable socket (io_uring), waited for a
+/// readiness edge that never came (epoll), and took the FIN that followed
+/// for the end of the stream, so the backend got a clean end of a
+/// truncated stream; the copy engine dropped the byte. Expected: every
+/// byte in order, the urgent one too, with no CPU spent while the stream
+/// waits, and the FIN only after all of them. `auto` has splicing on by
+/// the time the urgent byte comes (a bulk start).
+#[test]
+fn an_urgent_byte_arrives_in_order_among_the_others() {
+    for (engine, bulk) in [("splice", 100), ("copy", 100), ("auto", 1_000_000)] {
+        an_urgent_byte_arrives_in_order_among_the_others_with(engine, bulk);
+    }
+}
+
+fn an_urgent_byte_arrives_in_order_among_the_others_with(engine: &str, bulk: usize) {
+    let (server, received) = recorder();
+    let sluice = Sluice::start(&config(
+        free_addr(unique_loopback()),
+        &[("recorder".into(), server.addr)],
+        &engine_key(engine),
+    ));
+    let mut client = connect_from(client_ip(72), sluice.listen_addr());
+    let mut expected = vec![0u8; bulk];
+    Noise::new(3).fill(&mut expected);
+    client.write_all(&expected).unwrap();
+    send_urgent(&client, b'!');
+    expected.push(b'!');
+    // The urgent byte waits at its mark now: a relay that spins on it
+    // burns a core meanwhile. (Measuring quiet: a sleep, not a wait for
+    // an event.)
+    thread::sleep(Duration::from_millis(200));
+    let cpu = cpu_time(sluice.pid());
+    thread::sleep(Duration::from_millis(500));
+    let spent = cpu_time(sluice.pid()) - cpu;
+    assert!(
+        spent < Duration::from_millis(150),
+        "{engine}: sluice used {spent:?} of CPU in 500 ms with one stream waiting"
+    );
+    let after = b"after the urgent byte. ".repeat(5);
+    client.write_all(&after).unwrap();
+    expected.extend_from_slice(&after);
+    client.shutdown(Shutdown::Write).unwrap();
+    let got = received.recv_timeout(DEADLINE).unwrap();
+    assert_eq!(got.len(), expected.len(), "{engine}: bytes the backend got");
+    assert!(got == expected, "{engine}: the bytes arrived out of order");
+}
+
+/// A backend that answers each byte it reads with a reply in two small
+/// writes, 2 ms apart. Without TCP_NODELAY on sluice's side of the client, the second
+/// piece waits for the client's delayed ACK of the first (Nagle): about
+/// 40 ms per round trip instead of well under one.
+#[test]
+fn a_reply_in_two_pieces_is_not_held_back_by_nagle() {
+    let server = TestServer::start(|mut stream| {
+        stream.set_nodelay(true).unwrap();
+        let mut byte = [0u8; 1];
+        while stream.read_exact(&mut byte).is_ok() {
+            if stream.write_all(b"+O").is_err() {
+                break;
+            }
+            // Long enough for sluice to send the first piece on its own.
+            thread::sleep(Duration::from_millis(2));
+            if stream.write_all(b"K\r\n").is_err() {
+                break;
+            }
+        }
+    });
+    for engine in ENGINES {
+        let sluice = Sluice::start(&config(
+            free_addr(unique_loopback()),
+            &[("two-pieces".into(), server.addr)],
+            &engine_key(engine),
+        ));
+        let mut client = connect_from(client_ip(73), sluice.listen_addr());
+        client.set_nodelay(true).unwrap();
+        let mut times: Vec<Duration> = (0..21)
+            .map(|_| {
+                let started = std::time::Instant::now();
+                client.write_all(b"?").unwrap();
+                let mut reply = [0u8; 5];
+                client.read_exact(&mut reply).unwrap();
+                assert_eq!(&reply, b"+OK\r\n");
+                started.elapsed()
+            })
+            .collect();
+        times.sort();
+        let median = times[times.len() / 2];
+        assert!(
+            median < Duration::from_millis(25),
+            "{engine}: a round trip takes {median:?} (the median of 21)"
+        );
+    }
+}
+
+/// Bytes the kernel has not had acknowledged yet on `stream`.
+fn unacknowledged(stream: &TcpStream) -> usize {
+    use std::os::fd::AsRawFd;
+    let mut queued: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ writes one int.
+    let done = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+    assert_eq!(done, 0, "{}", std::io::Error::last_os_error());
+    queued as usize
+}
+
+/// A backend that sends bytes and then resets: the client must get every
+/// byte sluice took from the backend, then the reset (never fewer bytes,
+/// never a clean end of stream), and the log must count what the client
+/// got. Once with a client that reads as the bytes come (the backend sends
+/// 100-byte pieces), once with a client that reads only after the reset
+/// (sluice holds what the client has no room for when the reset comes).
+#[test]
+fn a_backend_reset_reaches_the_client_after_every_byte_sluice_took() {
+    for engine in ENGINES {
+        for (pieces, piece, reads_late) in [(10, 100, false), (8, 32 * 1024, true)] {
+            backend_reset_after_bytes(engine, pieces, piece, reads_late);
+        }
+    }
+}
+
+fn backend_reset_after_bytes(engine: &str, pieces: usize, piece: usize, reads_late: bool) {
+    let (reset_done, after_reset) = mpsc::channel();
+    let reset_done = std::sync::Mutex::new(reset_done);
+    let server = TestServer::start(move |mut stream| {
+        stream.set_nodelay(true).unwrap();
+        let mut data = vec![0u8; pieces * piece];
+        Noise::new(4).fill(&mut data);
+        for chunk in data.chunks(piece) {
+            stream.write_all(chunk).unwrap();
+            thread::sleep(Duration::from_millis(2));
+        }
+        // Once sluice's kernel has every byte, reset.
+        wait_until("sluice to take every byte", || unacknowledged(&stream) == 0);
+        reset(stream);
+        let _ = reset_done.lock().unwrap().send(());
+    });
+    let sluice = Sluice::start(&format!(
+        "log:\n  connections: true\n{}",
+        config(
+            free_addr(unique_loopback()),
+            &[("resetter".into(), server.addr)],
+            &engine_key(engine),
+        )
+    ));
+    let mut client = connect_from(client_ip(74), sluice.listen_addr());
+    if reads_late {
+        after_reset.recv_timeout(DEADLINE).unwrap();
+    }
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let error = loop {
+        match client.read(&mut buf) {
+            Ok(0) => panic!("{engine}: a clean end of stream after {} bytes", got.len()),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => break e,
+        }
+    };
+    let mut expected = vec![0u8; pieces * piece];
+    Noise::new(4).fill(&mut expected);
+    assert_eq!(
+        (got.len(), error.kind()),
+        (expected.len(), std::io::ErrorKind::ConnectionReset),
+        "{engine}, reads late: {reads_late}: bytes before the reset"
+    );
+    assert!(got == expected, "{engine}: the bytes arrived corrupted");
+    let line = sluice.wait_for_log("connection closed");
+    assert!(
+        line.contains(&format!("to_client={}", expected.len())),
+        "{engine}: {line}"
+    );
+}

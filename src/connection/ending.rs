@@ -83,6 +83,13 @@ pub struct Classified {
     /// an error, never as a clean end of stream that would pass a
     /// truncated reply off as whole.
     pub reset: bool,
+    /// Before the reset, every byte sluice took from this side still goes
+    /// to the other (the bytes first, then the reset, as a direct
+    /// connection would have it): what the driver holds, and what the
+    /// other side's socket has not sent yet. That takes as long as the
+    /// other side takes to read them, bounded like any relaying by
+    /// `idle_timeout` and the drain's `shutdown_timeout`.
+    pub flush_from: Option<Side>,
     pub passive: Passive,
     /// What it counts in `sluice_connection_errors_total`.
     pub counted: Option<ErrorReason>,
@@ -90,6 +97,10 @@ pub struct Classified {
 
 /// The rules, in one place.
 pub fn classify(ending: &Ending) -> Classified {
+    let flush_from = match ending {
+        Ending::Failed { side, .. } => Some(*side),
+        _ => None,
+    };
     let (close, reset, passive, counted): (Cow<'static, str>, _, _, _) = match ending {
         Ending::Connected => ("".into(), false, Passive::Healthy, None),
         Ending::ConnectFailed(error) if is_local_error(error) => (
@@ -136,6 +147,7 @@ pub fn classify(ending: &Ending) -> Classified {
     Classified {
         close,
         reset,
+        flush_from,
         passive,
         counted,
     }

@@ -12,7 +12,8 @@
 //!   and from then on splicing saves a copy of every byte; a splice that
 //!   moves less than [`SMALL`] goes back to copying, which costs less per
 //!   message than a trip through a pipe. When the worker has no pipe to
-//!   spare, a direction copies instead.
+//!   spare, or splice(2) is stuck at a TCP urgent byte's mark, a direction
+//!   copies instead, for the time being.
 
 use std::io;
 use std::net::Shutdown;
@@ -105,8 +106,8 @@ impl EngineChoice {
 
     /// A copy took `n` bytes into a buffer of `size`: a full buffer turns
     /// `auto` to splicing, and `splice` goes back to splicing after the
-    /// one copy a pipe shortage made ([`EngineChoice::no_pipe`]). Returns
-    /// whether it switched.
+    /// one copy [`EngineChoice::copy_for_now`] made. Returns whether it
+    /// switched.
     pub fn copied(&mut self, n: usize, size: usize) -> bool {
         let switch = !self.splicing
             && match self.engine {
@@ -125,9 +126,11 @@ impl EngineChoice {
         }
     }
 
-    /// The worker has no pipe to spare: copy, until the next full read
-    /// under `auto`, for one read under `splice`.
-    pub fn no_pipe(&mut self) {
+    /// The direction cannot splice now: the worker has no pipe to spare,
+    /// or the source's next byte is urgent data, at whose mark splice(2)
+    /// stops. Copy, until the next full read under `auto`, for one read
+    /// under `splice`.
+    pub fn copy_for_now(&mut self) {
         self.splicing = false;
     }
 }
@@ -171,12 +174,12 @@ mod tests {
         assert!(splice.splicing());
         splice.spliced(1);
         assert!(splice.splicing(), "splice stays on small messages");
-        splice.no_pipe();
+        splice.copy_for_now();
         assert!(!splice.splicing());
         assert!(splice.copied(10, 16384) && splice.splicing());
         let mut auto = EngineChoice::new(Engine::Auto);
         auto.copied(16384, 16384);
-        auto.no_pipe();
+        auto.copy_for_now();
         assert!(!auto.copied(10, 16384), "auto copies small messages");
     }
 }

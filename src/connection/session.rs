@@ -283,6 +283,15 @@ impl Session {
         }
     }
 
+    /// `n` of the bytes from `from` reported [`moved`](Self::moved) never
+    /// left the destination's socket: the reset that ends the connection
+    /// discards them. The connection's log line counts what was delivered;
+    /// the metric, which moves as bytes go, keeps them.
+    pub fn undelivered(&mut self, from: Side, n: usize) {
+        let bytes = &mut self.bytes[from as usize];
+        bytes.total = bytes.total.saturating_sub(n as u64);
+    }
+
     /// When the connection is idle for `idle_timeout`, if it has one: the
     /// driver ends it then ([`Ending::Idle`](super::ending::Ending::Idle)).
     pub fn idle_deadline(&self) -> Option<Instant> {

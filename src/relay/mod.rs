@@ -112,13 +112,14 @@ pub async fn serve(
     let header_sent = proxy_header.map_or(Ok(()), |header| {
         proxy_protocol::send(backend.get_ref(), &header).map_err(|e| Failure::new(Side::Backend, e))
     });
+    let (client, backend) = (&client, &backend);
     let outcome = if let Err(failure) = header_sent {
         Ended::Failed(failure)
     } else {
         // The future holds one pointer to the relay, not one per field:
         // this is most of what an idle connection costs.
         let relay = &mut relay;
-        let (client, backend) = (&client, &backend);
+        let mut shutdown = shutdown.as_mut();
         poll_fn(move |cx| {
             if shutdown.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Ended::Shutdown);
@@ -138,11 +139,28 @@ pub async fn serve(
             error: &failure.error,
         }),
     };
-    if classified.reset {
-        net::abort(&client);
-        net::abort(&backend);
+    if let Some(from) = classified.flush_from {
+        let relay = &mut relay;
+        let mut flush = Flush::default();
+        poll_fn(|cx| {
+            if shutdown.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(());
+            }
+            relay.poll_flush(cx, &mut flush, from, (client, backend))
+        })
+        .await;
     }
-    drop((client, backend));
+    if classified.reset {
+        // What the sockets took and have not sent is lost with the reset:
+        // the log counts what was delivered.
+        for (from, to) in [(Side::Client, backend), (Side::Backend, client)] {
+            relay
+                .session
+                .undelivered(from, net::unsent(to).unwrap_or(0));
+        }
+        net::abort(client);
+        net::abort(backend);
+    }
     relay.session.close(Some(&classified), shared);
 }
 
@@ -213,21 +231,79 @@ impl Relay {
             Ok(Some(finished)) => return Poll::Ready(Ended::Finished(finished)),
             Ok(None) => {}
         }
-        if let (Some(timer), Some(deadline)) = (&mut self.idle, session.idle_deadline()) {
+        self.poll_idle(cx).map(|()| Ended::Idle)
+    }
+
+    /// Ready once nothing has moved either way for `idle_timeout`.
+    fn poll_idle(&mut self, cx: &mut Context) -> Poll<()> {
+        if let (Some(timer), Some(deadline)) = (&mut self.idle, self.session.idle_deadline()) {
             if Instant::now() >= deadline {
-                return Poll::Ready(Ended::Idle);
+                return Poll::Ready(());
             }
             if timer.deadline() != deadline.into() {
                 timer.as_mut().reset(deadline.into());
             }
             if timer.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Ended::Idle);
+                return Poll::Ready(());
             }
         }
         Poll::Pending
     }
+
+    /// Delivers what was taken from `from` to the other side, and waits
+    /// until the other side's socket has sent it all (see
+    /// [`Classified::flush_from`]): ready then, or once the destination
+    /// fails or the connection has been idle for `idle_timeout`.
+    fn poll_flush(
+        &mut self,
+        cx: &mut Context,
+        flush: &mut Flush,
+        from: Side,
+        (client, backend): (&Socket, &Socket),
+    ) -> Poll<()> {
+        let (direction, to) = match from {
+            Side::Client => (&mut self.upstream, backend),
+            Side::Backend => (&mut self.downstream, client),
+        };
+        let session = &mut self.session;
+        let sent = direction
+            .poll_flush(cx, to, |n| session.moved(from, n))
+            .map(|flushed| flushed.and_then(|()| ready_once_sent(cx, to, flush)));
+        match sent {
+            Poll::Ready(Ok(Poll::Pending)) | Poll::Pending => self.poll_idle(cx),
+            Poll::Ready(_) => Poll::Ready(()),
+        }
+    }
 }
 
+/// Where a flush stands: whether its destination polls writable only once
+/// it has sent everything.
+#[derive(Default)]
+struct Flush {
+    writable_once_sent: bool,
+}
+
+/// Whether `to` has sent every byte it took: ready then, pending while it
+/// has not (woken when it has).
+fn ready_once_sent(cx: &mut Context, to: &Socket, flush: &mut Flush) -> io::Result<Poll<()>> {
+    if !flush.writable_once_sent {
+        if net::unsent(to)? == 0 {
+            return Ok(Poll::Ready(()));
+        }
+        net::writable_once_sent(to)?;
+        flush.writable_once_sent = true;
+    }
+    loop {
+        let mut ready = match to.poll_write_ready(cx) {
+            Poll::Ready(ready) => ready?,
+            Poll::Pending => return Ok(Poll::Pending),
+        };
+        if net::sent_everything(to)? {
+            return Ok(Poll::Ready(()));
+        }
+        ready.clear_ready_matching(tokio::io::Ready::WRITABLE);
+    }
+}
 /// Moves what one direction has to move now, and passes its FIN on once
 /// it is finished: `Some` once the connection is over.
 fn drive(

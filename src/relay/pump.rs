@@ -36,7 +36,7 @@ use tokio::io::Ready;
 use crate::config::Engine;
 use crate::connection::relaying::EngineChoice;
 use crate::net::{self, Socket};
-use crate::pipe::{splice, Pipe};
+use crate::pipe::{splice, splice_in, Pipe, Spliced};
 
 use super::{Failure, Side};
 
@@ -63,6 +63,8 @@ enum Step {
     WouldBlock,
     /// The source sent FIN.
     End,
+    /// Splicing is stuck at an urgent byte's mark: copy the next read.
+    UrgentMark,
     /// `n` bytes came in; `pending` is what the destination did not take yet.
     Moved { n: usize, pending: Option<Pending> },
 }
@@ -117,25 +119,13 @@ impl Direction {
             from_side: self.from_side,
         };
         loop {
-            if let Some(held) = &mut self.pending {
-                let (unsent, n) = &mut **held;
-                let mut ready = ready!(to.poll_write_ready(cx)).map_err(|e| ends.destination(e))?;
-                match ready.try_io(|_| unsent.write_to(to)) {
-                    Ok(Ok(())) => {
-                        moved(*n);
-                        if let Some(held) = self.pending.take() {
-                            held.0.done();
-                        }
-                    }
-                    Ok(Err(e)) => return Poll::Ready(Err(ends.destination(e))),
-                    Err(_would_block) => {}
-                }
-                continue;
+            if self.pending.is_some() {
+                ready!(self.poll_flush(cx, to, &mut moved)).map_err(|e| ends.destination(e))?;
             }
             let mut ready = ready!(from.poll_read_ready(cx)).map_err(|e| ends.source(e))?;
             let pipe = if self.engine.splicing() {
                 Pipe::take().or_else(|| {
-                    self.engine.no_pipe();
+                    self.engine.copy_for_now();
                     None
                 })
             } else {
@@ -148,6 +138,8 @@ impl Direction {
             };
             match step {
                 Step::WouldBlock => ready.clear_ready_matching(Ready::READABLE),
+                // Readiness is kept: the copy that follows reads at once.
+                Step::UrgentMark => self.engine.copy_for_now(),
                 // Nothing is pending here: all before the FIN was taken.
                 Step::End => return Poll::Ready(Ok(())),
                 Step::Moved { n, pending } => {
@@ -170,6 +162,34 @@ impl Direction {
                 }
             }
         }
+    }
+}
+
+impl Direction {
+    /// Writes what the destination has not taken yet, until nothing is
+    /// left (ready) or it takes no more for now (pending); `moved` is told
+    /// of the bytes it took.
+    pub fn poll_flush(
+        &mut self,
+        cx: &mut Context,
+        to: &Socket,
+        mut moved: impl FnMut(usize),
+    ) -> Poll<io::Result<()>> {
+        while let Some(held) = &mut self.pending {
+            let (unsent, n) = &mut **held;
+            let mut ready = ready!(to.poll_write_ready(cx))?;
+            match ready.try_io(|_| unsent.write_to(to)) {
+                Ok(Ok(())) => {
+                    moved(*n);
+                    if let Some(held) = self.pending.take() {
+                        held.0.done();
+                    }
+                }
+                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                Err(_would_block) => {}
+            }
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -218,21 +238,25 @@ impl Ends<'_> {
     /// Splices what the source has into `pipe`, and on from the pipe as far
     /// as the destination takes it; a pipe still holding bytes is pending.
     fn splice_in(&self, pipe: Pipe) -> Result<Step, Failure> {
-        let n = match splice(self.from, &pipe.write, pipe.capacity) {
-            Ok(0) => {
-                pipe.give_back();
-                return Ok(Step::End);
+        let stuck = match splice_in(self.from, &pipe) {
+            Ok(Spliced::Moved(n)) => {
+                return self.splice_out(Pending::Pipe { pipe, len: n }, n);
             }
-            Ok(n) => n,
+            Ok(Spliced::Drained) => Step::WouldBlock,
+            Ok(Spliced::End) => Step::End,
+            Ok(Spliced::UrgentMark) => Step::UrgentMark,
             Err(e) => {
                 pipe.give_back();
-                return match e.kind() {
-                    io::ErrorKind::WouldBlock => Ok(Step::WouldBlock),
-                    _ => Err(self.source(e)),
-                };
+                return Err(self.source(e));
             }
         };
-        let mut pending = Pending::Pipe { pipe, len: n };
+        pipe.give_back();
+        Ok(stuck)
+    }
+
+    /// Moves the `n` bytes a splice put in a pipe on to the destination,
+    /// as far as it takes them; a pipe still holding bytes is pending.
+    fn splice_out(&self, mut pending: Pending, n: usize) -> Result<Step, Failure> {
         match pending.write_to(self.to) {
             Ok(()) => {
                 pending.done();

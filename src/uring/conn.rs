@@ -49,6 +49,8 @@ impl Worker {
             session,
             header: Vec::new(),
             connecting: None,
+            timer: None,
+            flushing: None,
             flows: Default::default(),
             ending: None,
         });
@@ -64,7 +66,7 @@ impl Worker {
         let generation = conn.generation;
         match step {
             Step::ReadHeader { deadline } => {
-                self.add_timer(deadline, index, generation);
+                self.set_timer(index, Some(deadline));
                 self.arm(index, UP);
             }
             Step::Connect { addr, timeout } => {
@@ -132,12 +134,14 @@ impl Worker {
         match (op, flow) {
             (Op::Socket, _) => self.socket_made(index, result),
             (Op::Connect, _) => self.connected(index, result),
-            // A kernel without socket commands in the ring (before 6.7).
-            (Op::NoDelay, _) if result < 0 => {
+            // A kernel without socket commands in the ring (before 6.7):
+            // from now on, plain system calls.
+            (Op::SocketOption, _) if result < 0 && self.ring_socket_options => {
+                self.ring_socket_options = false;
                 let conn = self.conns[index as usize].as_ref().expect("checked above");
                 if let Some(backend) = &conn.backend {
-                    if let Err(e) = SockRef::from(backend).set_nodelay(true) {
-                        debug!("TCP_NODELAY on a backend socket: {e}");
+                    if let Err(e) = net::relay_options(backend) {
+                        debug!("socket options of a backend socket: {e}");
                     }
                 }
             }
@@ -197,24 +201,35 @@ impl Worker {
         // SAFETY: the ring made this descriptor for us alone.
         let socket = unsafe { OwnedFd::from_raw_fd(result) };
         let fd = socket.as_raw_fd();
+        if !self.ring_socket_options {
+            if let Err(e) = net::relay_options(&socket) {
+                debug!("socket options of a backend socket: {e}");
+            }
+        }
         conn.backend = Some(socket);
         let addr = &conn.connecting.as_ref().expect("dialing").addr;
         let connect = opcode::Connect::new(types::Fd(fd), addr.as_ptr().cast(), addr.len())
             .build()
             .user_data(Token::new(Op::Connect, index, generation).0);
-        // A balancer must not add Nagle delays to request/response
-        // traffic. Set in the ring, before the connect is issued.
-        static ONE: libc::c_int = 1;
-        let no_delay = opcode::SetSockOpt::new(
-            types::Fd(fd),
-            libc::IPPROTO_TCP as u32,
-            libc::TCP_NODELAY as u32,
-            (&ONE as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as u32,
-        )
-        .build()
-        .user_data(Token::new(Op::NoDelay, index, generation).0);
-        self.push_for(index, no_delay);
+        // The relay options, set in the ring before the connect is issued.
+        if self.ring_socket_options {
+            static ONE: libc::c_int = 1;
+            for (level, option) in [
+                (libc::IPPROTO_TCP, libc::TCP_NODELAY),
+                (libc::SOL_SOCKET, libc::SO_OOBINLINE),
+            ] {
+                let entry = opcode::SetSockOpt::new(
+                    types::Fd(fd),
+                    level as u32,
+                    option as u32,
+                    (&ONE as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as u32,
+                )
+                .build()
+                .user_data(Token::new(Op::SocketOption, index, generation).0);
+                self.push_for(index, entry);
+            }
+        }
         self.push_limited(index, connect);
     }
 
@@ -293,10 +308,9 @@ impl Worker {
         for flow in &mut conn.flows {
             flow.engine = EngineChoice::new(engine);
         }
-        if let Some(deadline) = conn.session.idle_deadline() {
-            let generation = conn.generation;
-            self.add_timer(deadline, index, generation);
-        }
+        // The idle timeout replaces the PROXY header's deadline.
+        let idle = conn.session.idle_deadline();
+        self.set_timer(index, idle);
         self.pump(index, UP);
         self.pump(index, DOWN);
     }
@@ -345,8 +359,8 @@ impl Worker {
 
     /// A deadline of connection `index` came: its PROXY header's, or its
     /// idle timeout's.
-    pub(super) fn deadline(&mut self, index: u32, generation: u32, now: Instant) {
-        let Some(conn) = self.conn(index, generation) else {
+    pub(super) fn deadline(&mut self, index: u32, now: Instant) {
+        let Some(conn) = self.conns[index as usize].as_mut() else {
             return;
         };
         if conn.ending.is_some() {
@@ -364,7 +378,7 @@ impl Worker {
             return;
         };
         if now < due {
-            return self.add_timer(due, index, generation);
+            return self.set_timer(index, Some(due));
         }
         let stalled = conn.flows.iter().any(Flow::holding);
         self.end(index, Some(ending::classify(&Ending::Idle { stalled })));
@@ -382,8 +396,12 @@ impl Worker {
         }
     }
 
-    /// `side` failed with `error`: the connection ends, both sides reset.
+    /// `side` failed with `error`: the connection ends, both sides reset
+    /// (once what it took from `side` is delivered: [`Worker::flush`]).
     pub(super) fn fail(&mut self, index: u32, side: Side, error: io::Error) {
+        if self.failed_while_flushing(index, side) {
+            return;
+        }
         self.end(
             index,
             Some(ending::classify(&Ending::Failed {
@@ -396,7 +414,9 @@ impl Worker {
     /// Ends connection `index`: everything armed on its sockets is
     /// cancelled, and once the last completion is in it is closed and
     /// logged ([`Worker::finish`]). `how` is `None` when it was turned away
-    /// (logged already).
+    /// (logged already). A reset that must deliver the failed side's bytes
+    /// first waits for them ([`Worker::flush`]); a connection flushing
+    /// ends at once, whatever `how`, for the reason the flush began with.
     pub(super) fn end(&mut self, index: u32, how: Option<Classified>) {
         let Some(conn) = self.conns[index as usize].as_mut() else {
             // Finished already, by an earlier step of this turn.
@@ -405,8 +425,25 @@ impl Worker {
         if conn.ending.is_some() {
             return;
         }
+        let how = match (conn.flushing.take(), how) {
+            (Some(flushing), _) => Some(flushing.how),
+            (None, Some(how)) => match self.flush(index, how) {
+                Some(how) => Some(how),
+                None => return,
+            },
+            (None, None) => None,
+        };
+        let conn = self.conns[index as usize].as_mut().expect("live above");
         let generation = conn.generation;
         if how.as_ref().is_some_and(|c| c.reset) {
+            // What the sockets took and have not sent is lost with the
+            // reset: the log counts what was delivered.
+            for f in [UP, DOWN] {
+                if let Some(to) = conn.destination(f) {
+                    let unsent = net::unsent(&super::flow::borrowed(to)).unwrap_or(0);
+                    conn.session.undelivered(source_side(f), unsent);
+                }
+            }
             net::abort(&conn.client);
             if let Some(backend) = &conn.backend {
                 net::abort(backend);
@@ -430,6 +467,7 @@ impl Worker {
     /// sockets, then its session (which frees its places, judges and
     /// logs it).
     pub(super) fn finish(&mut self, index: u32) {
+        self.set_timer(index, None);
         let conn = self.conns[index as usize]
             .take()
             .expect("a live connection");

@@ -34,7 +34,7 @@ use io_uring::{opcode, squeue, types};
 use super::state::{error_of, source_side};
 use super::{FlowOp, Op, Token, Worker, BUFFER_SIZE};
 use crate::connection::relaying::{shutdown_write, PassFin};
-use crate::pipe::{splice, Pipe};
+use crate::pipe::{splice, splice_in, Pipe, Spliced};
 
 /// Bytes a direction may hold for a slow destination before it stops
 /// receiving.
@@ -187,8 +187,12 @@ impl Worker {
         }
         let generation = conn.generation;
         let to = conn.destination(f).expect("relaying");
+        let flushing_elsewhere = conn
+            .flushing
+            .as_ref()
+            .is_some_and(|flushing| flushing.flow != f);
         let flow = &mut conn.flows[f];
-        if !flow.sending && flow.pipe.is_none() {
+        if !flow.sending && flow.pipe.is_none() && !flushing_elsewhere {
             // A ring buffer is sent without waiting for room; the backlog
             // (behind it) may wait.
             let next = match flow.lent {
@@ -211,6 +215,14 @@ impl Worker {
             // Finished already, by an earlier step of this turn.
             return;
         };
+        if let Some(flushing) = &conn.flushing {
+            // Only the failed side's bytes go on, and no more come in.
+            let flow = &conn.flows[f];
+            if flushing.flow == f && !flow.sending && !flow.holding() {
+                self.flushed(index);
+            }
+            return;
+        }
         let flow = &mut conn.flows[f];
         let from = source_side(f);
         if flow.eof && !conn.session.passed(from) && !flow.sending && !flow.holding() {
@@ -269,6 +281,13 @@ impl Worker {
 
     /// The source of direction `f` is readable: splice what it has.
     pub(super) fn splice_from(&mut self, index: u32, f: usize) {
+        if self.conns[index as usize]
+            .as_ref()
+            .is_some_and(|conn| conn.flushing.is_some())
+        {
+            // Nothing more is taken in: the poll came as it was cancelled.
+            return self.pump(index, f);
+        }
         loop {
             let Some(conn) = self.conns[index as usize].as_mut() else {
                 // Finished already, by an earlier step of this turn.
@@ -277,19 +296,21 @@ impl Worker {
             let from = conn.source(f).expect("relaying");
             let flow = &mut conn.flows[f];
             let Some(pipe) = Pipe::take() else {
-                flow.engine.no_pipe();
+                flow.engine.copy_for_now();
                 break;
             };
             let capacity = pipe.capacity;
-            let n = match splice(&borrowed(from), &pipe.write, capacity) {
-                Ok(0) => {
+            let spliced = splice_in(&borrowed(from), &pipe);
+            let n = match spliced {
+                Ok(Spliced::Moved(n)) => n,
+                Ok(stuck) => {
                     pipe.give_back();
-                    flow.eof = true;
-                    break;
-                }
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    pipe.give_back();
+                    match stuck {
+                        Spliced::End => flow.eof = true,
+                        // One copy steps past the mark.
+                        Spliced::UrgentMark => flow.engine.copy_for_now(),
+                        _ => {}
+                    }
                     break;
                 }
                 Err(e) => {

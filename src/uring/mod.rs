@@ -27,10 +27,11 @@ mod backlog;
 mod buffers;
 mod conn;
 mod flow;
+mod flush;
 mod state;
+mod timers;
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -44,6 +45,7 @@ use crate::shared::Shared;
 use accept::Listening;
 use buffers::Buffers;
 use state::Conn;
+use timers::Timers;
 
 /// Submission queue entries; the completion queue has four times as many,
 /// room for the bursts of multishot operations.
@@ -71,8 +73,9 @@ enum Op {
     Socket,
     Connect,
     ConnectTimeout,
-    /// TCP_NODELAY on a new backend socket (`SOCKET_URING_OP_SETSOCKOPT`).
-    NoDelay,
+    /// One of the [`relay_options`](crate::net::relay_options) on a new
+    /// backend socket (`SOCKET_URING_OP_SETSOCKOPT`).
+    SocketOption,
     /// Flow operations: `Flow + 2 * kind + flow`, see [`FlowOp`].
     Flow,
 }
@@ -85,7 +88,7 @@ const PLAIN_OPS: [Op; 7] = [
     Op::Socket,
     Op::Connect,
     Op::ConnectTimeout,
-    Op::NoDelay,
+    Op::SocketOption,
 ];
 
 /// The operations of one direction of a connection.
@@ -236,9 +239,9 @@ pub struct Worker {
     free: Vec<u32>,
     /// Bumped each time a slot is taken.
     generation: u32,
-    /// Deadlines of header waits and idle timeouts: (when, slot,
-    /// generation). Stale entries are skipped when they come due.
-    timers: BinaryHeap<Reverse<(Instant, u32, u32)>>,
+    /// Deadlines of header waits and idle timeouts, one per connection at
+    /// most.
+    timers: Timers,
     /// Directions whose receive ran out of buffers: re-armed once some
     /// are back.
     starved: Vec<(u32, u32, usize)>,
@@ -256,6 +259,9 @@ pub struct Worker {
     accept_queue: usize,
     /// The kernel can limit a multishot receive's total (Linux 6.17).
     bounded_multishot: bool,
+    /// The kernel sets socket options in the ring (Linux 6.7); until one
+    /// fails, backend sockets get theirs there.
+    ring_socket_options: bool,
 }
 
 impl Worker {
@@ -272,7 +278,7 @@ impl Worker {
             conns: Vec::new(),
             free: Vec::new(),
             generation: 0,
-            timers: BinaryHeap::new(),
+            timers: Timers::default(),
             starved: Vec::new(),
             held: VecDeque::new(),
             paused: false,
@@ -283,6 +289,7 @@ impl Worker {
             // The kernel queues one more than the backlog it allows.
             accept_queue: accept::somaxconn() + 1,
             bounded_multishot,
+            ring_socket_options: true,
         })
     }
 
@@ -321,7 +328,7 @@ impl Worker {
     /// Submits what is queued and waits for a completion, or until the
     /// earliest deadline.
     fn wait(&mut self) -> io::Result<()> {
-        let mut deadline = self.timers.peek().map(|Reverse((when, _, _))| *when);
+        let mut deadline = self.timers.next();
         if self.needs_tick() {
             let tick = Instant::now() + TICK;
             deadline = Some(deadline.map_or(tick, |d| d.min(tick)));
@@ -415,17 +422,20 @@ impl Worker {
     /// Deadlines that have come: a header that never came, an idle
     /// connection.
     fn expire(&mut self, now: Instant) {
-        while let Some(&Reverse((when, index, generation))) = self.timers.peek() {
-            if when > now {
-                break;
+        while let Some(index) = self.timers.pop_due(now) {
+            if let Some(conn) = self.conns[index as usize].as_mut() {
+                conn.timer = None;
             }
-            self.timers.pop();
-            self.deadline(index, generation, now);
+            self.deadline(index, now);
         }
     }
 
-    fn add_timer(&mut self, when: Instant, index: u32, generation: u32) {
-        self.timers.push(Reverse((when, index, generation)));
+    /// Sets (or with `None` removes) the deadline of connection `index`.
+    fn set_timer(&mut self, index: u32, when: Option<Instant>) {
+        if let Some(conn) = self.conns[index as usize].as_mut() {
+            self.timers.set(index, conn.timer, when);
+            conn.timer = when;
+        }
     }
 
     /// Takes a free slot for a new connection: its index and generation.

@@ -6,11 +6,13 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::time::Instant;
 
 use io_uring::types;
 use socket2::SockAddr;
 
 use super::backlog::Backlog;
+use super::flush::Flushing;
 use crate::connection::ending::{Classified, Side};
 use crate::connection::relaying::EngineChoice;
 use crate::connection::session::Session;
@@ -29,6 +31,11 @@ pub struct Conn {
     /// The connect being made, while dialing.
     pub(super) connecting: Option<Box<Connecting>>,
     pub(super) flows: [Flow; 2],
+    /// Its deadline among the worker's timers: when its PROXY header is
+    /// due, or its idle timeout (as last set; bytes may have moved since).
+    pub(super) timer: Option<Instant>,
+    /// A failed side's last bytes on their way, before the reset.
+    pub(super) flushing: Option<Box<Flushing>>,
     /// Set once it is ending: how (nothing to log if `None` inside).
     pub(super) ending: Option<Option<Classified>>,
 }
