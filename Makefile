@@ -14,7 +14,9 @@
 #   make fuzz      every fuzz target for FUZZ_SECONDS each (default 60), with
 #                  libFuzzer (installs cargo-fuzz); see scripts/fuzz
 #   make soak      mixed traffic with faults for SOAK_SECONDS (default 600), on the
-#                  release build; writes benches/SOAK.md. Not part of `make test`.
+#                  release build; writes benches/SOAK.md. Then the differential test
+#                  of the drivers on SLUICE_DIFF_SEEDS (default 5000) random seeds.
+#                  Not part of `make test`.
 
 PREFIX  ?= /usr/local
 DESTDIR ?=
@@ -67,6 +69,7 @@ fuzz:
 
 soak: deps
 	SOAK_SECONDS=$(SOAK_SECONDS) $(CARGO) test --release --test soak -- --ignored --nocapture
+	$(CARGO) test --release --test differential -- --ignored --nocapture
 
 # The default BIN is built first; another BIN is installed as it is.
 install: $(if $(filter target/release/sluice,$(BIN)),build)

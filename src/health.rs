@@ -268,13 +268,16 @@ fn mysql_greeting(reply: &[u8]) -> Judgement {
 pub async fn probe(addr: SocketAddr, settings: &HealthProbe) -> Result<(), ProbeFailure> {
     let (send, check) = exchange(settings);
     let exchange = async {
-        let stream =
-            net::connect(addr, Duration::ZERO)
-                .await
-                .map_err(|e| match is_local_error(&e) {
-                    true => ProbeFailure::Local(e.to_string()),
-                    false => ProbeFailure::Connect(e.to_string()),
-                })?;
+        let connected = net::connect(addr, Duration::ZERO)
+            .await
+            .and_then(|(stream, reset)| {
+                // A backend that resets a connection as it accepts it fails.
+                reset.map_or(Ok(stream), Err)
+            });
+        let stream = connected.map_err(|e| match is_local_error(&e) {
+            true => ProbeFailure::Local(e.to_string()),
+            false => ProbeFailure::Connect(e.to_string()),
+        })?;
         if settings.proxy_version != SendProxy::Off {
             // From the probe's own address to the backend's.
             let socket = stream.get_ref();

@@ -69,10 +69,18 @@ pub fn local_addr(socket: &impl AsFd) -> io::Result<SocketAddr> {
 /// limit), and returns the socket non-blocking and registered with the
 /// calling thread's reactor, with the [`relay_options`] set.
 ///
+/// With it, the error that already ended the connection if the backend
+/// reset it as soon as it had accepted it: a socket reports a failure
+/// once, here to the connect, and a connect that was accepted succeeded
+/// (a refusal is `ECONNREFUSED`), so the relay must hear of it from here.
+///
 /// The connect is driven by readiness rather than an io_uring op so that a
 /// timed-out attempt closes its socket at once: an abandoned io_uring connect
 /// would keep the descriptor until the kernel gives up on the SYN (minutes).
-pub async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<Socket> {
+pub async fn connect(
+    addr: SocketAddr,
+    timeout: Duration,
+) -> io::Result<(Socket, Option<io::Error>)> {
     let socket = socket2::Socket::new(
         Domain::for_address(addr),
         Type::STREAM.nonblocking(),
@@ -88,25 +96,27 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<Socket> 
         TcpStream::from(socket),
         Interest::READABLE | Interest::WRITABLE,
     )?;
-    if in_progress {
-        // With epoll, a connecting socket turns writable once the handshake
-        // is over, however it ended; SO_ERROR says how.
-        let established = async {
-            socket.writable().await?.retain_ready();
-            match socket.get_ref().take_error()? {
-                Some(e) => Err(e),
-                None => Ok(()),
-            }
-        };
-        if timeout.is_zero() {
-            established.await?;
-        } else {
-            tokio::time::timeout(timeout, established)
-                .await
-                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
-        }
+    if !in_progress {
+        return Ok((socket, None));
     }
-    Ok(socket)
+    // With epoll, a connecting socket turns writable once the handshake is
+    // over, however it ended; SO_ERROR says how.
+    let established = async {
+        socket.writable().await?.retain_ready();
+        match socket.get_ref().take_error()? {
+            Some(e) if e.kind() == io::ErrorKind::ConnectionReset => Ok(Some(e)),
+            Some(e) => Err(e),
+            None => Ok(None),
+        }
+    };
+    let reset = if timeout.is_zero() {
+        established.await?
+    } else {
+        tokio::time::timeout(timeout, established)
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??
+    };
+    Ok((socket, reset))
 }
 
 /// Registers `socket` with the calling thread's reactor, for readiness.
@@ -134,6 +144,14 @@ pub fn abort(socket: &impl AsFd) {
     // Ignored if it fails: a socket the peer already reset has nothing left
     // to reset.
     let _ = SockRef::from(socket).set_linger(Some(Duration::ZERO));
+}
+
+/// Bytes waiting to be read from `socket` (`FIONREAD`).
+pub fn queued(socket: &impl AsRawFd) -> io::Result<usize> {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    syscall(unsafe { libc::ioctl(socket.as_raw_fd(), libc::FIONREAD, &mut queued) } as isize)?;
+    Ok(queued as usize)
 }
 
 /// Bytes `socket` has taken and not sent yet (`SIOCOUTQNSD`): what a
@@ -200,5 +218,39 @@ pub fn syscall(result: isize) -> io::Result<usize> {
         Err(io::Error::last_os_error())
     } else {
         Ok(result as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::task::{Context, Waker};
+
+    use super::*;
+
+    /// A backend that resets the connection as it accepts it: the connect
+    /// succeeded, and the reset (which the socket reports once, here to
+    /// the connect) comes with the socket, not as a failed connect.
+    #[test]
+    fn a_connect_reset_at_once_is_a_connect_and_its_reset() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        runtime.block_on(async {
+            let mut connect = std::pin::pin!(connect(addr, Duration::from_secs(5)));
+            // The SYN goes out; the handshake ends in the kernel.
+            let mut cx = Context::from_waker(Waker::noop());
+            assert!(connect.as_mut().poll(&mut cx).is_pending());
+            let (accepted, _) = listener.accept().unwrap();
+            abort(&accepted);
+            drop(accepted);
+            let (socket, reset) = connect.await.expect("the connect succeeded");
+            let reset = reset.expect("and was reset");
+            assert_eq!(reset.kind(), io::ErrorKind::ConnectionReset);
+            drop(socket);
+        });
     }
 }

@@ -204,7 +204,7 @@ fn pages_allowed() -> usize {
 }
 
 /// What a splice from a socket into a pipe came to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Spliced {
     /// This many bytes are in the pipe now.
     Moved(usize),
@@ -216,27 +216,30 @@ pub enum Spliced {
     /// stops at its mark and moves nothing, though the socket polls
     /// readable (and, after a FIN, returns 0 as if at the end). One read
     /// with `recv(2)` steps past the mark; splicing works again after it.
-    UrgentMark,
+    ///
+    /// `then`: splice reported that the socket failed (a reset, most
+    /// often) while bytes before the failure still wait behind the mark.
+    /// It reports a failure once, so the reads that take those bytes end
+    /// with what looks like a clean end of stream: that end is this error.
+    UrgentMark { then: Option<io::Error> },
 }
 
 /// Splices what the socket `from` has into `pipe`. Only when it moves
 /// nothing is the socket asked whether bytes wait (`FIONREAD`): that tells
-/// an urgent byte's mark from an empty socket or its end.
+/// an urgent byte's mark from an empty socket, its end, or its failure.
 pub fn splice_in(from: &impl AsRawFd, pipe: &Pipe) -> io::Result<Spliced> {
-    let stuck = match splice(from, &pipe.write, pipe.capacity) {
-        Ok(0) => Spliced::End,
+    let (stuck, failed) = match splice(from, &pipe.write, pipe.capacity) {
+        Ok(0) => (Spliced::End, None),
         Ok(n) => return Ok(Spliced::Moved(n)),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Spliced::Drained,
-        Err(e) => return Err(e),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => (Spliced::Drained, None),
+        Err(e) => (Spliced::End, Some(e)),
     };
-    let mut waiting: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int.
-    net::syscall(unsafe { libc::ioctl(from.as_raw_fd(), libc::FIONREAD, &mut waiting) } as isize)?;
-    Ok(if waiting > 0 {
-        Spliced::UrgentMark
-    } else {
-        stuck
-    })
+    match (net::queued(from), failed) {
+        (Ok(waiting), then) if waiting > 0 => Ok(Spliced::UrgentMark { then }),
+        (_, Some(e)) => Err(e),
+        (Err(e), None) => Err(e),
+        (Ok(_), None) => Ok(stuck),
+    }
 }
 
 /// Moves up to `len` bytes from `from` to `to`, one of which is a pipe,

@@ -509,3 +509,36 @@ fn backend_reset_after_bytes(engine: &str, pieces: usize, piece: usize, reads_la
         "{engine}: {line}"
     );
 }
+
+/// A backend that resets each connection as soon as it accepts it: the
+/// connect succeeded, so the client gets a reset, like any backend reset
+/// (an early epoll driver took the reset, which the socket reports once,
+/// for a failed connect, and closed the client cleanly as if no backend
+/// could be reached, where io_uring reset it).
+#[test]
+fn a_backend_that_resets_at_once_resets_the_client() {
+    let server = TestServer::start(reset);
+    let sluice = Sluice::start(&format!(
+        "log:\n  connections: true\n{}",
+        config(
+            free_addr(unique_loopback()),
+            &[("resetter".into(), server.addr)],
+            "",
+        )
+    ));
+    for i in 0..20 {
+        // The reset can come before the connect returns.
+        let error = TcpStream::connect(sluice.listen_addr()).map_or_else(
+            |e| e,
+            |mut client| {
+                client.set_read_timeout(Some(DEADLINE)).unwrap();
+                client
+                    .read(&mut [0u8; 16])
+                    .expect_err("a reset, not data or EOF")
+            },
+        );
+        assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset, "{i}");
+    }
+    sluice.wait_for_log_count("close=\"backend reset\"", 20);
+    assert_eq!(sluice.log_count("close=\"no backend\""), 0);
+}

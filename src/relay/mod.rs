@@ -86,21 +86,33 @@ pub async fn serve(
         Ok(opened) => opened,
         Err(slot) => return drop((client, slot)),
     };
+    // The end of a drain reaches every connection, dialing ones too.
+    let closing = CLOSING.with(Rc::clone);
+    let shutdown = closing.notified();
+    let mut shutdown = std::pin::pin!(shutdown);
     // Boxed: what reading a header and dialing need is large and
     // short-lived; inline, it would make every connection's task that much
     // bigger for its whole life.
-    let Some((backend, connected)) = Box::pin(open(&client, &mut session, step, shared)).await
-    else {
-        drop(client);
-        return session.close(None, shared);
+    let opened = tokio::select! {
+        opened = Box::pin(open(&client, &mut session, step, shared)) => Ok(opened),
+        () = shutdown.as_mut() => Err(()),
+    };
+    let (backend, connected, reset) = match opened {
+        Ok(Some(opened)) => opened,
+        Ok(None) => {
+            drop(client);
+            return session.close(None, shared);
+        }
+        Err(()) => {
+            net::abort(&client);
+            drop(client);
+            return session.close(Some(&ending::classify(&Ending::Shutdown)), shared);
+        }
     };
     let Connected {
         engine,
         proxy_header,
     } = connected;
-    let closing = CLOSING.with(Rc::clone);
-    let shutdown = closing.notified();
-    let mut shutdown = std::pin::pin!(shutdown);
     let mut relay = Relay {
         upstream: pump::Direction::new(Side::Client, engine),
         downstream: pump::Direction::new(Side::Backend, engine),
@@ -109,11 +121,15 @@ pub async fn serve(
             .map(|deadline| Box::pin(tokio::time::sleep_until(deadline.into()))),
         session,
     };
-    let header_sent = proxy_header.map_or(Ok(()), |header| {
-        proxy_protocol::send(backend.get_ref(), &header).map_err(|e| Failure::new(Side::Backend, e))
+    // A backend that reset the connection as it accepted it, or one that
+    // does not take the PROXY header, fails it before anything is relayed.
+    let failed = reset.map(|e| Failure::new(Side::Backend, e)).or_else(|| {
+        let header = proxy_header?;
+        let sent = proxy_protocol::send(backend.get_ref(), &header);
+        sent.err().map(|e| Failure::new(Side::Backend, e))
     });
     let (client, backend) = (&client, &backend);
-    let outcome = if let Err(failure) = header_sent {
+    let outcome = if let Some(failure) = failed {
         Ended::Failed(failure)
     } else {
         // The future holds one pointer to the relay, not one per field:
@@ -165,15 +181,16 @@ pub async fn serve(
 }
 
 /// Reads the client's PROXY header if one is due, then dials a backend,
-/// as `session` asks, starting with `step`: the backend's socket and how
-/// to relay. `None` if the client was turned away or no
-/// backend could be reached (counted and logged).
+/// as `session` asks, starting with `step`: the backend's socket, how to
+/// relay, and the error that ended the connection already if the backend
+/// reset it at once (see [`net::connect`]). `None` if the client was
+/// turned away or no backend could be reached (counted and logged).
 async fn open(
     client: &Socket,
     session: &mut Session,
     mut step: Step,
     shared: &'static Shared,
-) -> Option<(Socket, Connected)> {
+) -> Option<(Socket, Connected, Option<io::Error>)> {
     let local = || client.get_ref().local_addr();
     loop {
         step = match step {
@@ -186,7 +203,7 @@ async fn open(
                 }
             }
             Step::Connect { addr, timeout } => match net::connect(addr, timeout).await {
-                Ok(socket) => return Some((socket, session.connected(shared))),
+                Ok((socket, reset)) => return Some((socket, session.connected(shared), reset)),
                 Err(error) => session.connect_failed(error, shared),
             },
             Step::Close => return None,
@@ -250,10 +267,11 @@ impl Relay {
         Poll::Pending
     }
 
-    /// Delivers what was taken from `from` to the other side, and waits
-    /// until the other side's socket has sent it all (see
-    /// [`Classified::flush_from`]): ready then, or once the destination
-    /// fails or the connection has been idle for `idle_timeout`.
+    /// Delivers what was taken from `from` to the other side, reading its
+    /// socket to the end, and waits until the other side's socket has sent
+    /// it all (see [`Classified::flush_from`]): ready then, or once the
+    /// destination fails or the connection has been idle for
+    /// `idle_timeout`. The direction towards `from` is dropped.
     fn poll_flush(
         &mut self,
         cx: &mut Context,
@@ -261,25 +279,36 @@ impl Relay {
         from: Side,
         (client, backend): (&Socket, &Socket),
     ) -> Poll<()> {
-        let (direction, to) = match from {
-            Side::Client => (&mut self.upstream, backend),
-            Side::Backend => (&mut self.downstream, client),
+        let (direction, source, to) = match from {
+            Side::Client => (&mut self.upstream, client, backend),
+            Side::Backend => (&mut self.downstream, backend, client),
         };
         let session = &mut self.session;
-        let sent = direction
-            .poll_flush(cx, to, |n| session.moved(from, n))
-            .map(|flushed| flushed.and_then(|()| ready_once_sent(cx, to, flush)));
-        match sent {
-            Poll::Ready(Ok(Poll::Pending)) | Poll::Pending => self.poll_idle(cx),
-            Poll::Ready(_) => Poll::Ready(()),
+        if !flush.source_ended {
+            match direction.poll(cx, source, to, |n| session.moved(from, n)) {
+                Poll::Pending => return self.poll_idle(cx),
+                // Its end, or its failure (reported once: so this may well
+                // be what looks like an end).
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(failure)) if failure.side == from => {}
+                // The destination failed: nothing more can reach it.
+                Poll::Ready(Err(_)) => return Poll::Ready(()),
+            }
+            flush.source_ended = true;
+        }
+        match ready_once_sent(cx, to, flush) {
+            Ok(Poll::Pending) => self.poll_idle(cx),
+            Ok(Poll::Ready(())) | Err(_) => Poll::Ready(()),
         }
     }
 }
 
-/// Where a flush stands: whether its destination polls writable only once
-/// it has sent everything.
+/// Where a flush stands: whether the failed side's socket has come to its
+/// end, and whether the destination polls writable only once it has sent
+/// everything.
 #[derive(Default)]
 struct Flush {
+    source_ended: bool,
     writable_once_sent: bool,
 }
 

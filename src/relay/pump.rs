@@ -64,7 +64,8 @@ enum Step {
     /// The source sent FIN.
     End,
     /// Splicing is stuck at an urgent byte's mark: copy the next read.
-    UrgentMark,
+    /// `then`: the source failed after the bytes that wait.
+    UrgentMark { then: Option<io::Error> },
     /// `n` bytes came in; `pending` is what the destination did not take yet.
     Moved { n: usize, pending: Option<Pending> },
 }
@@ -80,6 +81,10 @@ pub struct Direction {
     /// Boxed: rarely there, and this way it costs an idle connection one
     /// word instead of six.
     pending: Option<Box<(Pending, usize)>>,
+    /// The source failed with this after the bytes its socket still holds:
+    /// its end of stream is this failure (see
+    /// [`Spliced::UrgentMark`](crate::pipe::Spliced)).
+    failed: Option<io::Error>,
 }
 
 impl Direction {
@@ -89,6 +94,7 @@ impl Direction {
             from_side,
             engine: EngineChoice::new(engine),
             pending: None,
+            failed: None,
         }
     }
 
@@ -139,9 +145,20 @@ impl Direction {
             match step {
                 Step::WouldBlock => ready.clear_ready_matching(Ready::READABLE),
                 // Readiness is kept: the copy that follows reads at once.
-                Step::UrgentMark => self.engine.copy_for_now(),
-                // Nothing is pending here: all before the FIN was taken.
-                Step::End => return Poll::Ready(Ok(())),
+                Step::UrgentMark { then } => {
+                    self.engine.copy_for_now();
+                    if then.is_some() {
+                        self.failed = then;
+                    }
+                }
+                // Nothing is pending here: all before the FIN (or the
+                // failure) was taken.
+                Step::End => {
+                    return Poll::Ready(match self.failed.take() {
+                        Some(error) => Err(ends.source(error)),
+                        None => Ok(()),
+                    })
+                }
                 Step::Moved { n, pending } => {
                     // A short read emptied the socket: wait for the next edge
                     // rather than pay for a call that would say EAGAIN. (Not
@@ -244,7 +261,7 @@ impl Ends<'_> {
             }
             Ok(Spliced::Drained) => Step::WouldBlock,
             Ok(Spliced::End) => Step::End,
-            Ok(Spliced::UrgentMark) => Step::UrgentMark,
+            Ok(Spliced::UrgentMark { then }) => Step::UrgentMark { then },
             Err(e) => {
                 pipe.give_back();
                 return Err(self.source(e));

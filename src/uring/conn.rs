@@ -131,6 +131,11 @@ impl Worker {
             }
             return;
         }
+        if let (Op::Flow, Some((kind, f))) = (op, flow) {
+            if self.dropped(index, f, kind, last, buffer) {
+                return;
+            }
+        }
         match (op, flow) {
             (Op::Socket, _) => self.socket_made(index, result),
             (Op::Connect, _) => self.connected(index, result),

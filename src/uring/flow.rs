@@ -149,6 +149,9 @@ impl Worker {
         }
         match -result {
             0 => {
+                if let Some(errno) = flow.failed.take() {
+                    return self.fail(index, source_side(f), error_of(-errno));
+                }
                 flow.eof = true;
                 if conn.session.awaits_header() {
                     return self
@@ -185,14 +188,18 @@ impl Worker {
         if !conn.session.relaying() {
             return;
         }
-        let generation = conn.generation;
-        let to = conn.destination(f).expect("relaying");
-        let flushing_elsewhere = conn
+        if conn
             .flushing
             .as_ref()
-            .is_some_and(|flushing| flushing.flow != f);
+            .is_some_and(|flushing| flushing.flow != f)
+        {
+            // The direction towards a failed side is dropped.
+            return;
+        }
+        let generation = conn.generation;
+        let to = conn.destination(f).expect("relaying");
         let flow = &mut conn.flows[f];
-        if !flow.sending && flow.pipe.is_none() && !flushing_elsewhere {
+        if !flow.sending && flow.pipe.is_none() {
             // A ring buffer is sent without waiting for room; the backlog
             // (behind it) may wait.
             let next = match flow.lent {
@@ -215,17 +222,16 @@ impl Worker {
             // Finished already, by an earlier step of this turn.
             return;
         };
-        if let Some(flushing) = &conn.flushing {
-            // Only the failed side's bytes go on, and no more come in.
-            let flow = &conn.flows[f];
-            if flushing.flow == f && !flow.sending && !flow.holding() {
-                self.flushed(index);
-            }
-            return;
-        }
+        let flushing = conn.flushing.is_some();
         let flow = &mut conn.flows[f];
         let from = source_side(f);
-        if flow.eof && !conn.session.passed(from) && !flow.sending && !flow.holding() {
+        if flushing {
+            // Only the failed side's bytes go on (the other direction is
+            // dropped), to the end of its socket.
+            if flow.eof && !flow.sending && !flow.holding() {
+                return self.flushed(index);
+            }
+        } else if flow.eof && !conn.session.passed(from) && !flow.sending && !flow.holding() {
             match conn.session.fin(from) {
                 PassFin::Shutdown => {
                     if let Err(e) = shutdown_write(&borrowed(to)) {
@@ -281,13 +287,6 @@ impl Worker {
 
     /// The source of direction `f` is readable: splice what it has.
     pub(super) fn splice_from(&mut self, index: u32, f: usize) {
-        if self.conns[index as usize]
-            .as_ref()
-            .is_some_and(|conn| conn.flushing.is_some())
-        {
-            // Nothing more is taken in: the poll came as it was cancelled.
-            return self.pump(index, f);
-        }
         loop {
             let Some(conn) = self.conns[index as usize].as_mut() else {
                 // Finished already, by an earlier step of this turn.
@@ -306,9 +305,19 @@ impl Worker {
                 Ok(stuck) => {
                     pipe.give_back();
                     match stuck {
-                        Spliced::End => flow.eof = true,
+                        Spliced::End => match flow.failed.take() {
+                            Some(errno) => {
+                                return self.fail(index, source_side(f), error_of(-errno))
+                            }
+                            None => flow.eof = true,
+                        },
                         // One copy steps past the mark.
-                        Spliced::UrgentMark => flow.engine.copy_for_now(),
+                        Spliced::UrgentMark { then } => {
+                            flow.engine.copy_for_now();
+                            if let Some(error) = then {
+                                flow.failed = Some(-error.raw_os_error().unwrap_or(libc::EIO));
+                            }
+                        }
                         _ => {}
                     }
                     break;

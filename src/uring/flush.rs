@@ -1,17 +1,23 @@
 //! A failed connection's last bytes: when one side fails (a reset, most
 //! often), what sluice already took from it still goes to the other side
 //! before that side is reset ([`Classified::flush_from`]), as it would on
-//! a direct connection. Meanwhile nothing is received on either side, and
-//! the direction towards the failed side is dropped; the direction from
-//! it keeps sending what it holds, then waits until the destination's
-//! socket has sent it all (a writability poll under `TCP_NOTSENT_LOWAT`),
-//! and the connection ends as it would have at once.
+//! a direct connection: what the driver holds, what the failed side's
+//! socket still holds (a failure seen by a send comes before the bytes the
+//! receive has yet to take), and what the destination's socket has not
+//! sent. Meanwhile the direction from the failed side reads its socket to
+//! the end and sends on; the direction towards it is dropped. Once the
+//! source has ended and the destination's socket has sent everything (a
+//! writability poll under `TCP_NOTSENT_LOWAT`), the connection ends as it
+//! would have at once.
 //!
 //! A flush ends early if the destination fails too, or on an idle timeout
 //! or the drain's close-all: [`Worker::end`] of a flushing connection ends
 //! it at once, with the reason the flush began with.
 
 use io_uring::{opcode, types};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+
 use tracing::debug;
 
 use super::state::{source_side, DOWN, UP};
@@ -44,32 +50,25 @@ impl Worker {
         }
         let flow = if from == Side::Client { UP } else { DOWN };
         let to = conn.destination(flow).expect("relaying");
+        let failed = conn.source(flow).expect("relaying");
         let held = conn.flows[flow].sending || conn.flows[flow].holding();
-        if !held && net::unsent(&super::flow::borrowed(to)).unwrap_or(0) == 0 {
+        let waiting = |fd, ask: fn(&Raw) -> io::Result<usize>| ask(&Raw(fd)).unwrap_or(0) > 0;
+        if !held && !waiting(failed, net::queued) && !waiting(to, net::unsent) {
             return Some(how);
         }
         let generation = conn.generation;
-        let failed = conn.source(flow).expect("relaying");
         conn.flushing = Some(Box::new(Flushing {
             flow,
             how,
             writable_once_sent: false,
         }));
-        // Everything on the failed side's socket, and the receive from the
-        // other side (a receive or a readiness poll, whichever is armed).
+        // The direction towards the failed side: whatever it has armed.
         let other = 1 - flow;
-        let mut cancels =
-            vec![
-                opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(failed)).all())
-                    .build(),
-            ];
-        for kind in [FlowOp::Recv, FlowOp::Readable] {
+        for kind in [FlowOp::Recv, FlowOp::Readable, FlowOp::Writable] {
             let target = Token::flow(kind, other, index, generation).0;
-            cancels
-                .push(opcode::AsyncCancel2::new(types::CancelBuilder::user_data(target)).build());
-        }
-        for cancel in cancels {
-            let entry = cancel.user_data(Token::new(Op::Cleanup, index, generation).0);
+            let entry = opcode::AsyncCancel2::new(types::CancelBuilder::user_data(target))
+                .build()
+                .user_data(Token::new(Op::Cleanup, index, generation).0);
             self.push_for(index, entry);
         }
         self.pump(index, flow);
@@ -105,8 +104,9 @@ impl Worker {
     }
 
     /// `side` of connection `index` failed while it was flushing: the
-    /// failed side again is no news, the destination failing ends it now.
-    /// `false` if it is not flushing.
+    /// failed side's socket has come to its end (the direction towards it
+    /// is dropped, so only its receive reports), the destination failing
+    /// ends the connection now. `false` if it is not flushing.
     pub(super) fn failed_while_flushing(&mut self, index: u32, side: Side) -> bool {
         let conn = self.conns[index as usize]
             .as_mut()
@@ -114,9 +114,61 @@ impl Worker {
         let Some(flushing) = &conn.flushing else {
             return false;
         };
-        if source_side(flushing.flow) != side {
+        let flow = flushing.flow;
+        if source_side(flow) == side {
+            conn.flows[flow].eof = true;
+            self.pump(index, flow);
+        } else {
             self.end(index, None);
         }
         true
+    }
+
+    /// A completion of direction `f` of connection `index`, if that is the
+    /// direction a flush dropped: its flags and buffer are put right, and
+    /// nothing else is done. `false` if it is not.
+    pub(super) fn dropped(
+        &mut self,
+        index: u32,
+        f: usize,
+        kind: FlowOp,
+        last: bool,
+        buffer: Option<u16>,
+    ) -> bool {
+        let conn = self.conns[index as usize]
+            .as_mut()
+            .expect("a live connection");
+        if conn
+            .flushing
+            .as_ref()
+            .is_none_or(|flushing| flushing.flow == f)
+        {
+            return false;
+        }
+        let flow = &mut conn.flows[f];
+        match kind {
+            FlowOp::Recv if last => flow.armed = false,
+            FlowOp::Readable => flow.armed = false,
+            FlowOp::Send | FlowOp::Writable => flow.sending = false,
+            FlowOp::Recv => {}
+        }
+        let lent = if kind == FlowOp::Send {
+            flow.lent.take()
+        } else {
+            None
+        };
+        for id in buffer.into_iter().chain(lent.map(|(id, _)| id)) {
+            self.buffers.give_back(id);
+        }
+        true
+    }
+}
+
+/// A descriptor of a live connection, for one question about it.
+struct Raw(RawFd);
+
+impl AsRawFd for Raw {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
     }
 }

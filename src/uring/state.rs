@@ -84,6 +84,10 @@ pub struct Flow {
     pub(super) starved: bool,
     /// The source sent FIN.
     pub(super) eof: bool,
+    /// The source failed with this (negated errno) after the bytes its
+    /// socket still holds: its end of stream is this failure (see
+    /// [`Spliced::UrgentMark`](crate::pipe::Spliced)).
+    pub(super) failed: Option<i32>,
     /// A send (copy) or a writability poll (splice) is in flight.
     pub(super) sending: bool,
     /// A ring buffer being sent as it came (buffer id, length): the send

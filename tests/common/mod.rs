@@ -459,6 +459,11 @@ impl TestServer {
     {
         let listener = TcpListener::bind(addr).unwrap();
         let addr = listener.local_addr().unwrap();
+        // A TCP urgent byte is read in its place, as sluice relays it
+        // (accepted sockets inherit this from their listener).
+        socket2::SockRef::from(&listener)
+            .set_out_of_band_inline(true)
+            .unwrap();
         let stopping = Arc::new(AtomicBool::new(false));
         let handle = Arc::new(handle);
         let flag = stopping.clone();
