@@ -3,15 +3,17 @@
 //! messages from 1 byte to 4 MiB, written whole or in pieces (pipelined
 //! small writes among them), pauses, an urgent byte, a reader that starts
 //! late or reads slowly, and an end by FIN or, for one side at most, by a
-//! reset once everything it sent is acknowledged. Each script runs through
-//! sluice on io_uring, through sluice on epoll, and directly, with each
-//! engine (a seed picks one). Every run must give what the rules of
-//! relaying say:
+//! reset (once everything it sent is acknowledged, or at once). Each script
+//! runs through sluice on io_uring, through sluice on epoll, and directly,
+//! with each engine (a seed picks one). Every run must give what the rules
+//! of relaying say:
 //!
 //! - each side that does not reset reads every byte the other sent, in
 //!   order (the urgent byte in its place), then a clean end of stream if
 //!   the other ended with FIN, or a reset if it reset (never a clean end
-//!   instead, never before the last byte);
+//!   instead, never before the last byte); of a side that resets at once,
+//!   with bytes still on their way, the other reads a prefix, then the
+//!   reset;
 //! - no connection stays open past its script (a read that waits 10 s
 //!   fails the seed), and sluice holds none once all are done.
 //!
@@ -87,9 +89,12 @@ enum Step {
     Pause(Duration),
     /// `shutdown(Write)`: FIN, and reading goes on.
     Fin,
-    /// Once the peer has acknowledged every byte sent: a close with a
-    /// reset.
-    Reset,
+    /// A close with a reset: once the peer has acknowledged every byte
+    /// sent, or, `abrupt`, at once (what the peer gets of the bytes still
+    /// on their way is then a matter of timing: a prefix).
+    Reset {
+        abrupt: bool,
+    },
 }
 
 /// How a side reads: after `start_after`, `chunk` bytes at a time, with
@@ -147,30 +152,51 @@ impl Script {
     /// What `who` must read: every byte of the other side, and how it
     /// ends. `None` when `who` resets (what it reads until then is its
     /// own business).
-    fn expected(&self, who: Who) -> Option<Seen> {
-        let me = self.actor(who);
-        if matches!(me.steps.last(), Some(Step::Reset)) {
+    fn expected(&self, who: Who) -> Option<Expected> {
+        if self.actor(who).resets() {
             return None;
         }
         let other = self.actor(match who {
             Who::Client => Who::Backend,
             Who::Backend => Who::Client,
         });
-        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
-        let mut len = 0;
-        other.each_byte_run(self.seed, |bytes| {
-            hasher.update(bytes);
-            len += bytes.len();
-        });
-        let end = match other.steps.last() {
-            Some(Step::Reset) => End::Reset,
-            _ => End::Fin,
-        };
-        Some(Seen {
-            len,
-            hash: hasher.digest(),
-            end,
+        let all = other.stream(self.seed, usize::MAX);
+        Some(match other.steps.last() {
+            Some(Step::Reset { abrupt: true }) => Expected::PrefixThenReset {
+                len: all.len,
+                other: other.clone(),
+            },
+            Some(Step::Reset { abrupt: false }) => Expected::Exactly(Seen {
+                end: End::Reset,
+                ..all
+            }),
+            _ => Expected::Exactly(all),
         })
+    }
+}
+
+/// What a side must read.
+#[derive(Debug)]
+enum Expected {
+    Exactly(Seen),
+    /// The first bytes of what `other` sends (at most `len`), then a reset.
+    PrefixThenReset {
+        len: usize,
+        other: Actor,
+    },
+}
+
+impl Expected {
+    /// Whether `seen` is what was expected, of script `seed`.
+    fn met_by(&self, seen: &Seen, seed: u64) -> bool {
+        match self {
+            Expected::Exactly(expected) => seen == expected,
+            Expected::PrefixThenReset { len, other } => {
+                seen.end == End::Reset
+                    && seen.len <= *len
+                    && seen.hash == other.stream(seed, seen.len).hash
+            }
+        }
     }
 }
 
@@ -201,7 +227,13 @@ impl Actor {
                 }
             });
         }
-        steps.push(if resets { Step::Reset } else { Step::Fin });
+        steps.push(if resets {
+            Step::Reset {
+                abrupt: dice.chance(30),
+            }
+        } else {
+            Step::Fin
+        });
         Actor {
             who,
             steps,
@@ -215,9 +247,28 @@ impl Actor {
 
     /// Bytes sent, all steps together.
     fn sends(&self) -> usize {
-        let mut total = 0;
-        self.each_byte_run(0, |bytes| total += bytes.len());
-        total
+        self.stream(0, usize::MAX).len
+    }
+
+    fn resets(&self) -> bool {
+        matches!(self.steps.last(), Some(Step::Reset { .. }))
+    }
+
+    /// What reading the first `limit` bytes it sends in script `seed`
+    /// (all of them, if fewer) and then a clean end would be.
+    fn stream(&self, seed: u64, limit: usize) -> Seen {
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        let mut len = 0;
+        self.each_byte_run(seed, |bytes| {
+            let take = bytes.len().min(limit - len);
+            hasher.update(&bytes[..take]);
+            len += take;
+        });
+        Seen {
+            len,
+            hash: hasher.digest(),
+            end: End::Fin,
+        }
     }
 
     /// Calls `f` with the bytes of each step that sends, in order.
@@ -390,9 +441,9 @@ fn act(mut stream: TcpStream, actor: &Actor, seed: u64, reset: bool) -> Seen {
             Step::Fin => {
                 let _ = stream.shutdown(Shutdown::Write);
             }
-            Step::Reset => {
+            Step::Reset { abrupt } => {
                 let deadline = Instant::now() + STUCK;
-                while unacknowledged(&stream) > 0 && Instant::now() < deadline {
+                while !abrupt && unacknowledged(&stream) > 0 && Instant::now() < deadline {
                     thread::sleep(Duration::from_millis(1));
                 }
                 // The reader's copy of the socket must be closed first, or
@@ -459,7 +510,7 @@ impl Lane {
         *self.script.lock().unwrap() = Some(script.clone());
         let (client, reset) = connect(self.connect_to, script.seed);
         let client_seen = act(client, &script.client, script.seed, reset);
-        let wait = if matches!(script.client.steps.last(), Some(Step::Reset)) {
+        let wait = if script.client.resets() {
             Duration::from_secs(3)
         } else {
             2 * STUCK
@@ -581,13 +632,13 @@ impl Target {
     /// Why what the sides read breaks the rules, if it does.
     fn judge(&self, script: &Script, client: Seen, backend: Option<Seen>) -> Option<String> {
         let mut wrong = Vec::new();
-        let client_resets = matches!(script.client.steps.last(), Some(Step::Reset));
+        let client_resets = script.client.resets();
         let Some(backend) = backend else {
             return (!client_resets).then(|| format!("{}: the backend never finished", self.name));
         };
         for (who, seen) in [(Who::Client, client), (Who::Backend, backend)] {
             if let Some(expected) = script.expected(who) {
-                if seen != expected {
+                if !expected.met_by(&seen, script.seed) {
                     wrong.push(format!("{who:?} read {seen:?}, expected {expected:?}"));
                 }
             }
