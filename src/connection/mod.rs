@@ -13,6 +13,7 @@
 //! rules are written once, unit-tested without sockets, and cannot drift
 //! between drivers.
 
+pub mod accepting;
 pub mod admit;
 pub mod dial;
 pub mod ending;
@@ -20,7 +21,7 @@ pub mod relaying;
 pub mod session;
 
 #[cfg(test)]
-mod fixtures;
+pub(crate) mod fixtures;
 
 use std::net::SocketAddr;
 use std::time::Instant;

@@ -2,16 +2,20 @@
 //! every listener, so the kernel spreads new connections over the workers
 //! and nothing is handed between threads.
 //!
-//! A worker runs one of two drivers, chosen once at start for all of them
-//! (`io` in the configuration):
+//! A worker runs one of two drivers ([`crate::driver`]), chosen once at
+//! start for all of them (`io` in the configuration):
 //!
-//! - **io_uring** ([`crate::uring`]): the worker drives its own ring,
-//!   completion by completion; about one system call per loop turn for all
-//!   its connections.
-//! - **epoll** ([`epoll`]): readiness through a tokio-uring runtime's
+//! - **io_uring** ([`uring`]): the worker drives its own ring, completion
+//!   by completion; about one system call per loop turn for all its
+//!   connections.
+//! - **epoll** ([`epoll`]): readiness through a plain tokio runtime's
 //!   reactor, then plain system calls. Where io_uring cannot be used: a
 //!   kernel without it or without a feature it needs, `io_uring_disabled`,
 //!   or a seccomp profile that blocks it (Docker's default one does).
+//!
+//! Under `io: auto`, a worker whose ring cannot be set up after all (the
+//! first one could: memory is short, say) runs on epoll, saying why,
+//! rather than fail a start whose first workers may already serve clients.
 //!
 //! Both apply the same connection rules ([`crate::connection`]). The only
 //! state shared between workers is the routing
@@ -20,8 +24,6 @@
 //! close what is left at the end of a drain, arrive through a
 //! [`Mailbox`](crate::mailbox::Mailbox); a listener is removed by shutting
 //! its socket down, which ends its accepts.
-
-mod epoll;
 
 use std::io;
 use std::sync::mpsc;
@@ -32,14 +34,18 @@ use nix::unistd::Pid;
 use tracing::warn;
 
 use crate::config::Io;
+use crate::driver::{epoll, uring};
 use crate::mailbox::{BoundListener, Inbox};
 use crate::shared::Shared;
-use crate::uring;
 
-/// The driver every worker runs, and why.
+/// The driver every worker runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Driver {
-    Uring,
+    /// `or_epoll`: a worker whose ring cannot be set up runs on epoll
+    /// (`io: auto`) instead of failing the start (`io: io_uring`).
+    Uring {
+        or_epoll: bool,
+    },
     Epoll,
 }
 
@@ -50,11 +56,17 @@ impl Driver {
         match io {
             Io::Epoll => Ok((Driver::Epoll, "io: epoll in the configuration".into())),
             Io::IoUring => match uring::probe() {
-                Ok(()) => Ok((Driver::Uring, "io: io_uring in the configuration".into())),
+                Ok(()) => Ok((
+                    Driver::Uring { or_epoll: false },
+                    "io: io_uring in the configuration".into(),
+                )),
                 Err(why) => Err(format!("io: io_uring, but {why}")),
             },
             Io::Auto => Ok(match uring::probe() {
-                Ok(()) => (Driver::Uring, "io_uring works here".into()),
+                Ok(()) => (
+                    Driver::Uring { or_epoll: true },
+                    "io_uring works here".into(),
+                ),
                 Err(why) => (Driver::Epoll, format!("io_uring cannot be used: {why}")),
             }),
         }
@@ -63,7 +75,7 @@ impl Driver {
     /// As the `io` label of `sluice_build_info` says it.
     pub fn name(self) -> &'static str {
         match self {
-            Driver::Uring => "io_uring",
+            Driver::Uring { .. } => "io_uring",
             Driver::Epoll => "epoll",
         }
     }
@@ -90,26 +102,65 @@ pub fn spawn(
                     warn!(worker = id, cpu, "cannot pin worker to its core: {e}");
                 }
             }
-            match driver {
-                Driver::Uring => match uring::Worker::new(inbox, shared) {
-                    Ok(worker) => {
-                        let _ = started.send(Ok(()));
-                        worker.run(listeners)
-                    }
-                    Err(e) => {
-                        let _ = started.send(Err(io::Error::new(
-                            e.kind(),
-                            format!("cannot set up the worker's io_uring: {e}"),
-                        )));
-                    }
-                },
-                Driver::Epoll => epoll::run(listeners, inbox, shared, started),
-            }
+            let worker = Worker {
+                id,
+                listeners,
+                inbox,
+                shared,
+                started,
+            };
+            worker.run(driver, uring::Ring::new);
         })?;
     match outcome.recv() {
         Ok(Ok(())) => Ok(handle),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(io::Error::other("the worker thread ended while starting")),
+    }
+}
+
+/// A worker thread's start.
+struct Worker {
+    id: usize,
+    listeners: Vec<BoundListener>,
+    inbox: Inbox,
+    shared: &'static Shared,
+    /// Told once the worker accepts, or why it could not start.
+    started: mpsc::Sender<io::Result<()>>,
+}
+
+impl Worker {
+    /// Runs the worker on `driver`, its ring from `ring` on io_uring;
+    /// returns only if it could not start.
+    fn run(self, driver: Driver, ring: impl FnOnce() -> io::Result<uring::Ring>) {
+        let Worker {
+            id,
+            listeners,
+            inbox,
+            shared,
+            started,
+        } = self;
+        let Driver::Uring { or_epoll } = driver else {
+            return epoll::run(listeners, inbox, shared, started);
+        };
+        match ring() {
+            Ok(ring) => {
+                let _ = started.send(Ok(()));
+                uring::Worker::new(ring, inbox, shared).run(listeners)
+            }
+            Err(e) if or_epoll => {
+                warn!(
+                    worker = id,
+                    "cannot set up the worker's io_uring, so it runs on epoll: {e}"
+                );
+                epoll::run(listeners, inbox, shared, started)
+            }
+            Err(e) => {
+                let _ = started.send(Err(io::Error::new(
+                    e.kind(),
+                    format!("cannot set up the worker's io_uring: {e}"),
+                )));
+            }
+        }
     }
 }
 
@@ -144,5 +195,67 @@ pub fn block_on_local<F: std::future::Future>(work: F) -> F::Output {
                 .expect("a current-thread runtime needs only an epoll descriptor");
             tokio::task::LocalSet::new().block_on(&runtime, work)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::connection::fixtures::shared;
+    use crate::{mailbox, net};
+
+    /// Starts a worker with one listener, on `driver`, whose ring cannot
+    /// be set up: what its start says, and the process's shared state.
+    fn start_without_a_ring(driver: Driver) -> (io::Result<()>, &'static Shared) {
+        let (shared, _events) = shared(
+            "listeners:\n  l: { listen: 127.0.0.1:7000, pool: p }\npools:\n  p:\n    backends: [{ address: 10.0.0.1:1 }]\n",
+        );
+        let addr = "127.0.0.1:0".parse().unwrap();
+        let listener = BoundListener {
+            addr,
+            socket: net::reuseport_listener(addr, 16).unwrap(),
+            stop: Arc::default(),
+        };
+        let (_mailbox, inbox) = mailbox::mailbox().unwrap();
+        let (started, outcome) = mpsc::channel();
+        let worker = Worker {
+            id: 1,
+            listeners: vec![listener],
+            inbox,
+            shared,
+            started,
+        };
+        let refused = || Err(io::Error::from_raw_os_error(libc::EPERM));
+        std::thread::spawn(move || worker.run(driver, refused));
+        let outcome = outcome.recv_timeout(Duration::from_secs(20)).unwrap();
+        (outcome, shared)
+    }
+
+    #[test]
+    fn under_auto_a_worker_without_a_ring_runs_on_epoll() {
+        let (outcome, shared) = start_without_a_ring(Driver::Uring { or_epoll: true });
+        assert!(outcome.is_ok(), "{outcome:?}");
+        // Its accept loop runs.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while shared.accepting.load(Ordering::SeqCst) == 0 {
+            assert!(Instant::now() < deadline, "no accept loop");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn insisting_on_io_uring_a_worker_without_a_ring_fails_the_start() {
+        let (outcome, _) = start_without_a_ring(Driver::Uring { or_epoll: false });
+        let error = outcome.expect_err("no ring, no start");
+        assert!(
+            error
+                .to_string()
+                .starts_with("cannot set up the worker's io_uring"),
+            "{error}"
+        );
     }
 }

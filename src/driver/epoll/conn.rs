@@ -15,8 +15,6 @@
 //!
 //! How the bytes move (splice or copy) is [`pump`]'s business.
 
-mod pump;
-
 use std::future::{poll_fn, Future};
 use std::io;
 use std::net::{SocketAddr, TcpStream};
@@ -31,6 +29,7 @@ use tokio::sync::Notify;
 use tokio::time::Sleep;
 use tracing::warn;
 
+use super::pump::{self, Failure};
 use crate::capacity::Slot;
 use crate::connection::ending::{self, Classified, Ending, Side};
 use crate::connection::relaying::{shutdown_write, PassFin};
@@ -208,18 +207,6 @@ async fn open(
             },
             Step::Close => return None,
         }
-    }
-}
-
-/// What ended a relay early, and which peer it came from.
-struct Failure {
-    side: Side,
-    error: io::Error,
-}
-
-impl Failure {
-    fn new(side: Side, error: io::Error) -> Failure {
-        Failure { side, error }
     }
 }
 

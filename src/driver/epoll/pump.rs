@@ -38,7 +38,7 @@ use crate::connection::relaying::EngineChoice;
 use crate::net::{self, Socket};
 use crate::pipe::{splice, splice_in, Pipe, Spliced};
 
-use super::{Failure, Side};
+use crate::connection::ending::Side;
 
 /// What the copy engine reads at once. A read that fills it is what makes
 /// `auto` switch to splice.
@@ -47,6 +47,18 @@ const SCRATCH_SIZE: usize = 64 * 1024;
 thread_local! {
     /// Where the copy engine puts bytes between a read and its write.
     static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH_SIZE].into_boxed_slice());
+}
+
+/// What ended a relay early, and which peer it came from.
+pub struct Failure {
+    pub side: Side,
+    pub error: io::Error,
+}
+
+impl Failure {
+    pub fn new(side: Side, error: io::Error) -> Failure {
+        Failure { side, error }
+    }
 }
 
 /// Bytes that the destination has not taken yet.

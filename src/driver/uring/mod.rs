@@ -40,6 +40,7 @@ use std::time::{Duration, Instant};
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use tracing::{debug, error};
 
+use crate::connection::accepting::Pause;
 use crate::mailbox::{BoundListener, Command, Inbox};
 use crate::shared::Shared;
 use accept::Listening;
@@ -247,7 +248,8 @@ pub struct Worker {
     starved: Vec<(u32, u32, usize)>,
     /// Accepted while at capacity: served once there is room.
     held: VecDeque<(OwnedFd, SocketAddr)>,
-    paused: bool,
+    /// Paused at the descriptor capacity.
+    pause: Pause,
     inbox: Inbox,
     /// Where the eventfd read lands.
     wake: Box<u64>,
@@ -264,14 +266,38 @@ pub struct Worker {
     ring_socket_options: bool,
 }
 
-impl Worker {
-    /// A worker with its ring, or why io_uring cannot serve here.
-    pub fn new(inbox: Inbox, shared: &'static Shared) -> io::Result<Worker> {
+/// A worker's ring and its buffer ring, set up: what can fail before a
+/// worker runs on io_uring.
+pub struct Ring {
+    ring: IoUring,
+    buffers: Buffers,
+    bounded_multishot: bool,
+}
+
+impl Ring {
+    /// A ring with its buffers, or why io_uring cannot serve here.
+    pub fn new() -> io::Result<Ring> {
         let mut ring = new_ring()?;
         let mut buffers = Buffers::new(&ring.submitter(), BUFFER_COUNT, BUFFER_SIZE)?;
         let bounded_multishot = bounded_multishot_works(&mut ring, &mut buffers);
         debug!(bounded_multishot, "io_uring worker ready");
-        Ok(Worker {
+        Ok(Ring {
+            ring,
+            buffers,
+            bounded_multishot,
+        })
+    }
+}
+
+impl Worker {
+    /// A worker on `ring`, commanded through `inbox`.
+    pub fn new(ring: Ring, inbox: Inbox, shared: &'static Shared) -> Worker {
+        let Ring {
+            ring,
+            buffers,
+            bounded_multishot,
+        } = ring;
+        Worker {
             ring,
             buffers,
             listeners: Vec::new(),
@@ -281,7 +307,7 @@ impl Worker {
             timers: Timers::default(),
             starved: Vec::new(),
             held: VecDeque::new(),
-            paused: false,
+            pause: Pause::default(),
             inbox,
             wake: Box::new(0),
             shared,
@@ -290,7 +316,7 @@ impl Worker {
             accept_queue: accept::somaxconn() + 1,
             bounded_multishot,
             ring_socket_options: true,
-        })
+        }
     }
 
     /// Serves `listeners` and what the control plane sends; never returns.

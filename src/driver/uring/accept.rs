@@ -11,7 +11,6 @@
 //! for [`SLACK`] more per queue, so a process hovering at the line does
 //! not switch at every connection.
 
-use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
@@ -20,20 +19,16 @@ use std::time::Instant;
 
 use io_uring::{cqueue, opcode, types};
 use socket2::SockRef;
-use tracing::{debug, error, info, warn};
+use tracing::debug;
 
-use super::{Op, Token, Worker, TICK};
+use super::{Op, Token, Worker};
 use crate::capacity::Slot;
-use crate::logging::Throttle;
+use crate::connection::accepting::{AcceptError, BACKOFF};
 use crate::mailbox::{BoundListener, Stop};
 
 /// Connections per accept queue, beyond room for a burst, before accepts
 /// are multishot again.
 const SLACK: usize = 64;
-
-static ACCEPT_ERROR: Throttle = Throttle::new();
-static AT_CAPACITY: Throttle = Throttle::new();
-static RESUMED: Throttle = Throttle::new();
 
 /// A listening socket of this worker.
 pub(super) struct Listening {
@@ -72,7 +67,7 @@ impl Worker {
             backoff: None,
             generation: self.generation,
         });
-        if !self.paused {
+        if !self.pause.paused() {
             self.arm_accept(index);
         }
     }
@@ -155,38 +150,34 @@ impl Worker {
                 Some(slot) => self.open(client, address, slot),
                 None => {
                     self.held.push_back((client, address));
-                    self.pause();
+                    self.pause(address);
                 }
             }
         } else {
-            let errno = -result;
             let address = listener.addr;
-            match errno {
-                libc::ECANCELED | libc::ECONNABORTED => {}
+            let listening = || {
+                SockRef::from(&listener.socket)
+                    .is_listener()
+                    .unwrap_or(false)
+            };
+            match AcceptError::of(-result, address, listening) {
+                AcceptError::Ignore => {}
                 // shutdown() by the control plane: the listener is stopped.
-                libc::EINVAL
-                    if !SockRef::from(&listener.socket)
-                        .is_listener()
-                        .unwrap_or(false) =>
-                {
+                AcceptError::Stop => {
                     debug!(%address, "listener stopped");
                     self.end_listener(index);
                     return;
                 }
-                _ => {
-                    if let Some(suppressed) = ACCEPT_ERROR.allow() {
-                        let e = io::Error::from_raw_os_error(errno);
-                        error!(%address, suppressed, "cannot accept connections: {e}");
-                    }
-                    // Out of descriptors or memory after all: back off
-                    // instead of spinning; clients wait in the backlog.
-                    listener.backoff = Some(Instant::now() + 2 * TICK);
+                // Out of descriptors or memory after all: clients wait in
+                // the backlog meanwhile.
+                AcceptError::BackOff => {
+                    listener.backoff = Some(Instant::now() + BACKOFF);
                     return;
                 }
             }
         }
         let listener = self.listeners[index].as_ref().expect("present above");
-        if !listener.armed && !self.paused && listener.backoff.is_none() {
+        if !listener.armed && !self.pause.paused() && listener.backoff.is_none() {
             if listener.stop.is_stopped() {
                 self.end_listener(index);
             } else {
@@ -226,19 +217,9 @@ impl Worker {
     }
 
     /// At the descriptor capacity: stop accepting until connections close.
-    fn pause(&mut self) {
-        if self.paused {
+    fn pause(&mut self, address: SocketAddr) {
+        if !self.pause.at_capacity(address, self.shared) {
             return;
-        }
-        self.paused = true;
-        self.shared.accept_paused.increment(1);
-        if let Some(suppressed) = AT_CAPACITY.allow() {
-            warn!(
-                suppressed,
-                "{} connections are open, all the descriptor limit allows: \
-                 new clients wait in the listen backlog until some close",
-                self.shared.connections.capacity()
-            );
         }
         for index in 0..self.listeners.len() {
             if self.listeners[index].as_ref().is_some_and(|l| l.armed) {
@@ -249,7 +230,7 @@ impl Worker {
 
     /// Whether the loop must wake every [`TICK`] for [`tick`](Self::tick).
     pub(super) fn needs_tick(&self) -> bool {
-        self.paused || self.listeners.iter().flatten().any(|l| l.backoff.is_some())
+        self.pause.paused() || self.listeners.iter().flatten().any(|l| l.backoff.is_some())
     }
 
     /// While paused or backing off: serve the clients held back if there is
@@ -264,7 +245,7 @@ impl Worker {
                 self.end_listener(index);
             }
         }
-        if self.paused {
+        if self.pause.paused() {
             // Oldest first.
             while let Some((client, address)) = self.held.pop_front() {
                 match self.shared.connections.take() {
@@ -280,10 +261,7 @@ impl Worker {
             {
                 return;
             }
-            self.paused = false;
-            if let Some(suppressed) = RESUMED.allow() {
-                info!(suppressed, "accepting again: connections have closed");
-            }
+            self.pause.room();
         }
         for index in 0..self.listeners.len() {
             let Some(listener) = &mut self.listeners[index] else {
