@@ -88,39 +88,40 @@ impl Gate {
             .ok_or(Refusal::TooManyConnections)
     }
 
-    /// Takes a token for a new connection from `client`, or says which
-    /// rate it is over.
-    pub fn pace(&self, client: IpAddr) -> Result<(), Refusal> {
-        self.pace_client(client)?;
-        self.pace_listener()
+    /// Takes a token for a new connection from `client` at `now`, or says
+    /// which rate it is over.
+    pub fn pace(&self, client: IpAddr, now: Instant) -> Result<(), Refusal> {
+        self.pace_client(client, now)?;
+        self.pace_listener(now)
     }
 
     /// Takes a token of the listener-wide rate: for a connection that is
     /// to send a PROXY header, before it has (the client is known after).
-    pub fn pace_listener(&self) -> Result<(), Refusal> {
+    pub fn pace_listener(&self, now: Instant) -> Result<(), Refusal> {
         match &self.rate {
-            // No rate limit: no clock read on every new connection.
             None => Ok(()),
-            Some(rate) if rate.take(now()) => Ok(()),
+            Some(rate) if rate.take(nanos(now)) => Ok(()),
             Some(_) => Err(Refusal::Rate),
         }
     }
 
     /// Takes a token of `client`'s own rate (the address a PROXY header
     /// carries, if any).
-    pub fn pace_client(&self, client: IpAddr) -> Result<(), Refusal> {
+    pub fn pace_client(&self, client: IpAddr, now: Instant) -> Result<(), Refusal> {
         match &self.per_client {
             None => Ok(()),
-            Some(per_client) if per_client.take(client, now()) => Ok(()),
+            Some(per_client) if per_client.take(client, nanos(now)) => Ok(()),
             Some(_) => Err(Refusal::ClientRate),
         }
     }
 }
 
-/// Nanoseconds since the first call: the clock of every bucket.
-fn now() -> u64 {
+/// `now` in the clock of every bucket: nanoseconds since the first time a
+/// bucket was asked.
+fn nanos(now: Instant) -> u64 {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
+    now.saturating_duration_since(*EPOCH.get_or_init(|| now))
+        .as_nanos() as u64
 }
 
 /// A token bucket's shape: a token every `interval` ns, and room for

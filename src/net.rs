@@ -146,6 +146,17 @@ pub fn abort(socket: &impl AsFd) {
     let _ = SockRef::from(socket).set_linger(Some(Duration::ZERO));
 }
 
+/// Whether the next byte to read from `socket` is TCP urgent data
+/// (`SIOCATMARK`).
+pub fn at_urgent_mark(socket: &impl AsRawFd) -> io::Result<bool> {
+    /// From the kernel's `asm-generic/sockios.h`.
+    const SIOCATMARK: libc::c_ulong = 0x8905;
+    let mut at_mark: libc::c_int = 0;
+    // SAFETY: SIOCATMARK writes one int.
+    syscall(unsafe { libc::ioctl(socket.as_raw_fd(), SIOCATMARK, &mut at_mark) } as isize)?;
+    Ok(at_mark != 0)
+}
+
 /// Bytes waiting to be read from `socket` (`FIONREAD`).
 pub fn queued(socket: &impl AsRawFd) -> io::Result<usize> {
     let mut queued: libc::c_int = 0;
@@ -182,12 +193,12 @@ pub fn sent_everything(socket: &impl AsRawFd) -> io::Result<bool> {
 /// Makes `socket` poll writable only once it has sent every byte it took
 /// (`TCP_NOTSENT_LOWAT` of 1), so that a wait for writability is a wait
 /// for [`unsent`] to reach 0.
-pub fn writable_once_sent(socket: &impl AsFd) -> io::Result<()> {
+pub fn writable_once_sent(socket: &impl AsRawFd) -> io::Result<()> {
     let one: libc::c_int = 1;
     // SAFETY: a plain int option on a socket we hold.
     syscall(unsafe {
         libc::setsockopt(
-            socket.as_fd().as_raw_fd(),
+            socket.as_raw_fd(),
             libc::IPPROTO_TCP,
             libc::TCP_NOTSENT_LOWAT,
             (&one as *const libc::c_int).cast(),

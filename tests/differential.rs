@@ -753,3 +753,12 @@ fn many_seeds() {
     let scripts: Vec<Script> = (first..first + count).map(Script::new).collect();
     run_everywhere(&scripts);
 }
+
+/// `SLUICE_DIFF_SEED=N cargo test --test differential -- --ignored
+/// show_script --nocapture`: prints the script of seed N.
+#[test]
+#[ignore]
+fn show_script() {
+    let seed = env_number("SLUICE_DIFF_SEED").expect("SLUICE_DIFF_SEED");
+    eprintln!("{:#?}", Script::new(seed));
+}

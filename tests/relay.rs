@@ -542,3 +542,42 @@ fn a_backend_that_resets_at_once_resets_the_client() {
     sluice.wait_for_log_count("close=\"backend reset\"", 20);
     assert_eq!(sluice.log_count("close=\"no backend\""), 0);
 }
+
+/// Urgent bytes in a row from the backend, after small writes: a receive
+/// in the ring can stop at an urgent byte's mark and wait for bytes that
+/// are there already (an early io_uring driver left about one connection
+/// in a hundred open, one byte short). Expected: every byte, then the end
+/// of the stream, on every connection.
+#[test]
+fn urgent_bytes_in_a_row_from_the_backend_all_arrive() {
+    let server = TestServer::start(|mut stream| {
+        stream.set_nodelay(true).unwrap();
+        for piece in [&b"a"[..], b"b", b"c"] {
+            stream.write_all(piece).unwrap();
+        }
+        for _ in 0..13 {
+            stream.write_all(b"xy").unwrap();
+        }
+        send_urgent(&stream, b'!');
+        send_urgent(&stream, b'!');
+        stream.shutdown(Shutdown::Write).unwrap();
+        let _ = stream.read_to_end(&mut Vec::new());
+    });
+    let expected = [&b"abc"[..], &b"xy".repeat(13), b"!!"].concat();
+    for engine in ENGINES {
+        let sluice = Sluice::start(&config(
+            free_addr(unique_loopback()),
+            &[("urgent".into(), server.addr)],
+            &engine_key(engine),
+        ));
+        for i in 0..100 {
+            let mut client = connect_from(client_ip(81), sluice.listen_addr());
+            client.shutdown(Shutdown::Write).unwrap();
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).unwrap_or_else(|e| {
+                panic!("{engine}, connection {i}: {e} after {} bytes", got.len())
+            });
+            assert_eq!(got, expected, "{engine}, connection {i}");
+        }
+    }
+}

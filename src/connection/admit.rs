@@ -35,25 +35,29 @@ pub struct Admitted {
     pub header_within: Option<Duration>,
 }
 
-/// Lets a connection accepted from `peer` through `route`'s gate, or turns
-/// it away (counted and logged).
-pub fn admit(route: &Route, peer: SocketAddr, accepted: Instant) -> Option<Admitted> {
-    match pass_gate(route, peer) {
+/// Lets a connection accepted from `peer` at `now` through `route`'s gate,
+/// or turns it away (counted and logged).
+pub fn admit(route: &Route, peer: SocketAddr, now: Instant) -> Option<Admitted> {
+    match pass_gate(route, peer, now) {
         Ok(admitted) => Some(admitted),
         Err((reason, why)) => {
-            turn_away(route, reason, &why, (peer, peer), accepted);
+            turn_away(route, reason, &why, (peer, peer), Duration::ZERO);
             None
         }
     }
 }
 
 /// [`admit`]'s checks, in order; what to count and say if one fails.
-fn pass_gate(route: &Route, peer: SocketAddr) -> Result<Admitted, (ErrorReason, String)> {
+fn pass_gate(
+    route: &Route,
+    peer: SocketAddr,
+    now: Instant,
+) -> Result<Admitted, (ErrorReason, String)> {
     let over = |refusal: Refusal| (ErrorReason::OverLimit, refusal.to_string());
     let lease = route.gate.enter().map_err(over)?;
     let header_within = match &route.accept_proxy {
         None => {
-            route.gate.pace(peer.ip()).map_err(over)?;
+            route.gate.pace(peer.ip(), now).map_err(over)?;
             None
         }
         Some(sources) => {
@@ -68,7 +72,7 @@ fn pass_gate(route: &Route, peer: SocketAddr) -> Result<Admitted, (ErrorReason, 
             }
             // Before the header is awaited: clients that send none are held
             // to the listener's rate, not only to its max_connections.
-            route.gate.pace_listener().map_err(over)?;
+            route.gate.pace_listener(now).map_err(over)?;
             Some(sources.timeout)
         }
     };
@@ -79,29 +83,30 @@ fn pass_gate(route: &Route, peer: SocketAddr) -> Result<Admitted, (ErrorReason, 
 }
 
 /// Takes the PROXY header a connection from `peer` sent (or why it was
-/// refused: malformed, cut short, too late) and returns the client's
-/// address, once that client is within its own rate.
+/// refused: malformed, cut short, too late) at `now`, `waited` after it was
+/// accepted, and returns the client's address, once that client is within
+/// its own rate.
 pub fn admit_header(
     route: &Route,
     peer: SocketAddr,
     header: Result<Carried, &dyn Display>,
-    accepted: Instant,
+    (now, waited): (Instant, Duration),
 ) -> Option<SocketAddr> {
     let carried = match header {
         Ok(carried) => carried,
         Err(why) => {
-            turn_away(route, ErrorReason::ProxyHeader, why, (peer, peer), accepted);
+            turn_away(route, ErrorReason::ProxyHeader, why, (peer, peer), waited);
             return None;
         }
     };
     let client = carried.map_or(peer, |(source, _)| source);
-    if let Err(refusal) = route.gate.pace_client(client.ip()) {
+    if let Err(refusal) = route.gate.pace_client(client.ip(), now) {
         turn_away(
             route,
             ErrorReason::OverLimit,
             &refusal,
             (client, peer),
-            accepted,
+            waited,
         );
         return None;
     }
@@ -117,13 +122,14 @@ pub fn header_too_late(within: Duration) -> String {
 }
 
 /// Counts, logs and gives a connection log line to a connection from
-/// `client` (over `peer`) that is closed before it reaches a backend.
+/// `client` (over `peer`) that is closed, `lasted` after it was accepted,
+/// before it reaches a backend.
 pub fn turn_away(
     route: &Route,
     reason: ErrorReason,
     why: &dyn Display,
     (client, peer): (SocketAddr, SocketAddr),
-    accepted: Instant,
+    lasted: Duration,
 ) {
     route.stats.error(reason);
     let listener = &*route.listener;
@@ -139,7 +145,7 @@ pub fn turn_away(
         (client, peer),
         "-",
         (0, 0),
-        accepted,
+        lasted,
         &why.to_string(),
     );
 }
@@ -189,10 +195,11 @@ mod tests {
         assert_eq!(admitted.header_within, Some(Duration::from_secs(3)));
         // The client is the address the header carries.
         let carried = Some((addr("198.51.100.7:4000"), addr("127.0.0.1:7000")));
-        let client = admit_header(&route, addr("10.1.2.3:1"), Ok(carried), now);
+        let at = (now, Duration::ZERO);
+        let client = admit_header(&route, addr("10.1.2.3:1"), Ok(carried), at);
         assert_eq!(client, Some(addr("198.51.100.7:4000")));
         let why: &dyn Display = &"garbage";
-        assert!(admit_header(&route, addr("10.1.2.3:1"), Err(why), now).is_none());
+        assert!(admit_header(&route, addr("10.1.2.3:1"), Err(why), at).is_none());
     }
 
     #[test]
@@ -206,7 +213,7 @@ mod tests {
         for (i, expected) in [true, false].into_iter().enumerate() {
             let _admitted = admit(&route, upstream, now).unwrap();
             let carried = Some((addr("198.51.100.7:4000"), addr("127.0.0.1:7000")));
-            let client = admit_header(&route, upstream, Ok(carried), now);
+            let client = admit_header(&route, upstream, Ok(carried), (now, Duration::ZERO));
             assert_eq!(client.is_some(), expected, "header {i}");
         }
     }

@@ -89,15 +89,15 @@ impl Dialer {
     /// The plan for a connection from `client` (over `peer`) on `route`,
     /// from the snapshot of this moment. `carried` is what its PROXY
     /// header said, and `local` tells the address it was accepted on, for
-    /// the header sent to backends. `None` if it was turned away: its pool
-    /// is gone, or it is gone itself.
+    /// the header sent to backends; `lasted`: since it was accepted. `None`
+    /// if it was turned away: its pool is gone, or it is gone itself.
     pub fn new(
         route: &Route,
         (client, peer): (SocketAddr, SocketAddr),
         carried: Carried,
         local: impl FnOnce() -> io::Result<SocketAddr>,
         shared: &Shared,
-        accepted: Instant,
+        lasted: Duration,
     ) -> Option<Dialer> {
         // Loaded only now: a client slow to send its header must not keep
         // an old snapshot alive.
@@ -111,13 +111,7 @@ impl Dialer {
         let Some(pool) = pool else {
             // A reload removed the pool since the connection was accepted.
             let why = "its pool was removed";
-            turn_away(
-                route,
-                ErrorReason::NoBackend,
-                &why,
-                (client, peer),
-                accepted,
-            );
+            turn_away(route, ErrorReason::NoBackend, &why, (client, peer), lasted);
             return None;
         };
         let proxy_header = match pool.send_proxy {
@@ -159,9 +153,9 @@ impl Dialer {
         self.proxy_header.take()
     }
 
-    /// The next backend to connect to, `None` when there is none left to
-    /// try.
-    pub fn next_attempt(&mut self) -> Option<Attempt> {
+    /// The next backend to connect to, from `now` on; `None` when there is
+    /// none left to try.
+    pub fn next_attempt(&mut self, now: Instant) -> Option<Attempt> {
         if self.local_failure {
             return None;
         }
@@ -176,7 +170,7 @@ impl Dialer {
                 addr: self.pool.backends[backend].addr,
                 backend,
                 lease,
-                started: Instant::now(),
+                started: now,
             });
         }
         None
@@ -196,14 +190,14 @@ impl Dialer {
         classified
     }
 
-    /// `attempt` connected: the connection's backend.
-    pub fn connected(&self, attempt: Attempt, shared: &Shared) -> Dialed {
+    /// `attempt` connected, at `now`: the connection's backend.
+    pub fn connected(&self, attempt: Attempt, shared: &Shared, now: Instant) -> Dialed {
         self.judge(&attempt, &Ending::Connected, shared);
         let backend = &self.pool.backends[attempt.backend];
         backend
             .stats
             .connect_seconds
-            .record(attempt.started.elapsed().as_secs_f64());
+            .record(now.saturating_duration_since(attempt.started).as_secs_f64());
         Dialed {
             name: backend.name.clone(),
             passive: backend.passive.clone(),
@@ -246,8 +240,9 @@ impl Dialer {
 
     /// No backend could be reached: counts why (`no_backend`,
     /// `out_of_resources`, or `over_limit` when every backend was full) and
-    /// logs it, with a connection log line.
-    pub fn give_up(self, route: &Route, peer: SocketAddr, accepted: Instant) {
+    /// logs it, with a connection log line (`lasted`: since it was
+    /// accepted).
+    pub fn give_up(self, route: &Route, peer: SocketAddr, lasted: Duration) {
         let (reason, error) = match self.last_error {
             Some(error) if self.local_failure => (ErrorReason::OutOfResources, error),
             Some(error) => (ErrorReason::NoBackend, error),
@@ -282,7 +277,7 @@ impl Dialer {
                 peer = peer.map(tracing::field::display), suppressed, "{why}"
             );
         }
-        log_closed(listener, (client, peer), "-", (0, 0), accepted, close);
+        log_closed(listener, (client, peer), "-", (0, 0), lasted, close);
     }
 }
 
@@ -305,7 +300,7 @@ mod tests {
             None,
             local,
             shared,
-            Instant::now(),
+            Duration::ZERO,
         );
         (dialer.unwrap(), route)
     }
@@ -316,20 +311,20 @@ mod tests {
         let client = "192.0.2.10:5000";
         let expected = preference(shared, "p", client);
         let (mut dialer, route) = dialer(shared, client);
-        let first = dialer.next_attempt().unwrap();
+        let first = dialer.next_attempt(Instant::now()).unwrap();
         assert_eq!(first.addr, expected[0]);
         assert!(matches!(
             dialer.failed(first, refused(), &route, shared),
             Next::Retry
         ));
-        let second = dialer.next_attempt().unwrap();
+        let second = dialer.next_attempt(Instant::now()).unwrap();
         assert_eq!(second.addr, expected[1]);
         assert!(matches!(
             dialer.failed(second, refused(), &route, shared),
             Next::Retry
         ));
         // retries: 1 — two tries in all.
-        assert!(dialer.next_attempt().is_none());
+        assert!(dialer.next_attempt(Instant::now()).is_none());
     }
 
     #[test]
@@ -344,7 +339,7 @@ mod tests {
         // on each of a and c is still allowed.
         let (mut dialer, route) = dialer(shared, "192.0.2.11:5000");
         let mut tried = Vec::new();
-        while let Some(attempt) = dialer.next_attempt() {
+        while let Some(attempt) = dialer.next_attempt(Instant::now()) {
             tried.push(attempt.addr);
             let _ = dialer.failed(attempt, refused(), &route, shared);
         }
@@ -360,13 +355,13 @@ mod tests {
         let (shared, mut events) = shared(POOL);
         for _ in 0..3 {
             let (mut dialer, route) = dialer(shared, "192.0.2.12:5000");
-            let attempt = dialer.next_attempt().unwrap();
+            let attempt = dialer.next_attempt(Instant::now()).unwrap();
             let error = io::Error::from_raw_os_error(libc::EMFILE);
             assert!(matches!(
                 dialer.failed(attempt, error, &route, shared),
                 Next::GiveUp
             ));
-            assert!(dialer.next_attempt().is_none());
+            assert!(dialer.next_attempt(Instant::now()).is_none());
         }
         assert!(events.try_recv().is_err(), "no backend ejected");
     }
@@ -377,16 +372,16 @@ mod tests {
         let client = "192.0.2.13:5000";
         // One failure, then a success: the streak is over.
         let (mut dialer, route) = dialer(shared, client);
-        let attempt = dialer.next_attempt().unwrap();
+        let attempt = dialer.next_attempt(Instant::now()).unwrap();
         let _ = dialer.failed(attempt, refused(), &route, shared);
         let (mut dialer, _) = self::dialer(shared, client);
-        let attempt = dialer.next_attempt().unwrap();
-        drop(dialer.connected(attempt, shared));
+        let attempt = dialer.next_attempt(Instant::now()).unwrap();
+        drop(dialer.connected(attempt, shared, Instant::now()));
         assert!(events.try_recv().is_err());
         // Two failures in a row on the client's first choice: ejected.
         for _ in 0..2 {
             let (mut dialer, route) = self::dialer(shared, client);
-            let attempt = dialer.next_attempt().unwrap();
+            let attempt = dialer.next_attempt(Instant::now()).unwrap();
             let _ = dialer.failed(attempt, refused(), &route, shared);
         }
         assert!(matches!(events.try_recv(), Ok(Event::Ejected { .. })));

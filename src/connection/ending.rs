@@ -61,6 +61,9 @@ pub enum Ending<'a> {
     /// Nothing moved for `idle_timeout`; `stalled`: bytes were waiting for
     /// a destination that stopped reading.
     Idle { stalled: bool },
+    /// The kernel dropped completions of the io_uring driver, which cannot
+    /// know what became of the connection's operations.
+    Lost,
 }
 
 /// What a connection's ending says about its backend.
@@ -137,6 +140,12 @@ pub fn classify(ending: &Ending) -> Classified {
             (close.into(), true, Passive::Silent, None)
         }
         Ending::Shutdown => ("shutdown".into(), true, Passive::Silent, None),
+        Ending::Lost => (
+            "completions lost by io_uring".into(),
+            true,
+            Passive::Silent,
+            None,
+        ),
         // Nothing in flight: both sides get a plain FIN. A destination that
         // stopped reading would lose bytes: both sides get a reset.
         Ending::Idle { stalled: true } => {

@@ -24,7 +24,7 @@ pub mod session;
 pub(crate) mod fixtures;
 
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::Duration;
 
 use tracing::info;
 
@@ -35,13 +35,13 @@ use ending::Passive;
 
 /// With `log.connections`, one line per closed connection: the client's
 /// address, and its connection's own peer when a PROXY header carried
-/// another.
+/// another; how long it lasted.
 pub fn log_closed(
     listener: &str,
     (client, peer): (SocketAddr, Option<SocketAddr>),
     backend: &str,
     (to_backend, to_client): (u64, u64),
-    accepted: Instant,
+    lasted: Duration,
     close: &str,
 ) {
     if logging::log_connections() {
@@ -52,7 +52,7 @@ pub fn log_closed(
             backend,
             to_backend,
             to_client,
-            duration_ms = accepted.elapsed().as_millis() as u64,
+            duration_ms = lasted.as_millis() as u64,
             close,
             "connection closed"
         );

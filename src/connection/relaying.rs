@@ -6,7 +6,8 @@
 //!   gets `shutdown(Write)` and the opposite direction keeps flowing until
 //!   its own FIN. The second FIN needs no shutdown: both sockets were read
 //!   to their end, so closing them sends FIN, and the connection is over.
-//!   (Errors and resets end both directions at once; [`classify`] says so.)
+//!   (Errors and resets end both directions at once; [`classify`](super::ending::classify)
+//!   says so.)
 //! - **The engine of a direction** ([`EngineChoice`]): under `auto`, a read
 //!   that fills the whole buffer means the sender is ahead of us (bulk),
 //!   and from then on splicing saves a copy of every byte; a splice that
@@ -16,13 +17,11 @@
 //!   copies instead, for the time being.
 
 use std::io;
-use std::net::Shutdown;
-use std::os::fd::AsFd;
+use std::os::fd::AsRawFd;
 
-use socket2::SockRef;
-
-use super::ending::{classify, Classified, Ending, Side};
+use super::ending::Side;
 use crate::config::Engine;
+use crate::net;
 
 /// Under `auto`, a splice that moves less than this goes back to copying.
 pub const SMALL: usize = 16 * 1024;
@@ -38,14 +37,14 @@ pub struct Halves {
 
 /// What a driver does with a FIN once every byte before it has reached
 /// the destination.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PassFin {
     /// Shut down the destination's writing side ([`shutdown_write`]); the
     /// other direction goes on.
     Shutdown,
-    /// It was the second: the connection is over. Closing both sockets
-    /// passes this FIN on.
-    Close(Classified),
+    /// It was the second: the connection is over (`first_fin` sent its FIN
+    /// first). Closing both sockets passes this FIN on.
+    Close { first_fin: Side },
 }
 
 impl Halves {
@@ -60,7 +59,7 @@ impl Halves {
         self.passed[from as usize] = true;
         let first_fin = *self.first_fin.get_or_insert(from);
         if self.passed.iter().all(|&passed| passed) {
-            PassFin::Close(classify(&Ending::Finished { first_fin }))
+            PassFin::Close { first_fin }
         } else {
             PassFin::Shutdown
         }
@@ -69,8 +68,9 @@ impl Halves {
 
 /// Passes a FIN on to `to`. A peer that is gone already (ENOTCONN) is not
 /// an error here: the other direction will notice it.
-pub fn shutdown_write(to: &impl AsFd) -> io::Result<()> {
-    match SockRef::from(to).shutdown(Shutdown::Write) {
+pub fn shutdown_write(to: &impl AsRawFd) -> io::Result<()> {
+    // SAFETY: a plain call on a descriptor the caller holds.
+    match net::syscall(unsafe { libc::shutdown(to.as_raw_fd(), libc::SHUT_WR) } as isize) {
         Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(e),
         _ => Ok(()),
     }
@@ -145,11 +145,11 @@ mod tests {
             let mut halves = Halves::default();
             assert_eq!(halves.fin(first), PassFin::Shutdown);
             assert!(halves.passed(first) && !halves.passed(first.other()));
-            let PassFin::Close(classified) = halves.fin(first.other()) else {
-                panic!("the second FIN ends the connection");
-            };
-            assert_eq!(classified.close, format!("{first} FIN"));
-            assert!(!classified.reset, "a clean end is never a reset");
+            assert_eq!(
+                halves.fin(first.other()),
+                PassFin::Close { first_fin: first },
+                "the second FIN ends the connection"
+            );
         }
     }
 

@@ -1,11 +1,12 @@
-//! One connection's life, as a state machine that does no I/O: both
-//! drivers feed it what their sockets said, and it tells them what to do
-//! next ([`Step`]).
+//! One connection's life, as a state machine that does no I/O and reads no
+//! clock, in the sans-I/O style of quinn-proto: both drivers feed it what
+//! their sockets said, with the time it happened, and it tells them what to
+//! do next ([`Step`]).
 //!
 //! ```text
-//!   open ──► ReadHeader ──header──► Connect ──connected──► relaying ──► close
-//!     │          │                   ▲  │                      (moved, fin,
-//!     │          └─late/bad─► Close  └──┘ connect_failed        idle)
+//!   open ──► ReadHeader ──header──► Connect ──connected──► relaying ──end──► close
+//!     │          │                   ▲  │                   (moved, fin)
+//!     │          └─late/bad─► Close  └──┘ connect_failed
 //!     └──────────────────────► Connect / Close
 //! ```
 //!
@@ -13,7 +14,23 @@
 //! admitted to its log line: its places (the process's capacity, its
 //! listener's and its backend's `max_connections`), the dialing plan, the
 //! backend it was given, the bytes it moved and the time it last moved
-//! any, and its FINs. The drivers own the sockets and how bytes move.
+//! any, its FINs, and how it ended. The drivers own the sockets and how
+//! bytes move.
+//!
+//! Its methods, by who calls and why:
+//!
+//! - **The driver reports** what happened: [`Session::open`] (a client was
+//!   accepted), [`Session::header`] and [`Session::header_late`],
+//!   [`Session::connect_failed`] and [`Session::connected`],
+//!   [`Session::moved`] and [`Session::undelivered`], [`Session::fin`], and
+//!   [`Session::end`] (how the connection ended: the one place an ending
+//!   is judged, see [`crate::connection::ending`]).
+//! - **The driver asks** what to do: the [`Step`]s those return, what
+//!   [`Connected`] says, [`Session::idle_deadline`] and
+//!   [`Session::header_deadline`] (when to wake it), and finally
+//!   [`Session::close`] (its sockets are closed: free, judge, log).
+//! - **The driver may query**: [`Session::awaits_header`],
+//!   [`Session::relaying`], [`Session::passed`], [`Session::ending`].
 
 use std::fmt::Display;
 use std::io;
@@ -25,7 +42,7 @@ use metrics::Counter;
 
 use super::admit::{self, Admitted};
 use super::dial::{Attempt, Dialed, Dialer, Next};
-use super::ending::{Classified, Side};
+use super::ending::{classify, Classified, Ending, Side};
 use super::relaying::{Halves, PassFin};
 use super::{judge, log_closed};
 use crate::balancer::load::Lease;
@@ -75,6 +92,8 @@ pub struct Session {
     /// Indexed by the sending side: to the backend, to the client.
     bytes: [Bytes; 2],
     idle: Option<Idle>,
+    /// How it ended, once it has: the first ending reported.
+    ending: Option<Classified>,
     /// Counts the connection against its listener's `max_connections`.
     _lease: Lease,
     /// Its place in the process's descriptor capacity.
@@ -135,9 +154,10 @@ struct Idle {
 }
 
 impl Session {
-    /// Lets a connection accepted from `peer` on `route` in, holding
-    /// `slot` of the process's capacity: its first step. `local` tells the
-    /// address it was accepted on, for a PROXY header sent to the backend.
+    /// Lets a connection accepted from `peer` on `route` at `now` in,
+    /// holding `slot` of the process's capacity: its first step. `local`
+    /// tells the address it was accepted on, for a PROXY header sent to the
+    /// backend.
     ///
     /// If it was turned away (counted and logged), the slot comes back, to
     /// be freed once the client's socket is closed.
@@ -147,8 +167,9 @@ impl Session {
         slot: Slot,
         local: impl FnOnce() -> io::Result<SocketAddr>,
         shared: &Shared,
+        now: Instant,
     ) -> Result<(Session, Step), Slot> {
-        let accepted = Instant::now();
+        let accepted = now;
         let Some(Admitted {
             lease,
             header_within,
@@ -165,6 +186,7 @@ impl Session {
             halves: Halves::default(),
             bytes: [Bytes::new(None), Bytes::new(None)],
             idle: None,
+            ending: None,
             _lease: lease,
             _slot: slot,
         };
@@ -175,35 +197,39 @@ impl Session {
                     deadline: accepted + within,
                 }
             }
-            None => session.dial(route, None, local, shared),
+            None => session.dial(route, None, local, shared, now),
         };
         Ok((session, step))
     }
 
     /// The client's PROXY header came (what it carried), or could not be
-    /// read (why).
+    /// read (why), at `now`.
     pub fn header(
         &mut self,
         header: Result<Carried, &dyn Display>,
         local: impl FnOnce() -> io::Result<SocketAddr>,
         shared: &Shared,
+        now: Instant,
     ) -> Step {
         let Phase::Header { route, .. } = std::mem::replace(&mut self.phase, Phase::Over) else {
             return Step::Close;
         };
-        let Some(client) = admit::admit_header(&route, self.peer, header, self.accepted) else {
+        let at = (now, self.lasted(now));
+        let Some(client) = admit::admit_header(&route, self.peer, header, at) else {
             return Step::Close;
         };
         self.client = client;
-        self.dial(route, header.ok().flatten(), local, shared)
+        self.dial(route, header.ok().flatten(), local, shared, now)
     }
 
-    /// The deadline of [`Step::ReadHeader`] passed without a header.
-    pub fn header_late(&mut self) -> Step {
+    /// The deadline of [`Step::ReadHeader`] passed, at `now`, without a
+    /// header.
+    pub fn header_late(&mut self, now: Instant) -> Step {
         if let Phase::Header { route, within } = std::mem::replace(&mut self.phase, Phase::Over) {
             let why = admit::header_too_late(within);
             // Turns it away.
-            admit::admit_header(&route, self.peer, Err(&why), self.accepted);
+            let at = (now, self.lasted(now));
+            admit::admit_header(&route, self.peer, Err(&why), at);
         }
         Step::Close
     }
@@ -221,9 +247,9 @@ impl Session {
         }
     }
 
-    /// The connect of [`Step::Connect`] failed with `error`: the next try,
-    /// or giving up.
-    pub fn connect_failed(&mut self, error: io::Error, shared: &Shared) -> Step {
+    /// The connect of [`Step::Connect`] failed with `error`, at `now`: the
+    /// next try, or giving up.
+    pub fn connect_failed(&mut self, error: io::Error, shared: &Shared, now: Instant) -> Step {
         let Phase::Dialing(dialing) = &mut self.phase else {
             return Step::Close;
         };
@@ -233,17 +259,17 @@ impl Session {
         let _: Next = dialing
             .dialer
             .failed(attempt, error, &dialing.route, shared);
-        self.next_connect()
+        self.next_connect(now)
     }
 
-    /// The connect of [`Step::Connect`] succeeded: the connection relays
-    /// from now on, as [`Connected`] says.
-    pub fn connected(&mut self, shared: &Shared) -> Connected {
+    /// The connect of [`Step::Connect`] succeeded, at `now`: the connection
+    /// relays from now on, as [`Connected`] says.
+    pub fn connected(&mut self, shared: &Shared, now: Instant) -> Connected {
         let Phase::Dialing(mut dialing) = std::mem::replace(&mut self.phase, Phase::Over) else {
             unreachable!("connected while not dialing")
         };
         let attempt = dialing.attempt.take().expect("a connect in flight");
-        let dialed = dialing.dialer.connected(attempt, shared);
+        let dialed = dialing.dialer.connected(attempt, shared, now);
         let stats = dialed.stats.route(&self.listener).cloned();
         if let Some(stats) = &stats {
             stats.connections.increment(1);
@@ -256,7 +282,7 @@ impl Session {
         // Waiting for a PROXY header or a backend is not idleness.
         self.idle = dialed.idle_timeout.map(|limit| Idle {
             limit,
-            last_moved: Instant::now(),
+            last_moved: now,
         });
         let connected = Connected {
             engine: dialed.engine,
@@ -271,15 +297,14 @@ impl Session {
         matches!(self.phase, Phase::Relaying(_))
     }
 
-    /// `n` bytes from `from` reached the other side.
-    pub fn moved(&mut self, from: Side, n: usize) {
+    /// `n` bytes from `from` reached the other side's socket at `now`.
+    pub fn moved(&mut self, from: Side, n: usize, now: Instant) {
         if n == 0 {
             return;
         }
         self.bytes[from as usize].add(n);
-        // The clock is read only when there is an idle timeout.
         if let Some(idle) = &mut self.idle {
-            idle.last_moved = Instant::now();
+            idle.last_moved = now;
         }
     }
 
@@ -304,24 +329,43 @@ impl Session {
     }
 
     /// `from` sent FIN and every byte before it reached the other side:
-    /// see [`Halves::fin`].
+    /// see [`Halves::fin`]. [`PassFin::Close`]: the connection ended (its
+    /// ending is recorded).
     pub fn fin(&mut self, from: Side) -> PassFin {
-        self.halves.fin(from)
+        let pass = self.halves.fin(from);
+        if let PassFin::Close { first_fin } = pass {
+            self.end(Ending::Finished { first_fin });
+        }
+        pass
+    }
+
+    /// The connection ended as `ending` says, unless it had ended already:
+    /// what follows from the first ending reported (see
+    /// [`classify`]): whether both sides are reset, and what is delivered
+    /// first. A connection turned away (after [`Step::Close`]) needs none.
+    pub fn end(&mut self, ending: Ending) -> &Classified {
+        self.ending.get_or_insert_with(|| classify(&ending))
+    }
+
+    /// How it ended, once it has.
+    pub fn ending(&self) -> Option<&Classified> {
+        self.ending.as_ref()
     }
 
     /// The connection is over and its sockets are closed (on io_uring,
-    /// their closes queued): its backend hears how it ended (`how`, `None`
-    /// when it was turned away), its places are freed, and then it is
-    /// logged, since whoever reads that line may open the next connection
-    /// at once.
-    pub fn close(self, how: Option<&Classified>, shared: &Shared) {
+    /// their closes queued), at `now`: its backend hears how it ended, its
+    /// places are freed, and then it is logged (unless it was turned away:
+    /// logged then), since whoever reads that line may open the next
+    /// connection at once.
+    pub fn close(self, shared: &Shared, now: Instant) {
+        let lasted = self.lasted(now);
         let Session {
             listener,
             peer,
             client,
-            accepted,
             phase,
             bytes: [to_backend, to_client],
+            ending,
             _lease,
             _slot,
             ..
@@ -332,7 +376,7 @@ impl Session {
                 if let Some(stats) = stats {
                     stats.active.decrement(1.0);
                 }
-                if let Some(how) = how {
+                if let Some(how) = &ending {
                     judge(how.passive, &dialed.passive, dialed.eject_after, shared);
                 }
                 Some(dialed.name)
@@ -344,7 +388,7 @@ impl Session {
             }
         };
         drop((_lease, _slot));
-        let Some(how) = how else {
+        let Some(how) = ending else {
             return;
         };
         log_closed(
@@ -352,9 +396,14 @@ impl Session {
             (client, (client != peer).then_some(peer)),
             name.as_deref().unwrap_or("-"),
             (to_backend.total, to_client.total),
-            accepted,
+            lasted,
             &how.close,
         );
+    }
+
+    /// How long since it was accepted, at `now`.
+    fn lasted(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.accepted)
     }
 
     /// Loads the pool of `route` and picks the first backend to try.
@@ -364,6 +413,7 @@ impl Session {
         carried: Carried,
         local: impl FnOnce() -> io::Result<SocketAddr>,
         shared: &Shared,
+        now: Instant,
     ) -> Step {
         let Some(dialer) = Dialer::new(
             &route,
@@ -371,7 +421,7 @@ impl Session {
             carried,
             local,
             shared,
-            self.accepted,
+            self.lasted(now),
         ) else {
             return Step::Close;
         };
@@ -380,15 +430,17 @@ impl Session {
             dialer,
             attempt: None,
         }));
-        self.next_connect()
+        self.next_connect(now)
     }
 
-    /// The next backend of the plan, or giving up (counted and logged).
-    fn next_connect(&mut self) -> Step {
+    /// The next backend of the plan, from `now`, or giving up (counted and
+    /// logged).
+    fn next_connect(&mut self, now: Instant) -> Step {
+        let lasted = self.lasted(now);
         let Phase::Dialing(dialing) = &mut self.phase else {
             return Step::Close;
         };
-        match dialing.dialer.next_attempt() {
+        match dialing.dialer.next_attempt(now) {
             Some(attempt) => {
                 let step = Step::Connect {
                     addr: attempt.addr,
@@ -402,9 +454,7 @@ impl Session {
                 else {
                     unreachable!("dialing above")
                 };
-                dialing
-                    .dialer
-                    .give_up(&dialing.route, self.peer, self.accepted);
+                dialing.dialer.give_up(&dialing.route, self.peer, lasted);
                 Step::Close
             }
         }
@@ -428,7 +478,18 @@ mod tests {
         let route = route(shared, listen);
         let slot = shared.connections.take().unwrap();
         let local = || unreachable!("no send_proxy");
-        Session::open(route, peer.parse().unwrap(), slot, local, shared).ok()
+        Session::open(route, peer.parse().unwrap(), slot, local, shared, start()).ok()
+    }
+
+    /// When the tests' connections are accepted; later times are told as
+    /// offsets from it.
+    fn start() -> Instant {
+        static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        *START.get_or_init(Instant::now)
+    }
+
+    fn at(millis: u64) -> Instant {
+        start() + Duration::from_millis(millis)
     }
 
     fn connect_to(step: &Step) -> SocketAddr {
@@ -452,30 +513,33 @@ mod tests {
         let (mut session, step) = open(shared, "127.0.0.1:7000", client).unwrap();
         let order = preference(shared, "p", client);
         assert_eq!(connect_to(&step), order[0]);
-        let step = session.connect_failed(refused(), shared);
+        let step = session.connect_failed(refused(), shared, at(500));
         assert_eq!(connect_to(&step), order[1]);
-        assert_eq!(session.connect_failed(refused(), shared), Step::Close);
+        assert_eq!(
+            session.connect_failed(refused(), shared, at(1000)),
+            Step::Close
+        );
         assert!(!session.relaying());
+        assert!(session.ending().is_none(), "turned away: logged already");
         assert_eq!(shared.connections.open(), 1);
-        // Turned away: logged already, and its places are freed.
-        session.close(None, shared);
+        // Its places are freed.
+        session.close(shared, at(1000));
         assert_eq!(shared.connections.open(), 0);
     }
 
     #[test]
     fn a_proxy_header_names_the_client_whose_backend_is_dialled() {
         let (shared, _events) = shared(CONFIG);
-        let before = Instant::now();
         let (mut session, step) = open(shared, "127.0.0.1:7001", "127.0.0.1:6000").unwrap();
         let Step::ReadHeader { deadline } = step else {
             panic!("expected a header read, got {step:?}");
         };
-        assert!(deadline >= before + Duration::from_secs(2));
+        assert_eq!(deadline, at(2000), "accept_proxy's timeout");
         assert!(session.awaits_header());
         assert_eq!(session.header_deadline(), Some(deadline));
         let client = "198.51.100.9:4000";
         let carried = Some((client.parse().unwrap(), "127.0.0.1:7001".parse().unwrap()));
-        let step = session.header(Ok(carried), || unreachable!("no send_proxy"), shared);
+        let step = session.header(Ok(carried), || unreachable!("no send_proxy"), shared, at(5));
         assert_eq!(connect_to(&step), preference(shared, "p", client)[0]);
         assert!(!session.awaits_header());
         assert_eq!(session.header_deadline(), None);
@@ -485,10 +549,10 @@ mod tests {
     fn a_header_that_comes_late_or_broken_closes_the_connection() {
         let (shared, _events) = shared(CONFIG);
         let (mut late, _) = open(shared, "127.0.0.1:7001", "127.0.0.1:6001").unwrap();
-        assert_eq!(late.header_late(), Step::Close);
+        assert_eq!(late.header_late(at(2000)), Step::Close);
         assert!(!late.awaits_header());
         let (mut broken, _) = open(shared, "127.0.0.1:7001", "127.0.0.1:6002").unwrap();
-        let step = broken.header(Err(&"garbage"), || unreachable!(), shared);
+        let step = broken.header(Err(&"garbage"), || unreachable!(), shared, at(5));
         assert_eq!(step, Step::Close);
         // Only the upstream named in `from` may send one.
         assert!(open(shared, "127.0.0.1:7001", "127.0.0.2:6003").is_none());
@@ -499,29 +563,51 @@ mod tests {
         let (shared, _events) = shared(CONFIG);
         let (mut session, _) = open(shared, "127.0.0.1:7000", "192.0.2.2:5000").unwrap();
         assert_eq!(session.idle_deadline(), None, "not idle while dialing");
-        let connected = session.connected(shared);
+        let connected = session.connected(shared, at(10));
         assert_eq!(connected.engine, Engine::Auto);
         assert_eq!(connected.proxy_header, None, "no send_proxy");
         assert!(session.relaying());
-        let first = session.idle_deadline().expect("idle_timeout: 30s");
-        assert!(first <= Instant::now() + Duration::from_secs(30));
-        std::thread::sleep(Duration::from_millis(2));
-        session.moved(Side::Client, 10);
-        session.moved(Side::Backend, 32);
-        assert!(session.idle_deadline().unwrap() > first);
+        assert_eq!(
+            session.idle_deadline(),
+            Some(at(30_010)),
+            "idle_timeout: 30s"
+        );
+        session.moved(Side::Client, 10, at(20));
+        session.moved(Side::Backend, 32, at(25));
+        assert_eq!(session.idle_deadline(), Some(at(30_025)));
         assert_eq!([session.bytes[0].total, session.bytes[1].total], [10, 32]);
         assert_eq!(session.fin(Side::Backend), PassFin::Shutdown);
         assert!(session.passed(Side::Backend));
-        let PassFin::Close(finished) = session.fin(Side::Client) else {
-            panic!("the second FIN ends the connection");
-        };
         assert_eq!(
-            finished,
-            classify(&Ending::Finished {
+            session.fin(Side::Client),
+            PassFin::Close {
                 first_fin: Side::Backend
-            })
+            },
+            "the second FIN ends the connection"
         );
-        session.close(Some(&finished), shared);
+        let finished = classify(&Ending::Finished {
+            first_fin: Side::Backend,
+        });
+        assert_eq!(session.ending(), Some(&finished));
+        session.close(shared, at(30));
         assert_eq!(shared.connections.open(), 0);
+    }
+
+    #[test]
+    fn the_first_ending_reported_is_the_one() {
+        let (shared, _events) = shared(CONFIG);
+        let (mut session, _) = open(shared, "127.0.0.1:7000", "192.0.2.3:5000").unwrap();
+        session.connected(shared, at(10));
+        let reset = std::io::Error::from_raw_os_error(libc::ECONNRESET);
+        let how = session.end(Ending::Failed {
+            side: Side::Backend,
+            error: &reset,
+        });
+        assert_eq!(how.flush_from, Some(Side::Backend));
+        // An idle timeout while its last bytes are delivered: still a
+        // backend reset.
+        let how = session.end(Ending::Idle { stalled: true });
+        assert_eq!(how.close, "backend reset");
+        session.close(shared, at(40_000));
     }
 }

@@ -31,7 +31,7 @@ use tracing::warn;
 
 use super::pump::{self, Failure};
 use crate::capacity::Slot;
-use crate::connection::ending::{self, Classified, Ending, Side};
+use crate::connection::ending::{Ending, Side};
 use crate::connection::relaying::{shutdown_write, PassFin};
 use crate::connection::session::{Connected, Session, Step};
 use crate::net::{self, Socket};
@@ -51,8 +51,9 @@ pub fn close_all() {
 
 /// Why a relay ended.
 enum Ended {
-    /// Both sides sent FIN, and each was passed on.
-    Finished(Classified),
+    /// Both sides sent FIN, and each was passed on (the session has
+    /// recorded it).
+    Finished,
     Failed(Failure),
     /// `shutdown_timeout` ran out.
     Shutdown,
@@ -81,7 +82,8 @@ pub async fn serve(
     let local = || client.get_ref().local_addr();
     // The route goes with the session: a long connection need not keep it
     // alive.
-    let (mut session, step) = match Session::open(route, peer, slot, local, shared) {
+    let (mut session, step) = match Session::open(route, peer, slot, local, shared, Instant::now())
+    {
         Ok(opened) => opened,
         Err(slot) => return drop((client, slot)),
     };
@@ -100,12 +102,13 @@ pub async fn serve(
         Ok(Some(opened)) => opened,
         Ok(None) => {
             drop(client);
-            return session.close(None, shared);
+            return session.close(shared, Instant::now());
         }
         Err(()) => {
+            session.end(Ending::Shutdown);
             net::abort(&client);
             drop(client);
-            return session.close(Some(&ending::classify(&Ending::Shutdown)), shared);
+            return session.close(shared, Instant::now());
         }
     };
     let Connected {
@@ -145,16 +148,22 @@ pub async fn serve(
     };
     // Bytes read but not yet taken by their destination.
     let stalled = relay.upstream.holding() || relay.downstream.holding();
-    let classified = match outcome {
-        Ended::Finished(classified) => classified,
-        Ended::Shutdown => ending::classify(&Ending::Shutdown),
-        Ended::Idle => ending::classify(&Ending::Idle { stalled }),
-        Ended::Failed(failure) => ending::classify(&Ending::Failed {
+    let ended = match &outcome {
+        // Recorded already.
+        Ended::Finished => None,
+        Ended::Shutdown => Some(Ending::Shutdown),
+        Ended::Idle => Some(Ending::Idle { stalled }),
+        Ended::Failed(failure) => Some(Ending::Failed {
             side: failure.side,
             error: &failure.error,
         }),
     };
-    if let Some(from) = classified.flush_from {
+    if let Some(ending) = ended {
+        relay.session.end(ending);
+    }
+    let how = relay.session.ending().expect("ended");
+    let (flush_from, reset) = (how.flush_from, how.reset);
+    if let Some(from) = flush_from {
         let relay = &mut relay;
         let mut flush = Flush::default();
         poll_fn(|cx| {
@@ -165,7 +174,7 @@ pub async fn serve(
         })
         .await;
     }
-    if classified.reset {
+    if reset {
         // What the sockets took and have not sent is lost with the reset:
         // the log counts what was delivered.
         for (from, to) in [(Side::Client, backend), (Side::Backend, client)] {
@@ -176,7 +185,7 @@ pub async fn serve(
         net::abort(client);
         net::abort(backend);
     }
-    relay.session.close(Some(&classified), shared);
+    relay.session.close(shared, Instant::now());
 }
 
 /// Reads the client's PROXY header if one is due, then dials a backend,
@@ -195,16 +204,24 @@ async fn open(
         step = match step {
             Step::ReadHeader { deadline } => {
                 let read = proxy_protocol::read_header(client);
-                match tokio::time::timeout_at(deadline.into(), read).await {
-                    Ok(Ok(carried)) => session.header(Ok(carried), local, shared),
-                    Ok(Err(e)) => session.header(Err(&e), local, shared),
-                    Err(_) => session.header_late(),
+                let read = tokio::time::timeout_at(deadline.into(), read).await;
+                let now = Instant::now();
+                match read {
+                    Ok(Ok(carried)) => session.header(Ok(carried), local, shared, now),
+                    Ok(Err(e)) => session.header(Err(&e), local, shared, now),
+                    Err(_) => session.header_late(now),
                 }
             }
-            Step::Connect { addr, timeout } => match net::connect(addr, timeout).await {
-                Ok((socket, reset)) => return Some((socket, session.connected(shared), reset)),
-                Err(error) => session.connect_failed(error, shared),
-            },
+            Step::Connect { addr, timeout } => {
+                let connected = net::connect(addr, timeout).await;
+                let now = Instant::now();
+                match connected {
+                    Ok((socket, reset)) => {
+                        return Some((socket, session.connected(shared, now), reset))
+                    }
+                    Err(error) => session.connect_failed(error, shared, now),
+                }
+            }
             Step::Close => return None,
         }
     }
@@ -224,24 +241,27 @@ impl Relay {
     /// Relays both ways until both are finished, one fails, or the idle
     /// timeout passes.
     fn poll(&mut self, cx: &mut Context, client: &Socket, backend: &Socket) -> Poll<Ended> {
+        let now = Instant::now();
         let session = &mut self.session;
         let relayed =
-            drive(&mut self.upstream, cx, (client, backend), session).and_then(|up| match up {
-                Some(finished) => Ok(Some(finished)),
-                None => drive(&mut self.downstream, cx, (backend, client), session),
+            drive(&mut self.upstream, cx, (client, backend), session, now).and_then(|over| {
+                match over {
+                    true => Ok(true),
+                    false => drive(&mut self.downstream, cx, (backend, client), session, now),
+                }
             });
         match relayed {
             Err(failure) => return Poll::Ready(Ended::Failed(failure)),
-            Ok(Some(finished)) => return Poll::Ready(Ended::Finished(finished)),
-            Ok(None) => {}
+            Ok(true) => return Poll::Ready(Ended::Finished),
+            Ok(false) => {}
         }
-        self.poll_idle(cx).map(|()| Ended::Idle)
+        self.poll_idle(cx, now).map(|()| Ended::Idle)
     }
 
     /// Ready once nothing has moved either way for `idle_timeout`.
-    fn poll_idle(&mut self, cx: &mut Context) -> Poll<()> {
+    fn poll_idle(&mut self, cx: &mut Context, now: Instant) -> Poll<()> {
         if let (Some(timer), Some(deadline)) = (&mut self.idle, self.session.idle_deadline()) {
-            if Instant::now() >= deadline {
+            if now >= deadline {
                 return Poll::Ready(());
             }
             if timer.deadline() != deadline.into() {
@@ -271,9 +291,10 @@ impl Relay {
             Side::Backend => (&mut self.downstream, backend, client),
         };
         let session = &mut self.session;
+        let now = Instant::now();
         if !flush.source_ended {
-            match direction.poll(cx, source, to, |n| session.moved(from, n)) {
-                Poll::Pending => return self.poll_idle(cx),
+            match direction.poll(cx, source, to, |n| session.moved(from, n, now)) {
+                Poll::Pending => return self.poll_idle(cx, now),
                 // Its end, or its failure (reported once: so this may well
                 // be what looks like an end).
                 Poll::Ready(Ok(())) => {}
@@ -284,7 +305,7 @@ impl Relay {
             flush.source_ended = true;
         }
         match ready_once_sent(cx, to, flush) {
-            Ok(Poll::Pending) => self.poll_idle(cx),
+            Ok(Poll::Pending) => self.poll_idle(cx, now),
             Ok(Poll::Ready(())) | Err(_) => Poll::Ready(()),
         }
     }
@@ -327,22 +348,23 @@ fn drive(
     cx: &mut Context,
     (from, to): (&Socket, &Socket),
     session: &mut Session,
-) -> Result<Option<Classified>, Failure> {
+    now: Instant,
+) -> Result<bool, Failure> {
     let sender = direction.sender();
     if session.passed(sender) {
-        return Ok(None);
+        return Ok(false);
     }
     let mut moved = 0;
     let done = direction.poll(cx, from, to, |n| moved += n);
-    session.moved(sender, moved);
+    session.moved(sender, moved, now);
     if let Poll::Ready(done) = done {
         done?;
         match session.fin(sender) {
             PassFin::Shutdown => {
                 shutdown_write(to).map_err(|e| Failure::new(sender.other(), e))?;
             }
-            PassFin::Close(finished) => return Ok(Some(finished)),
+            PassFin::Close { .. } => return Ok(true),
         }
     }
-    Ok(None)
+    Ok(false)
 }

@@ -57,7 +57,6 @@ impl Worker {
                 self.listeners.len() - 1
             }
         };
-        self.generation = self.generation.wrapping_add(1) & 0xff_ffff;
         self.listeners[index] = Some(Listening {
             addr: listener.addr,
             socket: listener.socket,
@@ -65,7 +64,7 @@ impl Worker {
             armed: false,
             multishot: false,
             backoff: None,
-            generation: self.generation,
+            generation: self.next_listener_generation(),
         });
         if !self.pause.paused() {
             self.arm_accept(index);
@@ -184,6 +183,30 @@ impl Worker {
                 self.arm_accept(index);
             }
         }
+    }
+
+    /// After lost completions: every listener's accept, which may have
+    /// ended unseen, is given up (a client it still brings is closed) and
+    /// armed again.
+    pub(super) fn rearm_accepts(&mut self) {
+        for index in 0..self.listeners.len() {
+            let generation = self.next_listener_generation();
+            let Some(listener) = &mut self.listeners[index] else {
+                continue;
+            };
+            let old = std::mem::replace(&mut listener.generation, generation);
+            listener.armed = false;
+            listener.multishot = false;
+            self.push_cancel_accept(index, old);
+            if !self.pause.paused() {
+                self.arm_accept(index);
+            }
+        }
+    }
+
+    fn next_listener_generation(&mut self) -> u32 {
+        self.listener_generation = self.listener_generation.wrapping_add(1) & 0xff_ffff;
+        self.listener_generation
     }
 
     fn end_listener(&mut self, index: usize) {

@@ -1,30 +1,118 @@
-//! One connection on the ring, as its [`Session`] asks: waiting for a
-//! PROXY header (its bytes come in provided buffers like any others),
-//! dialing (a socket made in the ring, then an io_uring connect with
-//! `connect_timeout` as a linked timeout; the next backend of the plan if
-//! it fails), relaying (two [`Flow`](super::state::Flow)s), and its end:
+//! One connection on the ring ([`Conn`]), as its [`Session`] asks:
+//! waiting for a PROXY header (its bytes come in provided buffers like any
+//! others), dialing (a socket made in the ring, then an io_uring connect
+//! with `connect_timeout` as a linked timeout; the next backend of the plan
+//! if it fails), relaying (two [`Flow`]s, `flow.rs`), and its end:
 //! everything armed on its sockets is cancelled, and once the last
 //! completion is in, its sockets are closed through the ring and the
 //! session is closed (judged and logged).
+//!
+//! A connection's slot is freed only once every operation on it has
+//! posted its last completion: closing a socket does not cancel what is
+//! armed on it, and user data must never point at a reused slot. Should
+//! the kernel drop completions (it may, out of memory), that count is
+//! wrong: [`Worker::completions_lost`] ends every connection and sweeps
+//! their sockets until nothing is in flight, so that no slot leaks.
+
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::Instant;
 
-use io_uring::{cqueue, opcode, types};
+use io_uring::{cqueue, opcode, squeue, types};
 use socket2::{SockAddr, SockRef};
 use tracing::debug;
 
-use super::state::{error_of, source_side, Conn, Connecting, Flow, DOWN, UP};
-use super::{close_entry, FlowOp, Op, Token, Worker};
+use super::direction::{Flow, Out, Receive};
+use super::flush::Flushing;
+use super::lost::Sweep;
+use super::slab::Generation;
+use super::token::{FlowOp, Op, Token};
+use super::{close_entry, Worker};
 use crate::capacity::Slot;
-use crate::connection::ending::{self, Classified, Ending, Side};
+use crate::connection::ending::{Ending, Side};
 use crate::connection::relaying::EngineChoice;
 use crate::connection::session::{Connected, Session, Step};
 use crate::net;
 use crate::proxy_protocol;
 use crate::snapshot::Route;
+
+/// A connection on the ring.
+pub struct Conn {
+    pub generation: u32,
+    /// Operations whose last completion has not come yet.
+    pub pending: u32,
+    pub client: OwnedFd,
+    pub backend: Option<OwnedFd>,
+    pub session: Session,
+    /// What came of a PROXY header so far, while one is awaited (a header
+    /// split over segments is rare).
+    pub header: Vec<u8>,
+    /// The connect being made, while dialing.
+    pub connecting: Option<Box<Connecting>>,
+    /// Indexed by the side the bytes come from: the client's, the
+    /// backend's.
+    flows: [Flow; 2],
+    /// Its deadline among the worker's timers: when its PROXY header is
+    /// due, or its idle timeout (as last set; bytes may have moved since).
+    pub timer: Option<Instant>,
+    /// A failed side's last bytes on their way, before the reset.
+    pub flushing: Option<Box<Flushing>>,
+    /// Everything on its sockets is being cancelled: it is closed once the
+    /// last completion is in.
+    pub closing: bool,
+    /// After lost completions: a sweep of its sockets under way.
+    pub sweep: Option<Sweep>,
+}
+
+/// Where the connect in flight goes, and when it must be done by: the ring
+/// reads the address and the timeout when the entries are submitted.
+pub struct Connecting {
+    pub addr: SockAddr,
+    /// `None`: no `connect_timeout`.
+    pub deadline: Option<Instant>,
+    /// What is left of the time limit, for the linked timeout.
+    pub timeout: types::Timespec,
+}
+
+impl Generation for Conn {
+    fn generation(&self) -> u32 {
+        self.generation
+    }
+}
+
+impl Conn {
+    pub fn flow(&self, from: Side) -> &Flow {
+        &self.flows[from as usize]
+    }
+
+    pub fn flow_mut(&mut self, from: Side) -> &mut Flow {
+        &mut self.flows[from as usize]
+    }
+
+    /// Its sockets: the client's, and the backend's once it is made.
+    pub fn sockets(&self) -> [Option<RawFd>; 2] {
+        [self.socket(Side::Client), self.socket(Side::Backend)]
+    }
+
+    /// The socket of `side`, once it exists (the backend's only once it is
+    /// made).
+    pub fn socket(&self, side: Side) -> Option<RawFd> {
+        match side {
+            Side::Client => Some(self.client.as_raw_fd()),
+            Side::Backend => self.backend.as_ref().map(AsRawFd::as_raw_fd),
+        }
+    }
+
+    /// Whether the direction from `from` was dropped by a flush (it goes
+    /// towards the side that failed).
+    pub fn dropped(&self, from: Side) -> bool {
+        self.flushing
+            .as_ref()
+            .is_some_and(|flushing| flushing.from != from)
+    }
+}
 
 impl Worker {
     /// Admits a client accepted from `peer` and starts it on its way.
@@ -36,12 +124,12 @@ impl Worker {
         slot: Slot,
     ) {
         let local = || net::local_addr(&client);
-        let (session, step) = match Session::open(route, peer, slot, local, self.shared) {
+        let opened = Session::open(route, peer, slot, local, self.shared, self.now);
+        let (session, step) = match opened {
             Ok(opened) => opened,
             Err(slot) => return drop((client, slot)),
         };
-        let (index, generation) = self.take_slot();
-        self.conns[index as usize] = Some(Conn {
+        let (index, _) = self.slab.insert(|generation| Conn {
             generation,
             pending: 0,
             client,
@@ -49,25 +137,26 @@ impl Worker {
             session,
             header: Vec::new(),
             connecting: None,
+            flows: Default::default(),
             timer: None,
             flushing: None,
-            flows: Default::default(),
-            ending: None,
+            closing: false,
+            sweep: None,
         });
         self.step(index, step);
     }
 
     /// Does what the session of connection `index` asked for.
     fn step(&mut self, index: u32, step: Step) {
-        let Some(conn) = self.conns[index as usize].as_mut() else {
-            // Finished already, by an earlier step of this turn.
+        let now = self.now;
+        let Some(conn) = self.slab.live(index) else {
             return;
         };
         let generation = conn.generation;
         match step {
             Step::ReadHeader { deadline } => {
                 self.set_timer(index, Some(deadline));
-                self.arm(index, UP);
+                self.arm(index, Side::Client);
             }
             Step::Connect { addr, timeout } => {
                 // The socket is made in the ring; the connect follows once
@@ -78,7 +167,7 @@ impl Worker {
                 };
                 conn.connecting = Some(Box::new(Connecting {
                     addr: SockAddr::from(addr),
-                    limited: !timeout.is_zero(),
+                    deadline: (!timeout.is_zero()).then(|| now + timeout),
                     timeout: types::Timespec::from(timeout),
                 }));
                 let entry = opcode::Socket::new(
@@ -90,7 +179,7 @@ impl Worker {
                 .user_data(Token::new(Op::Socket, index, generation).0);
                 self.push_for(index, entry);
             }
-            Step::Close => self.end(index, None),
+            Step::Close => self.end(index),
         }
     }
 
@@ -106,7 +195,7 @@ impl Worker {
         }
         let last =
             !(op == Op::Flow && flow.map(|f| f.0) == Some(FlowOp::Recv) && cqueue::more(flags));
-        let Some(conn) = super::live(&mut self.conns, index, generation) else {
+        let Some(conn) = self.slab.of(index, generation) else {
             // Cleanup entries of listeners and of freed connections.
             if let Some(id) = buffer {
                 self.buffers.give_back(id);
@@ -114,9 +203,12 @@ impl Worker {
             return;
         };
         if last {
-            conn.pending -= 1;
+            conn.pending = conn.pending.saturating_sub(1);
         }
-        if conn.ending.is_some() {
+        if op == Op::Sweep {
+            return self.swept(index, result);
+        }
+        if conn.closing {
             if let Some(id) = buffer {
                 self.buffers.give_back(id);
             }
@@ -126,14 +218,14 @@ impl Worker {
                 // SAFETY: the ring made this descriptor for us alone.
                 conn.backend = Some(unsafe { OwnedFd::from_raw_fd(result) });
             }
-            if conn.pending == 0 {
+            if conn.pending == 0 && conn.sweep.is_none() {
                 self.finish(index);
             }
             return;
         }
-        if let (Op::Flow, Some((kind, f))) = (op, flow) {
-            if self.dropped(index, f, kind, last, buffer) {
-                return;
+        if let (Op::Flow, Some((kind, from))) = (op, flow) {
+            if conn.dropped(from) {
+                return self.dropped_completed(index, from, kind, last, buffer);
             }
         }
         match (op, flow) {
@@ -143,36 +235,18 @@ impl Worker {
             // from now on, plain system calls.
             (Op::SocketOption, _) if result < 0 && self.ring_socket_options => {
                 self.ring_socket_options = false;
-                let conn = self.conns[index as usize].as_ref().expect("checked above");
                 if let Some(backend) = &conn.backend {
                     if let Err(e) = net::relay_options(backend) {
                         debug!("socket options of a backend socket: {e}");
                     }
                 }
             }
-            (Op::Flow, Some((FlowOp::Recv, f))) => self.received(index, f, result, last, buffer),
-            (Op::Flow, Some((FlowOp::Send, f))) => self.sent(index, f, result),
-            (Op::Flow, Some((FlowOp::Readable, f))) => {
-                let conn = self.conns[index as usize].as_mut().expect("checked above");
-                conn.flows[f].armed = false;
-                match result {
-                    r if r >= 0 => self.splice_from(index, f),
-                    r if -r == libc::ECANCELED => self.pump(index, f),
-                    r => self.fail(index, source_side(f), error_of(r)),
-                }
+            (Op::Flow, Some((FlowOp::Recv, from))) => {
+                self.received(index, from, result, last, buffer)
             }
-            (Op::Flow, Some((FlowOp::Writable, f))) => {
-                let conn = self.conns[index as usize].as_mut().expect("checked above");
-                conn.flows[f].sending = false;
-                match result {
-                    r if r >= 0 => {
-                        if self.drain_pipe(index, f) {
-                            self.pump(index, f);
-                        }
-                    }
-                    r => self.fail(index, source_side(f).other(), error_of(r)),
-                }
-            }
+            (Op::Flow, Some((FlowOp::Send, from))) => self.sent(index, from, result),
+            (Op::Flow, Some((FlowOp::Readable, from))) => self.readable(index, from, result),
+            (Op::Flow, Some((FlowOp::Writable, from))) => self.writable(index, from, result),
             // A linked timeout or a cancel: counted above.
             _ => {}
         }
@@ -180,9 +254,8 @@ impl Worker {
 
     /// Queues an operation of connection `index`, counted until its last
     /// completion.
-    pub(super) fn push_for(&mut self, index: u32, entry: io_uring::squeue::Entry) {
-        let Some(conn) = self.conns[index as usize].as_mut() else {
-            // Finished already, by an earlier step of this turn.
+    pub(super) fn push_for(&mut self, index: u32, entry: squeue::Entry) {
+        let Some(conn) = self.slab.live(index) else {
             return;
         };
         conn.pending += 1;
@@ -191,22 +264,23 @@ impl Worker {
 
     /// The socket for the connect to come was made (`result` is its
     /// descriptor) or not: connect it, or try the next backend.
-    pub(super) fn socket_made(&mut self, index: u32, result: i32) {
-        let Some(conn) = self.conns[index as usize].as_mut() else {
-            // Finished already, by an earlier step of this turn.
+    fn socket_made(&mut self, index: u32, result: i32) {
+        let (now, shared) = (self.now, self.shared);
+        let ring_socket_options = self.ring_socket_options;
+        let Some(conn) = self.slab.live(index) else {
             return;
         };
         if result < 0 {
             // Out of descriptors, say: the plan gives up at once.
             conn.connecting = None;
-            let step = conn.session.connect_failed(error_of(result), self.shared);
+            let step = conn.session.connect_failed(error_of(result), shared, now);
             return self.step(index, step);
         }
         let generation = conn.generation;
         // SAFETY: the ring made this descriptor for us alone.
         let socket = unsafe { OwnedFd::from_raw_fd(result) };
         let fd = socket.as_raw_fd();
-        if !self.ring_socket_options {
+        if !ring_socket_options {
             if let Err(e) = net::relay_options(&socket) {
                 debug!("socket options of a backend socket: {e}");
             }
@@ -217,7 +291,7 @@ impl Worker {
             .build()
             .user_data(Token::new(Op::Connect, index, generation).0);
         // The relay options, set in the ring before the connect is issued.
-        if self.ring_socket_options {
+        if ring_socket_options {
             static ONE: libc::c_int = 1;
             for (level, option) in [
                 (libc::IPPROTO_TCP, libc::TCP_NODELAY),
@@ -238,33 +312,34 @@ impl Worker {
         self.push_limited(index, connect);
     }
 
-    /// Queues `entry`, the connect or the wait for its outcome, with the
-    /// pool's `connect_timeout` as a linked timeout.
-    fn push_limited(&mut self, index: u32, entry: io_uring::squeue::Entry) {
-        let Some(conn) = self.conns[index as usize].as_mut() else {
-            // Finished already, by an earlier step of this turn.
+    /// Queues `entry`, the connect or the wait for its outcome, with what
+    /// is left of the pool's `connect_timeout` as a linked timeout: one
+    /// limit for the whole dial, however many waits it takes.
+    fn push_limited(&mut self, index: u32, entry: squeue::Entry) {
+        let now = self.now;
+        let Some(conn) = self.slab.live(index) else {
             return;
         };
         let generation = conn.generation;
-        let Some(connecting) = &conn.connecting else {
+        let Some(connecting) = conn.connecting.as_mut() else {
             return;
         };
-        if !connecting.limited {
+        let Some(deadline) = connecting.deadline else {
             return self.push_for(index, entry);
-        }
+        };
+        // Spent already: the link times out at once.
+        connecting.timeout = types::Timespec::from(deadline.saturating_duration_since(now));
         let timeout = opcode::LinkTimeout::new(&connecting.timeout)
             .build()
             .user_data(Token::new(Op::ConnectTimeout, index, generation).0);
-        self.reserve(2);
-        self.push_for(index, entry.flags(io_uring::squeue::Flags::IO_LINK));
-        self.push_for(index, timeout);
+        conn.pending += 2;
+        self.push_linked(entry, timeout);
     }
 
     /// The connect in flight ended.
-    pub(super) fn connected(&mut self, index: u32, result: i32) {
-        let shared = self.shared;
-        let Some(conn) = self.conns[index as usize].as_mut() else {
-            // Finished already, by an earlier step of this turn.
+    fn connected(&mut self, index: u32, result: i32) {
+        let (now, shared) = (self.now, self.shared);
+        let Some(conn) = self.slab.live(index) else {
             return;
         };
         if conn.connecting.is_none() {
@@ -282,8 +357,15 @@ impl Worker {
                         .user_data(Token::new(Op::Connect, index, conn.generation).0);
                 return self.push_limited(index, entry);
             }
-            // That wait ended (a poll mask): the socket says how.
+            // That wait ended (a poll mask): the socket says how. A reset
+            // as soon as the backend accepted means it did accept: the
+            // relay meets the reset (the socket reports it once, so it is
+            // kept for the relay).
             _ if result > 0 => match SockRef::from(backend).take_error() {
+                Ok(Some(e)) if e.kind() == io::ErrorKind::ConnectionReset => {
+                    conn.flow_mut(Side::Backend).failed = Some(-libc::ECONNRESET);
+                    0
+                }
                 Ok(None) => 0,
                 Ok(Some(e)) | Err(e) => -e.raw_os_error().unwrap_or(libc::EIO),
             },
@@ -297,18 +379,19 @@ impl Worker {
                 errno => io::Error::from_raw_os_error(errno),
             };
             let socket = conn.backend.take().expect("a connect in flight");
-            let step = conn.session.connect_failed(error, shared);
+            let step = conn.session.connect_failed(error, shared, now);
             self.push(close_entry(socket.into_raw_fd()));
             return self.step(index, step);
         }
         let Connected {
             engine,
             proxy_header,
-        } = conn.session.connected(shared);
+        } = conn.session.connected(shared, now);
         if let Some(header) = proxy_header {
             // Nothing the client sent has left: it all waits in the backlog.
-            debug_assert!(conn.flows[UP].lent.is_none() && !conn.flows[UP].sending);
-            conn.flows[UP].backlog.push_front(header.into_vec(), true);
+            let up = conn.flow_mut(Side::Client);
+            debug_assert!(matches!(up.out, Out::Idle));
+            up.backlog.push_front(header.into_vec(), true);
         }
         for flow in &mut conn.flows {
             flow.engine = EngineChoice::new(engine);
@@ -316,14 +399,14 @@ impl Worker {
         // The idle timeout replaces the PROXY header's deadline.
         let idle = conn.session.idle_deadline();
         self.set_timer(index, idle);
-        self.pump(index, UP);
-        self.pump(index, DOWN);
+        self.pump(index, Side::Client);
+        self.pump(index, Side::Backend);
     }
 
     /// Bytes of the PROXY header came: judge what there is so far.
     pub(super) fn header_came(&mut self, index: u32) {
-        let Some(conn) = self.conns[index as usize].as_mut() else {
-            // Finished already, by an earlier step of this turn.
+        let (now, shared) = (self.now, self.shared);
+        let Some(conn) = self.slab.live(index) else {
             return;
         };
         if !conn.session.awaits_header() {
@@ -333,20 +416,21 @@ impl Worker {
             // More must come: a receive that ended with these bytes (its
             // last completion can carry data) is armed again.
             Ok(None) => {
-                let flow = &conn.flows[UP];
-                if !flow.armed && !flow.starved && !flow.eof {
-                    self.arm(index, UP);
+                if conn.flow(Side::Client).receive == Receive::Idle {
+                    self.arm(index, Side::Client);
                 }
             }
             Err(e) => self.header_failed(index, &e),
             Ok(Some((length, carried))) => {
                 let local = || net::local_addr(&conn.client);
-                let step = conn.session.header(Ok(carried), local, self.shared);
+                let step = conn.session.header(Ok(carried), local, shared, now);
                 // What came after the header, and what comes next, waits
                 // for the backend.
                 let header = std::mem::take(&mut conn.header);
-                conn.flows[UP].backlog.push(&header[length..], false);
-                self.cancel_receive(index, UP);
+                conn.flow_mut(Side::Client)
+                    .backlog
+                    .push(&header[length..], false);
+                self.cancel_receive(index, Side::Client);
                 self.step(index, step);
             }
         }
@@ -354,29 +438,28 @@ impl Worker {
 
     /// The PROXY header awaited cannot be read, for `why`.
     pub(super) fn header_failed(&mut self, index: u32, why: &dyn std::fmt::Display) {
-        let conn = self.conns[index as usize]
-            .as_mut()
-            .expect("a live connection");
+        let (now, shared) = (self.now, self.shared);
+        let Some(conn) = self.slab.live(index) else {
+            return;
+        };
         let local = || net::local_addr(&conn.client);
-        let step = conn.session.header(Err(why), local, self.shared);
+        let step = conn.session.header(Err(why), local, shared, now);
         self.step(index, step);
     }
 
-    /// A deadline of connection `index` came: its PROXY header's, or its
-    /// idle timeout's.
-    pub(super) fn deadline(&mut self, index: u32, now: Instant) {
-        let Some(conn) = self.conns[index as usize].as_mut() else {
+    /// A deadline of connection `index` came: its PROXY header's, its idle
+    /// timeout's, or (after lost completions) the next sweep's.
+    pub(super) fn deadline(&mut self, index: u32) {
+        let now = self.now;
+        let Some(conn) = self.slab.live(index) else {
             return;
         };
-        if conn.ending.is_some() {
-            return;
+        if conn.closing {
+            return self.sweep(index);
         }
-        if let Some(deadline) = conn.session.header_deadline() {
-            if now >= deadline {
-                let step = conn.session.header_late();
-                self.step(index, step);
-            }
-            return;
+        if conn.session.header_deadline().is_some() {
+            let step = conn.session.header_late(now);
+            return self.step(index, step);
         }
         // Only a relaying connection has one.
         let Some(due) = conn.session.idle_deadline() else {
@@ -386,17 +469,17 @@ impl Worker {
             return self.set_timer(index, Some(due));
         }
         let stalled = conn.flows.iter().any(Flow::holding);
-        self.end(index, Some(ending::classify(&Ending::Idle { stalled })));
+        conn.session.end(Ending::Idle { stalled });
+        self.end(index);
     }
 
-    /// `shutdown_timeout` ran out: every connection ends now.
-    pub(super) fn close_all(&mut self) {
-        for index in 0..self.conns.len() as u32 {
-            if self.conns[index as usize]
-                .as_ref()
-                .is_some_and(|c| c.ending.is_none())
-            {
-                self.end(index, Some(ending::classify(&Ending::Shutdown)));
+    /// Every connection ends now, with `ending`: `shutdown_timeout` ran
+    /// out, or the kernel lost completions.
+    pub(super) fn close_all(&mut self, ending: fn() -> Ending<'static>) {
+        for index in 0..self.slab.end() {
+            if let Some(conn) = self.slab.live(index).filter(|conn| !conn.closing) {
+                conn.session.end(ending());
+                self.end(index);
             }
         }
     }
@@ -407,46 +490,44 @@ impl Worker {
         if self.failed_while_flushing(index, side) {
             return;
         }
-        self.end(
-            index,
-            Some(ending::classify(&Ending::Failed {
-                side,
-                error: &error,
-            })),
-        );
+        let Some(conn) = self.slab.live(index) else {
+            return;
+        };
+        conn.session.end(Ending::Failed {
+            side,
+            error: &error,
+        });
+        self.end(index);
     }
 
-    /// Ends connection `index`: everything armed on its sockets is
+    /// Ends connection `index` as its session says it ended (nothing to
+    /// say if it was turned away): everything armed on its sockets is
     /// cancelled, and once the last completion is in it is closed and
-    /// logged ([`Worker::finish`]). `how` is `None` when it was turned away
-    /// (logged already). A reset that must deliver the failed side's bytes
-    /// first waits for them ([`Worker::flush`]); a connection flushing
-    /// ends at once, whatever `how`, for the reason the flush began with.
-    pub(super) fn end(&mut self, index: u32, how: Option<Classified>) {
-        let Some(conn) = self.conns[index as usize].as_mut() else {
-            // Finished already, by an earlier step of this turn.
+    /// logged ([`Worker::finish`]). A reset that must deliver the failed
+    /// side's bytes first waits for them ([`Worker::flush`]); a connection
+    /// already flushing ends at once.
+    pub(super) fn end(&mut self, index: u32) {
+        let Some(conn) = self.slab.live(index) else {
             return;
         };
-        if conn.ending.is_some() {
+        if conn.closing {
             return;
         }
-        let how = match (conn.flushing.take(), how) {
-            (Some(flushing), _) => Some(flushing.how),
-            (None, Some(how)) => match self.flush(index, how) {
-                Some(how) => Some(how),
-                None => return,
-            },
-            (None, None) => None,
-        };
-        let conn = self.conns[index as usize].as_mut().expect("live above");
-        let generation = conn.generation;
-        if how.as_ref().is_some_and(|c| c.reset) {
+        let ending = conn.session.ending().map(|how| (how.reset, how.flush_from));
+        let flushing = conn.flushing.take().is_some();
+        if let (false, Some((_, Some(from)))) = (flushing, ending) {
+            if self.flush(index, from) {
+                return;
+            }
+        }
+        let conn = self.slab.live(index).expect("live above");
+        if ending.is_some_and(|(reset, _)| reset) {
             // What the sockets took and have not sent is lost with the
             // reset: the log counts what was delivered.
-            for f in [UP, DOWN] {
-                if let Some(to) = conn.destination(f) {
-                    let unsent = net::unsent(&super::flow::borrowed(to)).unwrap_or(0);
-                    conn.session.undelivered(source_side(f), unsent);
+            for from in [Side::Client, Side::Backend] {
+                if let Some(to) = conn.socket(from.other()) {
+                    let unsent = net::unsent(&Raw(to)).unwrap_or(0);
+                    conn.session.undelivered(from, unsent);
                 }
             }
             net::abort(&conn.client);
@@ -454,16 +535,24 @@ impl Worker {
                 net::abort(backend);
             }
         }
-        conn.ending = Some(how);
-        // The client's socket and the backend's, if there is one yet.
-        let fds = [conn.source(UP), conn.source(DOWN)];
+        conn.closing = true;
         if conn.pending == 0 {
             return self.finish(index);
         }
-        for fd in fds.into_iter().flatten() {
+        self.cancel_all(index, Op::Cleanup);
+    }
+
+    /// Cancels everything armed on the sockets of connection `index`, the
+    /// cancels' user data naming `op`.
+    pub(super) fn cancel_all(&mut self, index: u32, op: Op) {
+        let Some(conn) = self.slab.live(index) else {
+            return;
+        };
+        let generation = conn.generation;
+        for fd in conn.sockets().into_iter().flatten() {
             let entry = opcode::AsyncCancel2::new(types::CancelBuilder::fd(types::Fd(fd)).all())
                 .build()
-                .user_data(Token::new(Op::Cleanup, index, generation).0);
+                .user_data(Token::new(op, index, generation).0);
             self.push_for(index, entry);
         }
     }
@@ -473,20 +562,16 @@ impl Worker {
     /// logs it).
     pub(super) fn finish(&mut self, index: u32) {
         self.set_timer(index, None);
-        let conn = self.conns[index as usize]
-            .take()
-            .expect("a live connection");
-        self.free.push(index);
+        let conn = self.slab.remove(index);
         let Conn {
             client,
             backend,
             session,
             flows,
-            ending,
             ..
-        } = conn;
+        } = *conn;
         for flow in flows {
-            if let Some((id, _)) = flow.lent {
+            if let Out::Lent { id, .. } = flow.out {
                 self.buffers.give_back(id);
             }
         }
@@ -494,7 +579,21 @@ impl Worker {
         if let Some(backend) = backend {
             self.push(close_entry(backend.into_raw_fd()));
         }
-        session.close(ending.flatten().as_ref(), self.shared);
+        session.close(self.shared, self.now);
         debug!(index, "connection closed");
     }
+}
+
+/// A live connection's descriptor, for one question about it (no
+/// ownership, no lifetime claimed).
+pub struct Raw(pub RawFd);
+
+impl AsRawFd for Raw {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+pub fn error_of(result: i32) -> io::Error {
+    io::Error::from_raw_os_error(-result)
 }

@@ -1,22 +1,18 @@
-//! One direction of a connection on the ring ([`Flow`](super::state::Flow)):
-//! it moves bytes from its source to its destination with one of two
-//! engines:
+//! One direction of a connection on the ring ([`Flow`]): it moves bytes
+//! from its source to its destination with one of two engines:
 //!
 //! - **copy**: a multishot receive takes provided buffers as bytes come
-//!   in, and each is sent on as it came, by a send that does not wait for
-//!   room, so the buffer goes back to the ring as soon as that send
-//!   completes, whatever the destination does. When the destination is
-//!   behind (a send found no room, or is still in flight, or the backend
-//!   is still being dialled), bytes are copied into the direction's
-//!   [`Backlog`](super::backlog::Backlog) instead, and the buffer given
-//!   back. A direction holds at most [`HOLD`] bytes: each receive is
-//!   limited to what may still be held, and armed again once the
-//!   destination has taken half. So a slow peer never keeps ring buffers
-//!   from other connections, and what it costs in memory is bounded. The
-//!   limit on a multishot receive's total needs Linux 6.17; before, a
-//!   multishot receive could take a whole burst, and the receives are
-//!   single-shot instead, one buffer each. A receive that finds the ring
-//!   empty (ENOBUFS) waits for buffers; the connection lives on.
+//!   in, and each is sent on as it came ([`Out::Lent`]), by a send that
+//!   does not wait for room, so the buffer goes back to the ring as soon as
+//!   that send completes, whatever the destination does. When the
+//!   destination is behind (a send found no room, or is still in flight,
+//!   or the backend is still being dialled), bytes are copied into the
+//!   direction's [`Backlog`](super::backlog::Backlog) instead, and the
+//!   buffer given back. What a direction may hold is bounded (see
+//!   [`super::direction`]); the bound on a multishot receive needs Linux
+//!   6.17, and before it the receives are single-shot, one buffer each. A
+//!   receive that finds the ring empty (ENOBUFS) waits for buffers
+//!   ([`Worker::feed_starved`]); the connection lives on.
 //! - **splice**: readiness from the ring, then `splice(2)` through a pipe
 //!   from the worker's pool (io_uring's own splice always runs on kernel
 //!   worker threads).
@@ -27,296 +23,344 @@
 //! engine holds is sent.
 
 use std::io;
-use std::os::fd::RawFd;
 
 use io_uring::{opcode, squeue, types};
 
-use super::state::{error_of, source_side};
-use super::{FlowOp, Op, Token, Worker, BUFFER_SIZE};
+use super::conn::{error_of, Raw};
+use super::direction::{Arm, Out, Receive};
+use super::token::{FlowOp, Op, Token};
+use super::{Worker, BUFFER_SIZE};
+use crate::connection::ending::Side;
 use crate::connection::relaying::{shutdown_write, PassFin};
+use crate::net;
 use crate::pipe::{splice, splice_in, Pipe, Spliced};
 
-/// Bytes a direction may hold for a slow destination before it stops
-/// receiving.
-const HOLD: usize = 4 * BUFFER_SIZE as usize;
-
 impl Worker {
-    /// Arms the receive (or readiness poll) of direction `f` on its source.
-    pub(super) fn arm(&mut self, index: u32, f: usize) {
-        let Some(conn) = self.conns[index as usize].as_mut() else {
-            // Finished already, by an earlier step of this turn.
+    /// Arms the receive (or readiness poll) of the direction from `from`
+    /// on its source.
+    pub(super) fn arm(&mut self, index: u32, from: Side) {
+        let bounded = self.bounded_multishot;
+        let Some(conn) = self.slab.live(index) else {
             return;
         };
-        if conn.ending.is_some() {
+        if conn.closing {
             return;
         }
         let generation = conn.generation;
-        let Some(from) = conn.source(f) else {
+        let Some(source) = conn.socket(from) else {
             return;
         };
-        let flow = &mut conn.flows[f];
-        flow.armed = true;
-        let entry = if flow.engine.splicing() {
-            opcode::PollAdd::new(types::Fd(from), libc::POLLIN as u32)
-                .build()
-                .user_data(Token::flow(FlowOp::Readable, f, index, generation).0)
-        } else if self.bounded_multishot {
-            // It ends once it has taken what may still be held. The limit
-            // ends it only after the receive that reaches it, which can
-            // take a whole buffer: hence one buffer less. (Armed with at
-            // most half of `HOLD` held, so there is room for two.)
-            let held = flow.backlog.len() + flow.lent.map_or(0, |(_, len)| len as usize);
-            let room = HOLD.saturating_sub(held + BUFFER_SIZE as usize - 1).max(1);
-            let entry = opcode::RecvMulti::new(types::Fd(from), super::buffers::GROUP).build();
-            limit_total(entry, room as u32)
-                .user_data(Token::flow(FlowOp::Recv, f, index, generation).0)
+        let flow = conn.flow_mut(from);
+        let (arm, entry) = if flow.engine.splicing() {
+            let entry = opcode::PollAdd::new(types::Fd(source), libc::POLLIN as u32).build();
+            (Arm::Readable, entry)
+        } else if bounded {
+            // It ends once it has taken what may still be held.
+            let entry = opcode::RecvMulti::new(types::Fd(source), super::buffers::GROUP).build();
+            (
+                Arm::Recv,
+                super::flow::limit_total(entry, flow.receive_limit()),
+            )
         } else {
             // A multishot receive could take a whole burst: one buffer at
             // a time instead.
-            opcode::Recv::new(types::Fd(from), std::ptr::null_mut(), BUFFER_SIZE)
-                .buf_group(super::buffers::GROUP)
-                .build()
-                .flags(squeue::Flags::BUFFER_SELECT)
-                .user_data(Token::flow(FlowOp::Recv, f, index, generation).0)
+            let entry =
+                opcode::Recv::new(types::Fd(source), std::ptr::null_mut(), super::BUFFER_SIZE)
+                    .buf_group(super::buffers::GROUP)
+                    .build()
+                    .flags(squeue::Flags::BUFFER_SELECT);
+            (Arm::Recv, entry)
         };
-        self.push_for(index, entry);
+        flow.receive = Receive::Armed(arm);
+        let token = Token::flow(arm.op(), from, index, generation);
+        self.push_for(index, entry.user_data(token.0));
     }
 
-    /// Stops the receive of direction `f`; its last completion says when
-    /// it has stopped.
-    pub(super) fn cancel_receive(&mut self, index: u32, f: usize) {
-        let Some(conn) = self.conns[index as usize].as_mut() else {
-            // Finished already, by an earlier step of this turn.
+    /// Stops what the direction from `from` has armed on its source; its
+    /// last completion says when it has stopped.
+    pub(super) fn cancel_receive(&mut self, index: u32, from: Side) {
+        let Some(conn) = self.slab.live(index) else {
             return;
         };
-        let flow = &mut conn.flows[f];
-        if !flow.armed || flow.cancelling {
-            return;
-        }
-        flow.cancelling = true;
         let generation = conn.generation;
-        let target = Token::flow(FlowOp::Recv, f, index, generation);
+        let flow = conn.flow_mut(from);
+        let Receive::Armed(arm) = flow.receive else {
+            return;
+        };
+        flow.receive = Receive::Cancelling(arm);
+        let target = Token::flow(arm.op(), from, index, generation);
         let entry = opcode::AsyncCancel::new(target.0)
             .build()
             .user_data(Token::new(Op::Cleanup, index, generation).0);
         self.push_for(index, entry);
     }
 
+    /// A receive of the direction from `from` completed: `result` bytes
+    /// in `buffer`, its end, or an error; `last`: it is no longer armed.
     pub(super) fn received(
         &mut self,
         index: u32,
-        f: usize,
+        from: Side,
         result: i32,
         last: bool,
         buffer: Option<u16>,
     ) {
-        let Some(conn) = self.conns[index as usize].as_mut() else {
-            // Finished already, by an earlier step of this turn.
+        let Some(conn) = self.slab.live(index) else {
+            if let Some(id) = buffer {
+                self.buffers.give_back(id);
+            }
             return;
         };
-        let flow = &mut conn.flows[f];
+        let flow = conn.flow_mut(from);
         if last {
-            flow.armed = false;
-            flow.cancelling = false;
+            flow.receive = Receive::Idle;
         }
         if result > 0 {
             let id = buffer.expect("a receive into a provided buffer");
-            let len = result as u32;
+            let bytes = self.buffers.bytes(id, result as usize);
             if conn.session.awaits_header() {
-                conn.header
-                    .extend_from_slice(self.buffers.bytes(id, len as usize));
+                conn.header.extend_from_slice(bytes);
                 self.buffers.give_back(id);
                 return self.header_came(index);
             }
             // Before the backend is connected (a receive that ended just
             // after a PROXY header) the bytes wait too.
             let relaying = conn.session.relaying();
-            let flow = &mut conn.flows[f];
-            if flow.sending || flow.holding() || !relaying {
-                // Behind: the buffer goes back to the ring at once.
-                let busy = flow.sending_backlog();
-                flow.backlog
-                    .push(self.buffers.bytes(id, len as usize), busy);
-                self.buffers.give_back(id);
+            let generation = conn.generation;
+            let to = conn.socket(from.other());
+            let flow = conn.flow_mut(from);
+            let lend = relaying && matches!(flow.out, Out::Idle) && flow.backlog.is_empty();
+            let switched = flow.engine.copied(bytes.len(), BUFFER_SIZE as usize);
+            if lend {
+                flow.out = Out::Lent {
+                    id,
+                    len: result as u32,
+                };
+                let to = to.expect("relaying");
+                let send = opcode::Send::new(types::Fd(to), bytes.as_ptr(), bytes.len() as u32)
+                    .flags(libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
+                    .build()
+                    .user_data(Token::flow(FlowOp::Send, from, index, generation).0);
+                self.push_for(index, send);
             } else {
-                flow.lent = Some((id, len));
+                // Behind: the buffer goes back to the ring at once.
+                let front_busy = matches!(flow.out, Out::Sending);
+                flow.backlog.push(bytes, front_busy);
+                self.buffers.give_back(id);
             }
-            if flow.engine.copied(len as usize, BUFFER_SIZE as usize) {
+            if switched {
                 // Bulk: the receive gives way to readiness polls.
-                self.cancel_receive(index, f);
+                self.cancel_receive(index, from);
             }
-            return self.pump(index, f);
+            return self.pump(index, from);
         }
         match -result {
             0 => {
                 if let Some(errno) = flow.failed.take() {
-                    return self.fail(index, source_side(f), error_of(-errno));
+                    return self.fail(index, from, error_of(errno));
                 }
-                flow.eof = true;
+                flow.receive = Receive::Ended;
                 if conn.session.awaits_header() {
                     return self
                         .header_failed(index, &"the connection closed before a PROXY header");
                 }
-                self.pump(index, f)
+                self.pump(index, from)
             }
             libc::ENOBUFS => {
-                flow.starved = true;
+                flow.receive = Receive::Starved;
                 let generation = conn.generation;
-                self.starved.push((index, generation, f));
+                self.starved.push_back((index, generation, from));
             }
-            libc::ECANCELED => self.pump(index, f),
+            libc::ECANCELED => self.pump(index, from),
             _ => {
                 let error = error_of(result);
                 if conn.session.awaits_header() {
                     return self.header_failed(index, &error);
                 }
-                self.fail(index, source_side(f), error)
+                self.fail(index, from, error)
             }
         }
     }
 
-    /// Sends what direction `f` holds, passes its FIN on, and receives more
-    /// when there is room: whatever its state calls for next.
-    pub(super) fn pump(&mut self, index: u32, f: usize) {
-        let Some(conn) = self.conns[index as usize].as_mut() else {
-            // Finished already, by an earlier step of this turn.
+    /// A splice of the direction from `from` stopped at a TCP urgent
+    /// byte's mark (`SIOCATMARK` says whether it still is): one read from
+    /// here takes the urgent byte and what follows into the backlog, in
+    /// order, and splicing goes on after it. (A receive in the ring reads
+    /// past a mark itself: its retries run as deferred task work, which
+    /// the kernel's check for pending signals at the mark does not see.)
+    /// A read kept from the mark all the same (EAGAIN) is tried again
+    /// after a tick.
+    pub(super) fn past_mark(&mut self, index: u32, from: Side) {
+        let Some(conn) = self.slab.live(index) else {
             return;
         };
-        if conn.ending.is_some() {
-            return;
+        let generation = conn.generation;
+        let source = conn.socket(from).expect("reading");
+        if !net::at_urgent_mark(&Raw(source)).unwrap_or(false) {
+            conn.flow_mut(from).at_mark = false;
+            return self.pump(index, from);
         }
-        if !conn.session.relaying() {
-            return;
+        let mut bytes = vec![0u8; BUFFER_SIZE as usize];
+        match net::recv(&Raw(source), &mut bytes, 0) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.marks.push((index, generation, from));
+            }
+            Err(e) => self.fail(index, from, e),
+            Ok(0) => {
+                let flow = conn.flow_mut(from);
+                flow.at_mark = false;
+                if let Some(errno) = flow.failed.take() {
+                    return self.fail(index, from, error_of(errno));
+                }
+                flow.receive = Receive::Ended;
+                self.pump(index, from)
+            }
+            Ok(n) => {
+                conn.flow_mut(from).at_mark = false;
+                if conn.session.awaits_header() {
+                    conn.header.extend_from_slice(&bytes[..n]);
+                    return self.header_came(index);
+                }
+                let flow = conn.flow_mut(from);
+                let front_busy = matches!(flow.out, Out::Sending);
+                flow.backlog.push(&bytes[..n], front_busy);
+                self.pump(index, from)
+            }
         }
-        if conn
-            .flushing
-            .as_ref()
-            .is_some_and(|flushing| flushing.flow != f)
-        {
-            // The direction towards a failed side is dropped.
+    }
+
+    /// Reads kept from an urgent byte's mark: tried again.
+    pub(super) fn retry_marks(&mut self) {
+        for (index, generation, from) in std::mem::take(&mut self.marks) {
+            if self
+                .slab
+                .of(index, generation)
+                .is_some_and(|conn| !conn.closing && conn.flow(from).at_mark)
+            {
+                self.past_mark(index, from);
+            }
+        }
+    }
+
+    /// Sends what the direction from `from` holds, passes its FIN on, and
+    /// receives more when there is room: whatever its state calls for
+    /// next.
+    pub(super) fn pump(&mut self, index: u32, from: Side) {
+        let Some(conn) = self.slab.live(index) else {
+            return;
+        };
+        if conn.closing || !conn.session.relaying() || conn.dropped(from) {
             return;
         }
         let generation = conn.generation;
-        let to = conn.destination(f).expect("relaying");
-        let flow = &mut conn.flows[f];
-        if !flow.sending && flow.pipe.is_none() {
-            // A ring buffer is sent without waiting for room; the backlog
-            // (behind it) may wait.
-            let next = match flow.lent {
-                Some((id, len)) => Some((
-                    self.buffers.bytes(id, len as usize),
-                    libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-                )),
-                None => flow.backlog.next().map(|bytes| (bytes, libc::MSG_NOSIGNAL)),
-            };
-            if let Some((bytes, flags)) = next {
-                flow.sending = true;
-                let entry = opcode::Send::new(types::Fd(to), bytes.as_ptr(), bytes.len() as u32)
-                    .flags(flags)
-                    .build()
-                    .user_data(Token::flow(FlowOp::Send, f, index, generation).0);
-                self.push_for(index, entry);
-            }
-        }
-        let Some(conn) = self.conns[index as usize].as_mut() else {
-            // Finished already, by an earlier step of this turn.
-            return;
-        };
+        let to = conn.socket(from.other()).expect("relaying");
         let flushing = conn.flushing.is_some();
-        let flow = &mut conn.flows[f];
-        let from = source_side(f);
+        let flow = conn.flow_mut(from);
+        if let (Out::Idle, Some(bytes)) = (&flow.out, flow.backlog.next()) {
+            let send = opcode::Send::new(types::Fd(to), bytes.as_ptr(), bytes.len() as u32)
+                .flags(libc::MSG_NOSIGNAL)
+                .build()
+                .user_data(Token::flow(FlowOp::Send, from, index, generation).0);
+            flow.out = Out::Sending;
+            self.push_for(index, send);
+        }
+        let conn = self.slab.live(index).expect("live above");
+        let flow = conn.flow(from);
+        let ended = flow.receive == Receive::Ended;
         if flushing {
-            // Only the failed side's bytes go on (the other direction is
-            // dropped), to the end of its socket.
-            if flow.eof && !flow.sending && !flow.holding() {
+            // The failed side's bytes go on, to the end of its socket.
+            if ended && flow.drained() {
                 return self.flushed(index);
             }
-        } else if flow.eof && !conn.session.passed(from) && !flow.sending && !flow.holding() {
-            match conn.session.fin(from) {
-                PassFin::Shutdown => {
-                    if let Err(e) = shutdown_write(&borrowed(to)) {
-                        self.fail(index, from.other(), e);
+        } else if ended && flow.drained() {
+            if !conn.session.passed(from) {
+                match conn.session.fin(from) {
+                    PassFin::Shutdown => {
+                        if let Err(e) = shutdown_write(&Raw(to)) {
+                            self.fail(index, from.other(), e);
+                        }
                     }
+                    PassFin::Close { .. } => self.end(index),
                 }
-                PassFin::Close(finished) => self.end(index, Some(finished)),
             }
             return;
         }
-        let ready = !flow.armed && !flow.eof && !flow.starved;
-        let room = if flow.engine.splicing() {
-            !flow.sending && !flow.holding()
-        } else {
-            flow.backlog.len() <= HOLD / 2 && flow.pipe.is_none()
-        };
-        if ready && room {
-            self.arm(index, f);
+        if flow.at_mark && flow.receive == Receive::Idle {
+            return self.past_mark(index, from);
+        }
+        if flow.may_arm() {
+            self.arm(index, from);
         }
     }
 
-    pub(super) fn sent(&mut self, index: u32, f: usize, result: i32) {
-        let Some(conn) = self.conns[index as usize].as_mut() else {
-            // Finished already, by an earlier step of this turn.
+    /// A send of the direction from `from` completed with `result`.
+    pub(super) fn sent(&mut self, index: u32, from: Side, result: i32) {
+        let now = self.now;
+        let Some(conn) = self.slab.live(index) else {
             return;
         };
-        let flow = &mut conn.flows[f];
-        flow.sending = false;
-        let n = if let Some((id, len)) = flow.lent.take() {
+        let flow = conn.flow_mut(from);
+        let n = match std::mem::take(&mut flow.out) {
             // The buffer goes back to the ring whatever the outcome; what
             // the destination had no room for joins the front of the
             // backlog.
-            let n = match result {
-                n if n >= 0 => n as usize,
-                n if -n == libc::EAGAIN => 0,
-                _ => {
-                    self.buffers.give_back(id);
-                    return self.fail(index, source_side(f).other(), error_of(result));
-                }
-            };
-            let rest = &self.buffers.bytes(id, len as usize)[n..];
-            flow.backlog.push_front(rest.to_vec(), false);
-            self.buffers.give_back(id);
-            n
-        } else if result < 0 {
-            return self.fail(index, source_side(f).other(), error_of(result));
-        } else {
-            flow.backlog.sent(result as usize)
+            Out::Lent { id, len } => {
+                let n = match result {
+                    n if n >= 0 => n as usize,
+                    n if -n == libc::EAGAIN => 0,
+                    _ => {
+                        self.buffers.give_back(id);
+                        return self.fail(index, from.other(), error_of(result));
+                    }
+                };
+                let rest = &self.buffers.bytes(id, len as usize)[n..];
+                flow.backlog.push_front(rest.to_vec(), false);
+                self.buffers.give_back(id);
+                n
+            }
+            Out::Sending if result < 0 => {
+                return self.fail(index, from.other(), error_of(result));
+            }
+            Out::Sending => flow.backlog.sent(result as usize),
+            other => {
+                flow.out = other;
+                return;
+            }
         };
-        conn.session.moved(source_side(f), n);
-        self.pump(index, f);
+        conn.session.moved(from, n, now);
+        self.pump(index, from);
     }
 
-    /// The source of direction `f` is readable: splice what it has.
-    pub(super) fn splice_from(&mut self, index: u32, f: usize) {
+    /// The source of the direction from `from` is readable: splice what
+    /// it has.
+    pub(super) fn splice_from(&mut self, index: u32, from: Side) {
         loop {
-            let Some(conn) = self.conns[index as usize].as_mut() else {
-                // Finished already, by an earlier step of this turn.
+            let Some(conn) = self.slab.live(index) else {
                 return;
             };
-            let from = conn.source(f).expect("relaying");
-            let flow = &mut conn.flows[f];
+            let source = conn.socket(from).expect("relaying");
+            let flow = conn.flow_mut(from);
             let Some(pipe) = Pipe::take() else {
                 flow.engine.copy_for_now();
                 break;
             };
             let capacity = pipe.capacity;
-            let spliced = splice_in(&borrowed(from), &pipe);
-            let n = match spliced {
+            let n = match splice_in(&Raw(source), &pipe) {
                 Ok(Spliced::Moved(n)) => n,
                 Ok(stuck) => {
                     pipe.give_back();
                     match stuck {
                         Spliced::End => match flow.failed.take() {
-                            Some(errno) => {
-                                return self.fail(index, source_side(f), error_of(-errno))
-                            }
-                            None => flow.eof = true,
+                            Some(errno) => return self.fail(index, from, error_of(errno)),
+                            None => flow.receive = Receive::Ended,
                         },
-                        // One copy steps past the mark.
+                        // One read from here steps past the mark.
                         Spliced::UrgentMark { then } => {
-                            flow.engine.copy_for_now();
+                            flow.at_mark = true;
                             if let Some(error) = then {
                                 flow.failed = Some(-error.raw_os_error().unwrap_or(libc::EIO));
                             }
+                            return self.past_mark(index, from);
                         }
                         _ => {}
                     }
@@ -324,93 +368,178 @@ impl Worker {
                 }
                 Err(e) => {
                     pipe.give_back();
-                    return self.fail(index, source_side(f), e);
+                    return self.fail(index, from, e);
                 }
             };
-            flow.pipe = Some((pipe, n));
+            flow.out = Out::Pipe {
+                pipe,
+                len: n,
+                polling: false,
+            };
             flow.engine.spliced(n);
             // A full pipe: the source may well have more.
             let again = n == capacity && flow.engine.splicing();
-            if !self.drain_pipe(index, f) || !again {
+            if !self.drain_pipe(index, from) || !again {
                 break;
             }
         }
-        self.pump(index, f)
+        self.pump(index, from)
     }
 
-    /// Moves what the pipe of direction `f` holds on to its destination:
-    /// `true` once it is empty, `false` while the destination is full (a
-    /// writability poll is armed) or after a failure.
-    pub(super) fn drain_pipe(&mut self, index: u32, f: usize) -> bool {
-        let Some(conn) = self.conns[index as usize].as_mut() else {
-            // Finished already, by an earlier step of this turn.
+    /// Moves what the pipe of the direction from `from` holds on to its
+    /// destination: `true` once it is empty (or there is none), `false`
+    /// while the destination is full (a writability poll is armed) or
+    /// after a failure.
+    pub(super) fn drain_pipe(&mut self, index: u32, from: Side) -> bool {
+        let now = self.now;
+        let Some(conn) = self.slab.live(index) else {
             return false;
         };
         let generation = conn.generation;
-        let to = conn.destination(f).expect("relaying");
-        let flow = &mut conn.flows[f];
-        let Some((pipe, mut len)) = flow.pipe.take() else {
+        let to = conn.socket(from.other()).expect("relaying");
+        let flow = conn.flow_mut(from);
+        let Out::Pipe { pipe, len, .. } = &mut flow.out else {
             return true;
         };
-        let total = len;
-        while len > 0 {
-            match splice(&pipe.read, &borrowed(to), len) {
-                Ok(0) => {
-                    let error = io::Error::from(io::ErrorKind::WriteZero);
-                    self.fail(index, source_side(f).other(), error);
-                    return false;
-                }
-                Ok(out) => len -= out,
+        let total = *len;
+        let mut failed = None;
+        while *len > 0 {
+            match splice(&pipe.read, &Raw(to), *len) {
+                // Cannot happen with bytes in the pipe; never spin.
+                Ok(0) => failed = Some(io::Error::from(io::ErrorKind::WriteZero)),
+                Ok(out) => *len -= out,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => {
-                    self.fail(index, source_side(f).other(), e);
-                    return false;
-                }
+                Err(e) => failed = Some(e),
+            }
+            if failed.is_some() {
+                break;
             }
         }
-        if len > 0 {
-            flow.pipe = Some((pipe, len));
-            flow.sending = true;
-        } else {
-            pipe.give_back();
+        let left = *len;
+        conn.session.moved(from, total - left, now);
+        if let Some(error) = failed {
+            self.fail(index, from.other(), error);
+            return false;
         }
-        conn.session.moved(source_side(f), total - len);
-        if len == 0 {
+        let flow = conn.flow_mut(from);
+        if left == 0 {
+            if let Out::Pipe { pipe, .. } = std::mem::take(&mut flow.out) {
+                pipe.give_back();
+            }
             return true;
+        }
+        if let Out::Pipe { polling, .. } = &mut flow.out {
+            *polling = true;
         }
         let entry = opcode::PollAdd::new(types::Fd(to), libc::POLLOUT as u32)
             .build()
-            .user_data(Token::flow(FlowOp::Writable, f, index, generation).0);
+            .user_data(Token::flow(FlowOp::Writable, from, index, generation).0);
         self.push_for(index, entry);
         false
     }
 
+    /// The readiness poll of the direction from `from` ended.
+    pub(super) fn readable(&mut self, index: u32, from: Side, result: i32) {
+        let Some(conn) = self.slab.live(index) else {
+            return;
+        };
+        conn.flow_mut(from).receive = Receive::Idle;
+        match result {
+            r if r >= 0 => self.splice_from(index, from),
+            r if -r == libc::ECANCELED => self.pump(index, from),
+            r => self.fail(index, from, error_of(r)),
+        }
+    }
+
+    /// The writability poll of the direction from `from` ended: a pipe
+    /// may drain, or a flush see everything sent.
+    pub(super) fn writable(&mut self, index: u32, from: Side, result: i32) {
+        let Some(conn) = self.slab.live(index) else {
+            return;
+        };
+        let flow = conn.flow_mut(from);
+        match &mut flow.out {
+            Out::Pipe { polling, .. } => *polling = false,
+            Out::Unsent => flow.out = Out::Idle,
+            _ => {}
+        }
+        if result < 0 {
+            return self.fail(index, from.other(), error_of(result));
+        }
+        if self.drain_pipe(index, from) {
+            self.pump(index, from);
+        }
+    }
+
+    /// A completion of the direction from `from`, which a flush dropped:
+    /// its state and buffer are put right, and nothing else is done.
+    pub(super) fn dropped_completed(
+        &mut self,
+        index: u32,
+        from: Side,
+        kind: FlowOp,
+        last: bool,
+        buffer: Option<u16>,
+    ) {
+        let Some(conn) = self.slab.live(index) else {
+            return;
+        };
+        let flow = conn.flow_mut(from);
+        let mut lent = None;
+        match kind {
+            FlowOp::Recv | FlowOp::Readable if last => flow.receive = Receive::Idle,
+            FlowOp::Send => match std::mem::take(&mut flow.out) {
+                Out::Lent { id, .. } => lent = Some(id),
+                Out::Sending => {}
+                other => flow.out = other,
+            },
+            FlowOp::Writable => match &mut flow.out {
+                Out::Pipe { polling, .. } => *polling = false,
+                Out::Unsent => flow.out = Out::Idle,
+                _ => {}
+            },
+            _ => {}
+        }
+        for id in buffer.into_iter().chain(lent) {
+            self.buffers.give_back(id);
+        }
+    }
+
     /// Directions that found no buffer: armed again once there are some,
-    /// oldest first, one for every [`HOLD`] bytes of free buffers (what a
-    /// multishot receive may take in a burst), so that few find the ring
-    /// empty again. Buffers come back within a loop turn or two (see the
-    /// module's comment), so the wait is short.
+    /// oldest first, one for every [`HOLD`](super::direction::HOLD) bytes
+    /// of free buffers (what a multishot receive may take in a burst), so
+    /// that few find the ring empty again. Directions of connections that
+    /// ended meanwhile take no share. Buffers come back within a loop turn
+    /// or two, so the wait is short.
     pub(super) fn feed_starved(&mut self) {
         let available = usize::from(self.buffers.available());
         if self.starved.is_empty() || available < usize::from(super::BUFFER_COUNT / 8) {
             return;
         }
-        let fed = (available / (HOLD / BUFFER_SIZE as usize))
-            .max(1)
-            .min(self.starved.len());
-        for (index, generation, f) in self.starved.drain(..fed).collect::<Vec<_>>() {
-            if let Some(conn) = self.conn(index, generation) {
-                conn.flows[f].starved = false;
-                // An ending connection must not get a new operation: its
-                // cancels have gone out, and it would never finish.
-                if conn.ending.is_some() {
-                    continue;
-                }
-                if conn.session.awaits_header() {
-                    self.arm(index, f);
-                } else {
-                    self.pump(index, f);
-                }
+        let per_burst = super::direction::HOLD / BUFFER_SIZE as usize;
+        let mut quota = (available / per_burst).max(1);
+        while quota > 0 {
+            let Some((index, generation, from)) = self.starved.pop_front() else {
+                break;
+            };
+            let Some(conn) = self.slab.of(index, generation) else {
+                continue;
+            };
+            let flow = conn.flow_mut(from);
+            if flow.receive != Receive::Starved {
+                continue;
+            }
+            flow.receive = Receive::Idle;
+            // An ending connection must not get a new operation: its
+            // cancels have gone out, and it would never finish.
+            if conn.closing {
+                continue;
+            }
+            quota -= 1;
+            if conn.session.awaits_header() {
+                self.arm(index, from);
+            } else {
+                self.pump(index, from);
             }
         }
     }
@@ -421,7 +550,7 @@ impl Worker {
 /// least that many (the last receive is not cut short: measured on 6.18).
 /// Linux 6.17 reads the limit from the entry's `optlen` field, which the
 /// `io-uring` crate has no setter for; older kernels refuse the entry
-/// (EINVAL), see [`bounded_multishot_works`].
+/// (EINVAL), see [`bounded_multishot_works`](super::bounded_multishot_works).
 pub(super) fn limit_total(entry: squeue::Entry, total: u32) -> squeue::Entry {
     /// Where `optlen` lies in `struct io_uring_sqe` (a union with
     /// `file_index` and `splice_fd_in`).
@@ -435,8 +564,12 @@ pub(super) fn limit_total(entry: squeue::Entry, total: u32) -> squeue::Entry {
     unsafe { std::mem::transmute(raw) }
 }
 
-/// A descriptor seen as a socket for one call, without owning it.
-pub(super) fn borrowed(fd: RawFd) -> std::os::fd::BorrowedFd<'static> {
-    // SAFETY: only used while the connection that owns `fd` is alive.
-    unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
+impl Arm {
+    /// The operation that is armed.
+    pub fn op(self) -> FlowOp {
+        match self {
+            Arm::Recv => FlowOp::Recv,
+            Arm::Readable => FlowOp::Readable,
+        }
+    }
 }

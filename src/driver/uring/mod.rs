@@ -1,35 +1,38 @@
 //! The io_uring driver: a worker that drives its own ring, completion by
 //! completion, with no task, waker or heap allocation per I/O.
 //!
-//! Every operation's user data names what it was for ([`Token`]): an
+//! Every operation's user data names what it was for ([`token`]): an
 //! accept on listener `i`, or an operation of connection `i`, whose state
-//! lives in a slab. One `io_uring_enter` per loop turn submits what the
-//! last turn queued and waits for the next completions (or the earliest
-//! deadline).
+//! lives in a slab ([`slab`]). One `io_uring_enter` per loop turn submits
+//! what the last turn queued and waits for the next completions (or the
+//! earliest deadline); the clock is read once per turn, and that time is
+//! what the connections' sessions are told.
 //!
 //! - Listeners ([`accept`]): a multishot accept each, single-shot near
 //!   the descriptor capacity; at the capacity, new clients wait in the
 //!   kernel's backlog.
 //! - Connections ([`conn`]): each does what its
 //!   [`Session`](crate::connection::session::Session) asks (admission,
-//!   dialing, the rules of its ending); this driver only does the I/O.
-//! - Timers: PROXY-header deadlines and idle timeouts sit in a heap; the
-//!   loop's wait ends at the earliest. Connect timeouts are linked
-//!   timeouts in the ring.
+//!   dialing, the rules of its ending); this driver only does the I/O. Its
+//!   two directions ([`direction`], [`flow`]) move the bytes; a failed
+//!   side's last bytes are delivered before the reset ([`flush`]).
+//! - Timers ([`timers`]): PROXY-header deadlines and idle timeouts, one per
+//!   connection; the loop's wait ends at the earliest. Connect timeouts are
+//!   linked timeouts in the ring.
 //! - Commands from the control plane wake the ring through an eventfd read.
-//!
-//! A connection's slot is freed only once every operation on it has
-//! posted its last completion: closing a socket does not cancel what is
-//! armed on it, and user data must never point at a reused slot.
+//! - Should the kernel drop completions, [`lost`] recovers.
 
 mod accept;
 mod backlog;
 mod buffers;
 mod conn;
+mod direction;
 mod flow;
 mod flush;
-mod state;
+mod lost;
+mod slab;
 mod timers;
+mod token;
 
 use std::collections::VecDeque;
 use std::io;
@@ -41,12 +44,15 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use tracing::{debug, error};
 
 use crate::connection::accepting::Pause;
+use crate::connection::ending::Side;
 use crate::mailbox::{BoundListener, Command, Inbox};
 use crate::shared::Shared;
 use accept::Listening;
 use buffers::Buffers;
-use state::Conn;
+use conn::Conn;
+use slab::Slab;
 use timers::Timers;
+use token::{Op, Token};
 
 /// Submission queue entries; the completion queue has four times as many,
 /// room for the bursts of multishot operations.
@@ -61,95 +67,14 @@ const BUFFER_SIZE: u32 = 16 * 1024;
 /// accept error, the loop looks again this often.
 const TICK: Duration = Duration::from_millis(50);
 
-/// What an operation was for: the low byte of its user data.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-enum Op {
-    Accept = 1,
-    Wake,
-    /// A close or a cancel: only its connection's count of pending
-    /// operations cares.
-    Cleanup,
-    /// A backend socket made in the ring.
-    Socket,
-    Connect,
-    ConnectTimeout,
-    /// One of the [`relay_options`](crate::net::relay_options) on a new
-    /// backend socket (`SOCKET_URING_OP_SETSOCKOPT`).
-    SocketOption,
-    /// Flow operations: `Flow + 2 * kind + flow`, see [`FlowOp`].
-    Flow,
-}
-
-/// Every [`Op`] but the flow operations.
-const PLAIN_OPS: [Op; 7] = [
-    Op::Accept,
-    Op::Wake,
-    Op::Cleanup,
-    Op::Socket,
-    Op::Connect,
-    Op::ConnectTimeout,
-    Op::SocketOption,
-];
-
-/// The operations of one direction of a connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum FlowOp {
-    /// A receive from the source: multishot, or one buffer at a time
-    /// where the kernel cannot bound a multishot one.
-    Recv,
-    /// A send to the destination.
-    Send,
-    /// Readiness of the source to read (the splice engine).
-    Readable,
-    /// Readiness of the destination to write (the splice engine).
-    Writable,
-}
-
-/// User data: the operation, the slot of its listener or connection, and
-/// the slot's generation (a guard against a completion for a freed slot).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Token(u64);
-
-impl Token {
-    fn new(op: Op, index: u32, generation: u32) -> Token {
-        Token(u64::from(generation & 0xff_ffff) << 40 | u64::from(index) << 8 | op as u64)
-    }
-
-    fn flow(op: FlowOp, flow: usize, index: u32, generation: u32) -> Token {
-        let code = Op::Flow as u64 + 2 * op as u64 + flow as u64;
-        Token(u64::from(generation & 0xff_ffff) << 40 | u64::from(index) << 8 | code)
-    }
-
-    fn index(self) -> u32 {
-        (self.0 >> 8) as u32
-    }
-
-    fn generation(self) -> u32 {
-        (self.0 >> 40) as u32
-    }
-
-    /// The operation, and for a flow operation its kind and direction.
-    fn op(self) -> (Op, Option<(FlowOp, usize)>) {
-        let code = (self.0 & 0xff) as u8;
-        if let Some(&op) = PLAIN_OPS.iter().find(|&&op| op as u8 == code) {
-            return (op, None);
-        }
-        let rest = code - Op::Flow as u8;
-        let kind = [
-            FlowOp::Recv,
-            FlowOp::Send,
-            FlowOp::Readable,
-            FlowOp::Writable,
-        ][usize::from(rest / 2)];
-        (Op::Flow, Some((kind, usize::from(rest % 2))))
-    }
-}
-
 /// Whether io_uring can run a worker here: a ring can be set up with the
 /// features the driver needs. The reason if not.
 pub fn probe() -> Result<(), String> {
     let ring = new_ring().map_err(|e| format!("cannot set up a ring: {e}"))?;
+    // Without it, a full completion queue drops completions silently.
+    if !ring.params().is_feature_nodrop() {
+        return Err("the kernel's io_uring may drop completions (no IORING_FEAT_NODROP)".into());
+    }
     let mut probe = io_uring::Probe::new();
     ring.submitter()
         .register_probe(&mut probe)
@@ -169,6 +94,8 @@ pub fn probe() -> Result<(), String> {
             return Err(format!("the kernel's io_uring lacks {name}"));
         }
     }
+    // Dropped before the ring, which still has it registered: harmless
+    // (the kernel holds the pages of a registered buffer ring).
     Buffers::new(&ring.submitter(), 1, 4096)
         .map_err(|e| format!("the kernel lacks provided-buffer rings: {e}"))?;
     Ok(())
@@ -223,9 +150,16 @@ fn bounded_multishot_works(ring: &mut IoUring, buffers: &mut Buffers) -> bool {
     works
 }
 
+/// A ring for the calling thread alone. Its completions' work is deferred
+/// until the thread waits on the ring (`DEFER_TASKRUN`), rather than
+/// flagged as a pending signal (`COOP_TASKRUN`): TCP refuses to read at an
+/// urgent byte's mark while a signal is pending, and a receive retried in
+/// the ring's work then waits, with the bytes already there, for a wake-up
+/// that never comes (seen by `tests/differential.rs`: about one connection
+/// in a hundred with two urgent bytes in a row).
 fn new_ring() -> io::Result<IoUring> {
     IoUring::builder()
-        .setup_coop_taskrun()
+        .setup_defer_taskrun()
         .setup_single_issuer()
         .setup_cqsize(4 * RING_ENTRIES)
         .build(RING_ENTRIES)
@@ -233,19 +167,24 @@ fn new_ring() -> io::Result<IoUring> {
 
 /// One worker thread's ring and everything it drives.
 pub struct Worker {
+    // `ring` before `buffers`: fields drop in order, and the ring, which
+    // has the buffer ring registered, must go before its memory does.
     ring: IoUring,
     buffers: Buffers,
     listeners: Vec<Option<Listening>>,
-    conns: Vec<Option<Conn>>,
-    free: Vec<u32>,
-    /// Bumped each time a slot is taken.
-    generation: u32,
+    /// Tells a listener's accepts from those of an earlier one in its slot.
+    listener_generation: u32,
+    slab: Slab<Conn>,
     /// Deadlines of header waits and idle timeouts, one per connection at
     /// most.
     timers: Timers,
     /// Directions whose receive ran out of buffers: re-armed once some
-    /// are back.
-    starved: Vec<(u32, u32, usize)>,
+    /// are back, oldest first. (Slot, generation, the side the bytes come
+    /// from.)
+    starved: VecDeque<(u32, u32, Side)>,
+    /// Directions whose read past an urgent byte's mark was kept from it:
+    /// tried again after a tick.
+    marks: Vec<(u32, u32, Side)>,
     /// Accepted while at capacity: served once there is room.
     held: VecDeque<(OwnedFd, SocketAddr)>,
     /// Paused at the descriptor capacity.
@@ -253,9 +192,18 @@ pub struct Worker {
     inbox: Inbox,
     /// Where the eventfd read lands.
     wake: Box<u64>,
+    /// Of the eventfd read armed: an earlier one, given up after lost
+    /// completions, is told apart.
+    wake_generation: u32,
     shared: &'static Shared,
-    /// Completions of one turn, copied out of the ring.
-    completed: Vec<(u64, i32, u32)>,
+    /// Completions reaped while a full submission queue waited for room,
+    /// handled with those of the turn.
+    reaped: Vec<(u64, i32, u32)>,
+    /// The kernel said it dropped completions: recover once this turn's
+    /// are handled.
+    lost: bool,
+    /// When this loop turn began: the time every step of the turn is told.
+    now: Instant,
     /// The longest a listener's accept queue can be: the kernel's
     /// `somaxconn`, which caps every backlog.
     accept_queue: usize,
@@ -269,6 +217,7 @@ pub struct Worker {
 /// A worker's ring and its buffer ring, set up: what can fail before a
 /// worker runs on io_uring.
 pub struct Ring {
+    // The ring first: see [`Worker`].
     ring: IoUring,
     buffers: Buffers,
     bounded_multishot: bool,
@@ -301,17 +250,20 @@ impl Worker {
             ring,
             buffers,
             listeners: Vec::new(),
-            conns: Vec::new(),
-            free: Vec::new(),
-            generation: 0,
+            listener_generation: 0,
+            slab: Slab::default(),
             timers: Timers::default(),
-            starved: Vec::new(),
+            starved: VecDeque::new(),
+            marks: Vec::new(),
             held: VecDeque::new(),
             pause: Pause::default(),
             inbox,
             wake: Box::new(0),
+            wake_generation: 0,
             shared,
-            completed: Vec::with_capacity(4 * RING_ENTRIES as usize),
+            reaped: Vec::new(),
+            lost: false,
+            now: Instant::now(),
             // The kernel queues one more than the backlog it allows.
             accept_queue: accept::somaxconn() + 1,
             bounded_multishot,
@@ -325,29 +277,37 @@ impl Worker {
             self.listen(listener);
         }
         self.arm_wake();
+        let mut batch = Vec::with_capacity(4 * RING_ENTRIES as usize);
         loop {
             if let Err(e) = self.wait() {
                 error!("io_uring wait failed: {e}");
                 std::thread::sleep(TICK);
             }
-            let mut completed = std::mem::take(&mut self.completed);
-            completed.extend(
-                self.ring
-                    .completion()
-                    .map(|cqe| (cqe.user_data(), cqe.result(), cqe.flags())),
-            );
-            for &(user_data, result, flags) in &completed {
-                self.complete(Token(user_data), result, flags);
+            self.now = Instant::now();
+            loop {
+                batch.append(&mut self.reaped);
+                batch.extend(
+                    self.ring
+                        .completion()
+                        .map(|cqe| (cqe.user_data(), cqe.result(), cqe.flags())),
+                );
+                if batch.is_empty() {
+                    break;
+                }
+                for (user_data, result, flags) in batch.drain(..) {
+                    self.complete(Token(user_data), result, flags);
+                }
             }
-            completed.clear();
-            self.completed = completed;
-            let now = Instant::now();
-            self.expire(now);
+            if std::mem::take(&mut self.lost) {
+                self.completions_lost();
+            }
+            self.expire();
             if self.needs_tick() {
-                self.tick(now);
+                self.tick(self.now);
             }
             self.bound_accepts();
             self.feed_starved();
+            self.retry_marks();
         }
     }
 
@@ -355,7 +315,7 @@ impl Worker {
     /// earliest deadline.
     fn wait(&mut self) -> io::Result<()> {
         let mut deadline = self.timers.next();
-        if self.needs_tick() {
+        if self.needs_tick() || !self.marks.is_empty() {
             let tick = Instant::now() + TICK;
             deadline = Some(deadline.map_or(tick, |d| d.min(tick)));
         }
@@ -375,6 +335,10 @@ impl Worker {
                 // The deadline came, a signal, or completions to reap
                 // first.
                 Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN) => Ok(()),
+                Some(libc::EBADR) => {
+                    self.lost = true;
+                    Ok(())
+                }
                 _ => Err(e),
             },
         }
@@ -383,42 +347,50 @@ impl Worker {
     /// Queues `entry`, submitting what is queued first if the queue is
     /// full.
     fn push(&mut self, entry: squeue::Entry) {
-        loop {
-            // SAFETY: every buffer, address and timespec an entry points to
-            // lives in this worker (a connection's slot, the buffer ring,
-            // the wake word) until the entry's last completion.
-            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
-                return;
-            }
-            if let Err(e) = self.ring.submit() {
-                if !matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EAGAIN)) {
-                    error!("cannot submit to io_uring: {e}");
-                }
-            }
+        // SAFETY: what an entry points to outlives its use by the kernel:
+        // a connection's connect address and buffers to send stay in its
+        // slot (on the heap) until the last completion of its operations,
+        // the provided buffers and the wake word live as long as the
+        // worker, and a timespec is read when the entry is submitted.
+        while unsafe { self.ring.submission().push(&entry) }.is_err() {
+            self.submit_for_room();
         }
     }
 
-    /// Makes room for `entries` in the submission queue, submitting what
-    /// is queued if need be: a linked pair must go in one submission, or
-    /// the kernel ends the link between them.
-    fn reserve(&mut self, entries: usize) {
-        let free = {
-            let queue = self.ring.submission();
-            queue.capacity() - queue.len()
+    /// Queues `first` and `then`, linked: in one submission, or the kernel
+    /// would end the link between them.
+    fn push_linked(&mut self, first: squeue::Entry, then: squeue::Entry) {
+        let pair = [first.flags(squeue::Flags::IO_LINK), then];
+        // SAFETY: as in `push`.
+        while unsafe { self.ring.submission().push_multiple(&pair) }.is_err() {
+            self.submit_for_room();
+        }
+    }
+
+    /// Submits what is queued, to make room in the submission queue; the
+    /// completions the kernel needs reaped first are kept for this turn.
+    fn submit_for_room(&mut self) {
+        let Err(e) = self.ring.submit() else {
+            return;
         };
-        if free < entries {
-            if let Err(e) = self.ring.submit() {
-                if !matches!(e.raw_os_error(), Some(libc::EBUSY | libc::EAGAIN)) {
-                    error!("cannot submit to io_uring: {e}");
-                }
+        match e.raw_os_error() {
+            Some(libc::EBUSY) => {
+                let reaped = self
+                    .ring
+                    .completion()
+                    .map(|cqe| (cqe.user_data(), cqe.result(), cqe.flags()));
+                self.reaped.extend(reaped);
             }
+            Some(libc::EAGAIN | libc::EINTR) => {}
+            Some(libc::EBADR) => self.lost = true,
+            _ => error!("cannot submit to io_uring: {e}"),
         }
     }
 
     fn complete(&mut self, token: Token, result: i32, flags: u32) {
         match token.op() {
             (Op::Accept, _) => self.accepted(token, result, flags),
-            (Op::Wake, _) => self.woken(),
+            (Op::Wake, _) => self.woken(token.generation()),
             _ => self.conn_completed(token, result, flags),
         }
     }
@@ -430,64 +402,43 @@ impl Worker {
             8,
         )
         .build()
-        .user_data(Token::new(Op::Wake, 0, 0).0);
+        .user_data(Token::new(Op::Wake, 0, self.wake_generation).0);
         self.push(entry);
     }
 
-    /// The control plane wrote to the eventfd: carry out its commands.
-    fn woken(&mut self) {
+    /// The control plane wrote to the eventfd: carry out its commands,
+    /// and read again, unless this read was given up (after lost
+    /// completions: another is armed).
+    fn woken(&mut self, generation: u32) {
         while let Some(command) = self.inbox.take() {
             match command {
                 Command::Listen(listener) => self.listen(listener),
-                Command::CloseAll => self.close_all(),
+                Command::CloseAll => self.close_all(|| crate::connection::ending::Ending::Shutdown),
             }
         }
-        self.arm_wake();
+        if generation == self.wake_generation {
+            self.arm_wake();
+        }
     }
 
     /// Deadlines that have come: a header that never came, an idle
-    /// connection.
-    fn expire(&mut self, now: Instant) {
-        while let Some(index) = self.timers.pop_due(now) {
-            if let Some(conn) = self.conns[index as usize].as_mut() {
+    /// connection, a sweep due.
+    fn expire(&mut self) {
+        while let Some(index) = self.timers.pop_due(self.now) {
+            if let Some(conn) = self.slab.live(index) {
                 conn.timer = None;
             }
-            self.deadline(index, now);
+            self.deadline(index);
         }
     }
 
     /// Sets (or with `None` removes) the deadline of connection `index`.
     fn set_timer(&mut self, index: u32, when: Option<Instant>) {
-        if let Some(conn) = self.conns[index as usize].as_mut() {
+        if let Some(conn) = self.slab.live(index) {
             self.timers.set(index, conn.timer, when);
             conn.timer = when;
         }
     }
-
-    /// Takes a free slot for a new connection: its index and generation.
-    fn take_slot(&mut self) -> (u32, u32) {
-        self.generation = self.generation.wrapping_add(1) & 0xff_ffff;
-        let index = match self.free.pop() {
-            Some(index) => index,
-            None => {
-                self.conns.push(None);
-                (self.conns.len() - 1) as u32
-            }
-        };
-        (index, self.generation)
-    }
-
-    fn conn(&mut self, index: u32, generation: u32) -> Option<&mut Conn> {
-        live(&mut self.conns, index, generation)
-    }
-}
-
-/// Connection `index` if it is still the one of `generation`.
-fn live(conns: &mut [Option<Conn>], index: u32, generation: u32) -> Option<&mut Conn> {
-    conns
-        .get_mut(index as usize)?
-        .as_mut()
-        .filter(|conn| conn.generation == generation)
 }
 
 /// Closes `fd` through the ring (one system call fewer per connection).
@@ -495,30 +446,4 @@ fn close_entry(fd: RawFd) -> squeue::Entry {
     opcode::Close::new(types::Fd(fd))
         .build()
         .user_data(Token::new(Op::Cleanup, u32::MAX, 0).0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_token_names_its_operation_slot_and_generation() {
-        for op in PLAIN_OPS {
-            let token = Token::new(op, 123_456, 0xab_cdef);
-            assert_eq!(token.op(), (op, None));
-            assert_eq!((token.index(), token.generation()), (123_456, 0xab_cdef));
-        }
-        for kind in [
-            FlowOp::Recv,
-            FlowOp::Send,
-            FlowOp::Readable,
-            FlowOp::Writable,
-        ] {
-            for flow in [0, 1] {
-                let token = Token::flow(kind, flow, u32::MAX >> 8, 7);
-                assert_eq!(token.op(), (Op::Flow, Some((kind, flow))));
-                assert_eq!((token.index(), token.generation()), (u32::MAX >> 8, 7));
-            }
-        }
-    }
 }
