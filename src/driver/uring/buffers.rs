@@ -15,6 +15,21 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use io_uring::types::BufRingEntry;
 use io_uring::Submitter;
 
+/// An entry of the ring as the kernel lays it out (`struct io_uring_buf`).
+/// The last field of entry 0 is the ring's tail, which the kernel reads at
+/// any time: entries are written field by field, never through a
+/// reference to a whole entry.
+#[repr(C)]
+struct Entry {
+    addr: u64,
+    len: u32,
+    bid: u16,
+    /// Entry 0's is the tail.
+    resv: u16,
+}
+
+const _: () = assert!(std::mem::size_of::<Entry>() == std::mem::size_of::<BufRingEntry>());
+
 /// The buffer group id of the ring: one ring per worker.
 pub const GROUP: u16 = 0;
 
@@ -36,11 +51,13 @@ impl Buffers {
     /// of `submitter`. `count` must be a power of two, at most 32768.
     pub fn new(submitter: &Submitter, count: u16, size: u32) -> io::Result<Buffers> {
         assert!(count.is_power_of_two() && count <= 1 << 15);
-        let ring = Mapping::new(usize::from(count) * std::mem::size_of::<BufRingEntry>())?;
+        let ring = Mapping::new(usize::from(count) * std::mem::size_of::<Entry>())?;
         let memory = Mapping::new(usize::from(count) * size as usize)?;
-        // SAFETY: the ring memory is page-aligned, as large as `count`
-        // entries, and lives as long as the registration (it is dropped
-        // with the ring that holds the registration, after it).
+        // SAFETY: the ring memory is page-aligned and as large as `count`
+        // entries. It must live as long as the registration: the worker
+        // declares its io_uring before its `Buffers`, so the ring (and the
+        // registration with it) goes first. Where a `Buffers` goes first
+        // (the probe), the kernel still holds its pages: no harm.
         unsafe {
             submitter.register_buf_ring_with_flags(ring.addr() as u64, count, GROUP, 0)?;
         }
@@ -59,29 +76,37 @@ impl Buffers {
     }
 
     /// The bytes buffer `id` holds, of which the first `len` were received.
+    /// Both come from the kernel's completion, and are checked all the
+    /// same: a slice beyond the mapping would be undefined behaviour.
     pub fn bytes(&self, id: u16, len: usize) -> &[u8] {
-        debug_assert!(len <= self.size as usize);
-        // SAFETY: the buffer lies within the mapping, and the kernel wrote
-        // `len` bytes to it before posting the completion that lent it.
+        assert!(
+            len <= self.size as usize,
+            "a receive longer than its buffer"
+        );
+        // SAFETY: `start_of` checks the id, and `len` fits the buffer, so
+        // the slice lies within the mapping; the kernel wrote `len` bytes
+        // to it before posting the completion that lent it, and takes the
+        // buffer back only once it is given back.
         unsafe { std::slice::from_raw_parts(self.start_of(id), len) }
     }
 
     /// Returns buffer `id` to the kernel.
     pub fn give_back(&mut self, id: u16) {
-        debug_assert!(self.lent > 0 && id < self.count);
+        debug_assert!(self.lent > 0);
+        let start = self.start_of(id);
         let mask = self.count - 1;
-        // SAFETY: the index is masked into the ring, and the kernel only
-        // reads entries between its head and the published tail.
-        let entry = unsafe {
-            &mut *self
-                .ring
-                .addr()
-                .cast::<BufRingEntry>()
-                .add(usize::from(self.tail & mask))
-        };
-        entry.set_addr(self.start_of(id) as u64);
-        entry.set_len(self.size);
-        entry.set_bid(id);
+        let entry = self.ring.addr().cast::<Entry>();
+        // SAFETY: the index is masked into the ring's `count` entries. The
+        // kernel reads only the entries between its head and the published
+        // tail, so this one (at the tail) is ours until the tail moves past
+        // it; its fields are written one by one, so no reference covers
+        // entry 0's last field, the tail the kernel reads.
+        unsafe {
+            let entry = entry.add(usize::from(self.tail & mask));
+            std::ptr::addr_of_mut!((*entry).addr).write(start as u64);
+            std::ptr::addr_of_mut!((*entry).len).write(self.size);
+            std::ptr::addr_of_mut!((*entry).bid).write(id);
+        }
         self.tail = self.tail.wrapping_add(1);
         self.lent -= 1;
         // SAFETY: the tail field overlays the first entry's reserved
@@ -100,7 +125,10 @@ impl Buffers {
         self.count - self.lent
     }
 
+    /// Where buffer `id` starts; a kernel's id beyond the ring is a bug
+    /// that must not become memory out of bounds.
     fn start_of(&self, id: u16) -> *mut u8 {
+        assert!(id < self.count, "buffer id {id} beyond the ring");
         // SAFETY: `id` < `count`, so the offset is within the mapping.
         unsafe { self.memory.addr().add(usize::from(id) * self.size as usize) }
     }

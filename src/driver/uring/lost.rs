@@ -106,3 +106,80 @@ impl Worker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::{SocketAddr, TcpListener, TcpStream};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use super::super::{Ring, Worker};
+    use crate::connection::fixtures::shared;
+    use crate::mailbox::{self, BoundListener};
+    use crate::net;
+
+    /// Runs turns of `worker` until `done`, for at most 20 s.
+    fn turn_until(worker: &mut Worker, mut done: impl FnMut(&mut Worker) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut batch = Vec::new();
+        while !done(worker) {
+            assert!(Instant::now() < deadline, "timed out");
+            worker.turn(&mut batch);
+        }
+    }
+
+    fn open(worker: &mut Worker) -> usize {
+        (0..worker.slab.end())
+            .filter(|&i| worker.slab.live(i).is_some())
+            .count()
+    }
+
+    /// The kernel says it dropped completions while a connection relays:
+    /// the connection is reset and its slot and capacity place freed (its
+    /// count of operations in flight cannot be trusted: sweeps tell), and
+    /// the listener accepts again.
+    #[test]
+    fn after_lost_completions_no_slot_leaks_and_accepts_go_on() {
+        let backend = TcpListener::bind("127.0.0.1:0").unwrap();
+        let front: SocketAddr = {
+            let probe = TcpListener::bind("127.0.0.1:0").unwrap();
+            probe.local_addr().unwrap()
+        };
+        let (shared, _events) = shared(&format!(
+            "listeners:\n  l: {{ listen: {front}, pool: p }}\npools:\n  p:\n    health: off\n    backends: [{{ address: {} }}]\n",
+            backend.local_addr().unwrap()
+        ));
+        let (_mailbox, inbox) = mailbox::mailbox().unwrap();
+        let mut worker = Worker::new(Ring::new().unwrap(), inbox, shared);
+        worker.listen(BoundListener {
+            addr: front,
+            socket: net::reuseport_listener(front, 16).unwrap(),
+            stop: Arc::default(),
+        });
+        worker.arm_wake();
+
+        let client = TcpStream::connect(front).unwrap();
+        let served = std::thread::spawn(move || backend.accept().unwrap());
+        turn_until(&mut worker, |w| {
+            w.slab.live(0).is_some_and(|conn| conn.session.relaying())
+        });
+        assert_eq!(shared.connections.open(), 1);
+        let _served = served.join().unwrap();
+
+        // The completion the kernel dropped: one that never comes.
+        worker.slab.live(0).unwrap().pending += 1;
+        worker.completions_lost();
+        turn_until(&mut worker, |w| open(w) == 0);
+        assert_eq!(shared.connections.open(), 0, "its capacity place is free");
+        // Its sockets' closes are queued: submitted with the next turn's.
+        worker.ring.submit().unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let error = std::io::Read::read(&mut &client, &mut [0u8; 1]).expect_err("a reset");
+        assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset);
+
+        let _again = TcpStream::connect(front).unwrap();
+        turn_until(&mut worker, |w| open(w) == 1);
+    }
+}

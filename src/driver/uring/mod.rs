@@ -279,36 +279,42 @@ impl Worker {
         self.arm_wake();
         let mut batch = Vec::with_capacity(4 * RING_ENTRIES as usize);
         loop {
-            if let Err(e) = self.wait() {
-                error!("io_uring wait failed: {e}");
-                std::thread::sleep(TICK);
-            }
-            self.now = Instant::now();
-            loop {
-                batch.append(&mut self.reaped);
-                batch.extend(
-                    self.ring
-                        .completion()
-                        .map(|cqe| (cqe.user_data(), cqe.result(), cqe.flags())),
-                );
-                if batch.is_empty() {
-                    break;
-                }
-                for (user_data, result, flags) in batch.drain(..) {
-                    self.complete(Token(user_data), result, flags);
-                }
-            }
-            if std::mem::take(&mut self.lost) {
-                self.completions_lost();
-            }
-            self.expire();
-            if self.needs_tick() {
-                self.tick(self.now);
-            }
-            self.bound_accepts();
-            self.feed_starved();
-            self.retry_marks();
+            self.turn(&mut batch);
         }
+    }
+
+    /// One loop turn: submit and wait, handle what completed (in `batch`,
+    /// reused), then what is due.
+    fn turn(&mut self, batch: &mut Vec<(u64, i32, u32)>) {
+        if let Err(e) = self.wait() {
+            error!("io_uring wait failed: {e}");
+            std::thread::sleep(TICK);
+        }
+        self.now = Instant::now();
+        loop {
+            batch.append(&mut self.reaped);
+            batch.extend(
+                self.ring
+                    .completion()
+                    .map(|cqe| (cqe.user_data(), cqe.result(), cqe.flags())),
+            );
+            if batch.is_empty() {
+                break;
+            }
+            for (user_data, result, flags) in batch.drain(..) {
+                self.complete(Token(user_data), result, flags);
+            }
+        }
+        if std::mem::take(&mut self.lost) {
+            self.completions_lost();
+        }
+        self.expire();
+        if self.needs_tick() {
+            self.tick(self.now);
+        }
+        self.bound_accepts();
+        self.feed_starved();
+        self.retry_marks();
     }
 
     /// Submits what is queued and waits for a completion, or until the
