@@ -14,7 +14,7 @@ use tracing::{error, info};
 
 use sluice::config::{self, Config, Workers};
 use sluice::control::Controller;
-use sluice::worker::{self, Driver};
+use sluice::worker::{self, Driver, WorkerError};
 use sluice::{capacity, explain, logging, mailbox, signals};
 
 #[derive(Parser)]
@@ -86,8 +86,9 @@ fn main() -> ExitCode {
             (None, Some(client)) => explain::client(&cli.config, pool, client, without),
             (None, None) => unreachable!("clap requires CLIENT_IP without --remap"),
         }
-        .map(|text| print!("{text}")),
-        None if cli.check => check(&cli.config),
+        .map(|text| print!("{text}"))
+        .map_err(Into::into),
+        None if cli.check => check(&cli.config).map_err(Into::into),
         None => run(&cli.config),
     };
     logging::flush();
@@ -115,10 +116,10 @@ fn check(path: &Path) -> Result<(), String> {
 }
 
 /// Runs the balancer until SIGTERM or SIGINT.
-fn run(path: &Path) -> Result<(), String> {
+fn run(path: &Path) -> Result<(), Box<dyn std::error::Error>> {
     // Until signals are blocked, SIGTERM ends the process at once, however
     // long resolving the backends' host names takes.
-    let config = config::load(path).map_err(|e| e.to_string())?;
+    let config = config::load(path)?;
     // Before any thread exists (the log writer is the first), so that every
     // thread inherits the mask and only the control plane's signalfd sees
     // the signals.
@@ -136,13 +137,12 @@ fn run(path: &Path) -> Result<(), String> {
     let cpus = worker::allowed_cpus();
     for (id, sockets) in bound.drain(..).enumerate() {
         let cpu = (pin && !cpus.is_empty()).then(|| cpus[id % cpus.len()]);
-        let (mailbox, inbox) =
-            mailbox::mailbox().map_err(|e| format!("cannot start worker {id}: {e}"))?;
-        worker::spawn(id, driver, sockets, inbox, controller.shared(), cpu)
-            .map_err(|e| format!("cannot start worker {id}: {e}"))?;
+        let start = |source| WorkerError::Start { id, source };
+        let (mailbox, inbox) = mailbox::mailbox().map_err(start)?;
+        worker::spawn(id, driver, sockets, inbox, controller.shared(), cpu).map_err(start)?;
         controller.add_worker(mailbox);
     }
-    controller.run()
+    Ok(controller.run()?)
 }
 
 fn worker_count(config: &Config) -> usize {

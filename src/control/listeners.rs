@@ -13,6 +13,7 @@ use std::sync::Arc;
 use socket2::SockRef;
 use tracing::info;
 
+use super::error::ControlError;
 use crate::config::{self, Config};
 use crate::mailbox::{BoundListener, Stop};
 use crate::metrics::{ListenerStats, Metrics};
@@ -58,7 +59,7 @@ impl Listeners {
         config: &Config,
         workers: usize,
         metrics: &Metrics,
-    ) -> Result<(Listeners, Vec<Vec<BoundListener>>), String> {
+    ) -> Result<(Listeners, Vec<Vec<BoundListener>>), ControlError> {
         let mut listeners = Listeners {
             workers,
             by_addr: HashMap::new(),
@@ -76,7 +77,7 @@ impl Listeners {
 
     /// Binds the addresses of `config` that no listener has yet; changes
     /// nothing in use.
-    pub fn bind_new(&self, config: &Config, metrics: &Metrics) -> Result<Bound, String> {
+    pub fn bind_new(&self, config: &Config, metrics: &Metrics) -> Result<Bound, ControlError> {
         let mut bound = Vec::new();
         for (name, listener) in &config.listeners {
             let addr = listener.listen.0;
@@ -168,18 +169,26 @@ fn bind(
     listener: &config::schema::Listener,
     workers: usize,
     metrics: &Metrics,
-) -> Result<(Active, Vec<BoundListener>), String> {
+) -> Result<(Active, Vec<BoundListener>), ControlError> {
     let addr = listener.listen.0;
     let mut sockets = Vec::with_capacity(workers);
     let mut kept = Vec::with_capacity(workers);
     let stop = Arc::new(Stop::default());
     for _ in 0..workers {
-        let socket = net::reuseport_listener(addr, listener.backlog)
-            .map_err(|e| format!("listener {name}: cannot listen on {addr}: {e}"))?;
+        let socket = net::reuseport_listener(addr, listener.backlog).map_err(|source| {
+            ControlError::Listen {
+                listener: name.to_owned(),
+                addr,
+                source,
+            }
+        })?;
         kept.push(
             socket
                 .try_clone()
-                .map_err(|e| format!("listener {name}: {e}"))?,
+                .map_err(|source| ControlError::ListenerSocket {
+                    listener: name.to_owned(),
+                    source,
+                })?,
         );
         sockets.push(BoundListener {
             addr,

@@ -26,6 +26,7 @@
 
 mod backends;
 mod drain;
+mod error;
 mod listeners;
 mod publish;
 mod resolve;
@@ -58,6 +59,8 @@ use crate::worker::{self, Driver};
 use backends::{Backends, Change};
 use listeners::Listeners;
 use resolve::Resolvers;
+
+pub use error::ControlError;
 
 pub struct Controller {
     path: PathBuf,
@@ -114,7 +117,7 @@ impl Controller {
         workers: usize,
         descriptor_limit: u64,
         driver: Driver,
-    ) -> Result<(Controller, Vec<Vec<BoundListener>>), String> {
+    ) -> Result<(Controller, Vec<Vec<BoundListener>>), ControlError> {
         let budget = budget(&config, workers, descriptor_limit)?;
         info!(
             limit = descriptor_limit,
@@ -132,7 +135,10 @@ impl Controller {
             Some(addr) => Some((
                 TcpListener::bind(addr.0)
                     .and_then(|s| s.set_nonblocking(true).map(|()| s))
-                    .map_err(|e| format!("admin: cannot listen on {}: {e}", addr.0))?,
+                    .map_err(|source| ControlError::Admin {
+                        addr: addr.0,
+                        source,
+                    })?,
                 budget.admin_connections,
             )),
             None => None,
@@ -186,14 +192,14 @@ impl Controller {
 
     /// Runs until the process should exit, on an io_uring runtime of the
     /// calling thread (a plain one where io_uring cannot be used).
-    pub fn run(mut self) -> Result<(), String> {
+    pub fn run(mut self) -> Result<(), ControlError> {
         worker::block_on_local(async move {
-            let signals = Signals::open().map_err(|e| format!("cannot read signals: {e}"))?;
+            let signals = Signals::open().map_err(ControlError::Signals)?;
             self.notifier.start();
             if let Some((socket, room)) = self.admin.take() {
-                let address = socket.local_addr().map_err(|e| format!("admin: {e}"))?;
+                let address = socket.local_addr().map_err(ControlError::AdminSocket)?;
                 let socket =
-                    tokio::net::TcpListener::from_std(socket).map_err(|e| format!("admin: {e}"))?;
+                    tokio::net::TcpListener::from_std(socket).map_err(ControlError::AdminSocket)?;
                 tokio::task::spawn_local(admin::serve(
                     socket,
                     self.metrics.clone(),
@@ -221,7 +227,7 @@ impl Controller {
             loop {
                 tokio::select! {
                     request = signals.next() => {
-                        match request.map_err(|e| format!("reading signals: {e}"))? {
+                        match request.map_err(ControlError::Signals)? {
                             Request::Reload => match &mut reloading {
                                 Some(under_way) => {
                                     debug!("SIGHUP during a reload: reading the file again after it");
@@ -373,10 +379,8 @@ impl Controller {
 
     /// The file of a reload is read: if it is valid, apply it, otherwise
     /// keep everything as it is.
-    fn finish_reload(&mut self, loaded: Result<Result<Config, ConfigError>, String>) {
-        let outcome = loaded
-            .and_then(|loaded| loaded.map_err(|e| e.to_string()))
-            .and_then(|config| self.apply(config));
+    fn finish_reload(&mut self, loaded: Result<Config, ControlError>) {
+        let outcome = loaded.and_then(|config| self.apply(config));
         match outcome {
             Ok(()) => {
                 self.process.reload(true);
@@ -395,7 +399,7 @@ impl Controller {
 
     /// Switches to `config`. Everything that can fail (the descriptor
     /// budget, binding new listeners) happens before anything changes.
-    fn apply(&mut self, mut config: Config) -> Result<(), String> {
+    fn apply(&mut self, mut config: Config) -> Result<(), ControlError> {
         let budget = budget(&config, self.worker_count, self.descriptor_limit)?;
         let bound = self.listeners.bind_new(&config, &self.metrics)?;
         self.keep_restart_only(&mut config);
@@ -539,17 +543,17 @@ impl Controller {
 
 /// How `descriptor_limit` is shared out under `config`; an error if it
 /// leaves no room for a single connection.
-fn budget(config: &Config, workers: usize, descriptor_limit: u64) -> Result<Budget, String> {
+fn budget(config: &Config, workers: usize, descriptor_limit: u64) -> Result<Budget, ControlError> {
     let backends = config.pools.values().map(|p| p.endpoints().len()).sum();
     let budget = Budget::new(descriptor_limit, workers, config.listeners.len(), backends);
     if budget.connections == 0 {
-        return Err(format!(
-            "the descriptor limit of {descriptor_limit} leaves no room for connections: \
-             {workers} workers, {} listeners and {backends} backends need {} descriptors; \
-             raise LimitNOFILE (ulimit -n)",
-            config.listeners.len(),
-            budget.reserved + budget.pipe_descriptors(workers)
-        ));
+        return Err(ControlError::NoRoom {
+            limit: descriptor_limit,
+            workers,
+            listeners: config.listeners.len(),
+            backends,
+            needed: budget.reserved + budget.pipe_descriptors(workers),
+        });
     }
     Ok(budget)
 }
@@ -576,11 +580,12 @@ fn off_thread<T: Send + 'static>(
 
 /// The outcome of the reload under way, once there is one; never, while
 /// none is under way.
-async fn loaded(reloading: &mut Option<Reloading>) -> Result<Result<Config, ConfigError>, String> {
+async fn loaded(reloading: &mut Option<Reloading>) -> Result<Config, ControlError> {
     match reloading {
-        Some(under_way) => (&mut under_way.loaded)
-            .await
-            .map_err(|_| "the configuration could not be read: no thread to read it".into()),
+        Some(under_way) => match (&mut under_way.loaded).await {
+            Ok(loaded) => loaded.map_err(ControlError::Config),
+            Err(_) => Err(ControlError::NoReader),
+        },
         None => std::future::pending().await,
     }
 }

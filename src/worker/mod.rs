@@ -38,6 +38,16 @@ use crate::driver::{epoll, uring};
 use crate::mailbox::{BoundListener, Inbox};
 use crate::shared::Shared;
 
+/// Why the workers cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// `io: io_uring` where io_uring cannot run (what the probe found).
+    #[error("io: io_uring, but {0}")]
+    IoUringRefused(String),
+    #[error("cannot start worker {id}: {source}")]
+    Start { id: usize, source: io::Error },
+}
+
 /// The driver every worker runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Driver {
@@ -52,7 +62,7 @@ pub enum Driver {
 impl Driver {
     /// Picks the driver for `io`: `auto` tries io_uring and falls back to
     /// epoll, saying why; `io_uring` insists (an error if it cannot run).
-    pub fn choose(io: Io) -> Result<(Driver, String), String> {
+    pub fn choose(io: Io) -> Result<(Driver, String), WorkerError> {
         match io {
             Io::Epoll => Ok((Driver::Epoll, "io: epoll in the configuration".into())),
             Io::IoUring => match uring::probe() {
@@ -60,7 +70,7 @@ impl Driver {
                     Driver::Uring { or_epoll: false },
                     "io: io_uring in the configuration".into(),
                 )),
-                Err(why) => Err(format!("io: io_uring, but {why}")),
+                Err(why) => Err(WorkerError::IoUringRefused(why)),
             },
             Io::Auto => Ok(match uring::probe() {
                 Ok(()) => (
