@@ -2,25 +2,30 @@
 //!
 //! The binary (`main.rs`) is a thin command line over these modules; they
 //! are a library so that benchmarks and tests can reach the balancer and the
-//! configuration directly. The modules follow the path of a connection:
+//! configuration directly. Every module once, in the order a client's bytes
+//! meet them, then the control plane that steers them:
 //!
-//! - [`config`]: the YAML file, its validation and error messages.
-//! - [`control`]: the control plane: reloads, health verdicts, drain.
-//! - [`health`]: probes and the passive failure count.
-//! - [`snapshot`]: immutable routing state, swapped atomically.
-//! - [`balancer`]: client address → backend (Maglev).
-//! - [`worker`]: thread-per-core workers, on one of two drivers:
-//!   [`uring`] (the default) or epoll ([`relay`]).
-//! - [`capacity`]: how many connections the descriptor limit allows.
+//! - [`worker`]: thread-per-core workers, each on one of the two
+//!   [`driver`]s (io_uring, or epoll where io_uring is refused), which
+//!   accept, dial and move the bytes.
+//! - [`capacity`]: how many connections the descriptor limit allows; a
+//!   worker counts each before it accepts it.
 //! - [`connection`]: what happens to a connection, whatever the driver:
-//!   admission, backend choice and retries, how its ending is judged.
-//! - [`relay`]: one connection: dial the backend, move the bytes.
-//! - [`net`]: socket options, listening and connecting.
-//! - [`pipe`]: the per-worker pipes of the splice engine.
-//! - [`metrics`]: Prometheus metrics.
-//! - [`admin`]: the admin endpoint that serves them.
-//! - [`shared`]: what the control plane and the workers share.
-//! - [`mailbox`]: how the control plane reaches the workers.
+//!   when to accept, admission (with [`limits`] and [`proxy_protocol`]),
+//!   backend choice and retries, half-close and engines, how its ending
+//!   is judged. Its life is one sans-I/O state machine both drivers feed.
+//! - [`snapshot`]: the routing state a connection is routed by, immutable
+//!   and swapped atomically; [`balancer`]: client address → backend
+//!   (Maglev and the other algorithms).
+//! - [`net`]: socket options, listening and connecting; [`pipe`]: the
+//!   per-worker pipes of the splice engine.
+//! - [`metrics`]: Prometheus metrics the connections count in.
+//! - [`shared`]: what the control plane and the workers share;
+//!   [`mailbox`]: how the control plane reaches the workers.
+//! - [`config`]: the YAML file, its validation and error messages;
+//!   [`control`]: the control plane (reloads, health verdicts, the drain);
+//!   [`health`]: probes and the passive failure count.
+//! - [`admin`]: the admin endpoint (`/metrics`, `/ready`).
 //! - [`signals`], [`systemd`], [`logging`]: process plumbing.
 //! - [`explain`]: `sluice explain`, routing computed from the file alone.
 

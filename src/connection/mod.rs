@@ -1,17 +1,18 @@
 //! What happens to a connection, whichever driver moves its bytes. Its
-//! life is a [`session::Session`]: a state machine that does no I/O, which
-//! the drivers feed with what their sockets said and which tells them what
-//! to do next (read a PROXY header, connect there, close). Under it: who
-//! is let in ([`admit`]), which backend it is given and how a failed
-//! connect is retried ([`dial`]), how its FINs are passed on and which
-//! engine each direction uses ([`relaying`]), and what its ending means
-//! ([`ending`]): the close reason it is logged with, whether both sides
-//! are reset, what the backend's passive health hears and what is counted.
+//! life is a [`session::Session`]: a state machine that does no I/O and
+//! reads no clock, which the drivers feed with what their sockets said
+//! and when, and which tells them what to do next (read a PROXY header,
+//! connect there, close). Under it: who is let in ([`admit`]), which
+//! backend it is given and how a failed connect is retried ([`dial`]), how
+//! its FINs are passed on and which engine each direction uses
+//! ([`relaying`]), and what its ending means ([`ending`]): the close reason
+//! it is logged with, whether both sides are reset and what is delivered
+//! first, what the backend's passive health hears and what is counted.
+//! Before any of it, when a worker accepts at all: [`accepting`].
 //!
-//! The two drivers, io_uring ([`crate::uring`]) and epoll
-//! ([`crate::relay`]), own only the sockets and how bytes move, so the
-//! rules are written once, unit-tested without sockets, and cannot drift
-//! between drivers.
+//! The two drivers ([`crate::driver`]) own only the sockets and how bytes
+//! move, so the rules are written once, unit-tested without sockets, and
+//! cannot drift between drivers.
 
 pub mod accepting;
 pub mod admit;

@@ -15,16 +15,14 @@
 //! is only used between a read and its write, and pipes are taken from a
 //! per-worker pool for as long as they hold bytes. A worker has at most its
 //! share of the descriptor budget in pipes ([`keep_pipes`]); beyond, a
-//! connection copies. Only a destination that
-//! cannot take everything at once makes a connection keep bytes (the rest of
-//! a read, or the pipe with them) until it can. No io_uring operation is
-//! ever left pending on a relayed socket, so nothing needs a kernel worker
-//! thread and a connection closes at once.
+//! connection copies. Only a destination that cannot take everything at
+//! once makes a connection keep bytes (the rest of a read, or the pipe with
+//! them) until it can.
 //!
-//! Why not io_uring recv/send: a pending io_uring read owns its buffer for
-//! as long as the connection is idle, and tokio-uring 0.5 offers neither a
-//! provided-buffer ring nor a poll operation to avoid that; io_uring's own
-//! splice runs on kernel io-wq threads. `benches/RESULTS.md` compares them.
+//! This is the fallback's way; where io_uring can be used, its driver
+//! receives into a ring of provided buffers instead
+//! ([`crate::driver::uring`]), with about one system call per loop turn
+//! for all connections.
 
 use std::cell::RefCell;
 use std::io;

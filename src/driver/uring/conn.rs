@@ -25,11 +25,10 @@ use socket2::{SockAddr, SockRef};
 use tracing::debug;
 
 use super::direction::{Flow, Out, Receive};
-use super::flush::Flushing;
 use super::lost::Sweep;
 use super::slab::Generation;
 use super::token::{FlowOp, Op, Token};
-use super::{close_entry, Worker};
+use super::{close_entry, error_of, Raw, Worker};
 use crate::capacity::Slot;
 use crate::connection::ending::{Ending, Side};
 use crate::connection::relaying::EngineChoice;
@@ -64,6 +63,15 @@ pub struct Conn {
     pub closing: bool,
     /// After lost completions: a sweep of its sockets under way.
     pub sweep: Option<Sweep>,
+}
+
+/// A connection whose failed side's last bytes are on their way, before
+/// the reset (`flush.rs`).
+pub struct Flushing {
+    /// The side that failed: the direction of its bytes goes on.
+    pub from: Side,
+    /// The destination polls writable only once it has sent everything.
+    pub writable_once_sent: bool,
 }
 
 /// Where the connect in flight goes, and when it must be done by: the ring
@@ -582,18 +590,4 @@ impl Worker {
         session.close(self.shared, self.now);
         debug!(index, "connection closed");
     }
-}
-
-/// A live connection's descriptor, for one question about it (no
-/// ownership, no lifetime claimed).
-pub struct Raw(pub RawFd);
-
-impl AsRawFd for Raw {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0
-    }
-}
-
-pub fn error_of(result: i32) -> io::Error {
-    io::Error::from_raw_os_error(-result)
 }

@@ -26,9 +26,9 @@ use std::io;
 
 use io_uring::{opcode, squeue, types};
 
-use super::conn::{error_of, Raw};
 use super::direction::{Arm, Out, Receive};
 use super::token::{FlowOp, Op, Token};
+use super::{error_of, Raw};
 use super::{Worker, BUFFER_SIZE};
 use crate::connection::ending::Side;
 use crate::connection::relaying::{shutdown_write, PassFin};

@@ -19,20 +19,13 @@
 use io_uring::{opcode, types};
 use tracing::debug;
 
-use super::conn::Raw;
+use super::conn::Flushing;
 use super::direction::Out;
 use super::token::{FlowOp, Op, Token};
+use super::Raw;
 use super::Worker;
 use crate::connection::ending::Side;
 use crate::net;
-
-/// What a connection that is flushing waits for.
-pub struct Flushing {
-    /// The side that failed: the direction of its bytes goes on.
-    pub from: Side,
-    /// The destination polls writable only once it has sent everything.
-    writable_once_sent: bool,
-}
 
 impl Worker {
     /// Starts delivering what was taken from the failed side `from` of

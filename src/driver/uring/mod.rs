@@ -453,3 +453,17 @@ fn close_entry(fd: RawFd) -> squeue::Entry {
         .build()
         .user_data(Token::new(Op::Cleanup, u32::MAX, 0).0)
 }
+
+/// A live connection's descriptor, for one question about it (no
+/// ownership, no lifetime claimed).
+pub struct Raw(pub RawFd);
+
+impl AsRawFd for Raw {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+pub fn error_of(result: i32) -> io::Error {
+    io::Error::from_raw_os_error(-result)
+}
