@@ -93,6 +93,38 @@ fn shutdown_timeout_bounds_the_drain() {
     );
 }
 
+/// `shutdown_timeout` reaches a connection that has no backend yet: one
+/// still waiting for its PROXY header (an early epoll driver's close-all
+/// reached only relaying connections, and the drain waited on).
+#[test]
+fn shutdown_timeout_ends_a_connection_still_waiting_for_its_proxy_header() {
+    let (_server, text) = behind_echo("");
+    let text = text.replace(
+        "    pool: back\n",
+        "    pool: back\n    accept_proxy: { from: [127.0.0.0/8], timeout: 60s }\n",
+    );
+    let sluice = Sluice::start(&format!(
+        "shutdown_timeout: 300ms\nlog:\n  connections: true\n{text}"
+    ));
+    let descriptors = open_descriptors(sluice.pid());
+    let open = connect_from(client_ip(4), sluice.listen_addr());
+    // Accepted (one descriptor more), it waits for its header.
+    wait_until("the connection to be accepted", || {
+        open_descriptors(sluice.pid()) > descriptors
+    });
+    sluice.signal(Signal::SIGTERM);
+    let line = sluice.wait_for_log("shutdown_timeout of 300ms reached");
+    assert!(line.contains("open=1"), "{line}");
+    let line = sluice.wait_for_log("connection closed");
+    assert!(line.contains(r#"close="shutdown""#), "{line}");
+    assert_eq!(sluice.wait_exit().code(), Some(0));
+    open.set_read_timeout(Some(DEADLINE)).unwrap();
+    assert_eq!(
+        (&open).read(&mut [0u8; 1]).unwrap_err().kind(),
+        std::io::ErrorKind::ConnectionReset
+    );
+}
+
 /// Reads notify datagrams until one has the line `state`; returns that
 /// datagram. Others on the way may only be STATUS updates.
 fn until(socket: &UnixDatagram, state: &str) -> String {
