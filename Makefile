@@ -69,7 +69,7 @@ fuzz:
 
 soak: deps
 	SOAK_SECONDS=$(SOAK_SECONDS) $(CARGO) test --release --test soak -- --ignored --nocapture
-	$(CARGO) test --release --test differential -- --ignored --nocapture
+	$(CARGO) test --release --test differential -- --ignored many_seeds --nocapture
 
 # The default BIN is built first; another BIN is installed as it is.
 install: $(if $(filter target/release/sluice,$(BIN)),build)

@@ -159,6 +159,9 @@ pub async fn serve(
                     "admin endpoint: {room} connections open, closed the oldest to answer {peer}"
                 );
             }
+            // The closed task drops its socket when it next runs: let it,
+            // before accepting more, so descriptors stay within `room`.
+            tokio::task::yield_now().await;
         }
         let (metrics, readiness) = (metrics.clone(), readiness.clone());
         let leaving = open.enter();

@@ -174,12 +174,44 @@ pub fn unsent(socket: &impl AsRawFd) -> io::Result<usize> {
     Ok(unsent as usize)
 }
 
-/// Whether `socket`, under [`writable_once_sent`], has sent every byte it
-/// took (or failed, and will send nothing more), asked with poll(2). A
-/// socket that has not remembers to wake its waiters once it has: the
-/// kernel only does so for a socket found not writable by a poll or a
-/// send.
-pub fn sent_everything(socket: &impl AsRawFd) -> io::Result<bool> {
+/// Where a socket stands in sending what it took: what a flush waits on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sending {
+    /// Every byte it took has been sent.
+    Done,
+    /// The connection is gone (reset): what it holds will never leave.
+    Gone,
+    /// Bytes wait. Not `shut`: it polls writable once they are sent
+    /// (under [`writable_once_sent`]), and has been asked (poll(2)) so
+    /// that it wakes its waiters then: the kernel only does so for a socket
+    /// found not writable by a poll or a send. `shut`: its writing side is
+    /// shut down, so it polls writable all the time: ask again later.
+    Waiting { shut: bool },
+}
+
+/// Where `socket` stands in sending what it took (see [`Sending`]).
+pub fn sending(socket: &impl AsRawFd) -> io::Result<Sending> {
+    if unsent(socket)? == 0 {
+        return Ok(Sending::Done);
+    }
+    // A reset leaves the count of unsent bytes as it was: the state tells.
+    const TCP_CLOSE: u8 = 7;
+    // SAFETY: an all-zero tcp_info is valid.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: TCP_INFO writes at most `len` bytes into `info`.
+    syscall(unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    } as isize)?;
+    if info.tcpi_state == TCP_CLOSE {
+        return Ok(Sending::Gone);
+    }
     let mut entry = libc::pollfd {
         fd: socket.as_raw_fd(),
         events: libc::POLLOUT,
@@ -187,7 +219,10 @@ pub fn sent_everything(socket: &impl AsRawFd) -> io::Result<bool> {
     };
     // SAFETY: one pollfd, not waiting.
     syscall(unsafe { libc::poll(&mut entry, 1, 0) } as isize)?;
-    Ok(entry.revents != 0)
+    // Writable with bytes unsent, under a low-water mark of one: shut.
+    Ok(Sending::Waiting {
+        shut: entry.revents & libc::POLLOUT != 0,
+    })
 }
 
 /// Makes `socket` poll writable only once it has sent every byte it took
@@ -238,6 +273,36 @@ mod tests {
     use std::task::{Context, Waker};
 
     use super::*;
+
+    /// Where a socket stands in sending: bytes waiting behind a peer that
+    /// does not read; the same with its writing side shut down (it polls
+    /// writable then, which says nothing); the peer reset (the count of
+    /// unsent bytes stays, the state tells).
+    #[test]
+    fn a_socket_says_whether_it_has_sent_everything() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let sender = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (peer, _) = listener.accept().unwrap();
+        assert_eq!(sending(&sender).unwrap(), Sending::Done);
+        writable_once_sent(&sender).unwrap();
+        sender.set_nonblocking(true).unwrap();
+        let chunk = vec![0u8; 64 * 1024];
+        while std::io::Write::write(&mut &sender, &chunk).is_ok() {}
+        assert!(unsent(&sender).unwrap() > 0);
+        assert_eq!(sending(&sender).unwrap(), Sending::Waiting { shut: false });
+        sender.shutdown(std::net::Shutdown::Write).unwrap();
+        assert_eq!(sending(&sender).unwrap(), Sending::Waiting { shut: true });
+        abort(&peer);
+        drop(peer);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while sending(&sender).unwrap() != Sending::Gone {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the reset never showed"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
 
     /// A backend that resets the connection as it accepts it: the connect
     /// succeeded, and the reset (which the socket reports once, here to

@@ -759,6 +759,8 @@ fn many_seeds() {
 #[test]
 #[ignore]
 fn show_script() {
-    let seed = env_number("SLUICE_DIFF_SEED").expect("SLUICE_DIFF_SEED");
-    eprintln!("{:#?}", Script::new(seed));
+    match env_number("SLUICE_DIFF_SEED") {
+        Some(seed) => eprintln!("{:#?}", Script::new(seed)),
+        None => eprintln!("SLUICE_DIFF_SEED=N names the seed whose script to show"),
+    }
 }

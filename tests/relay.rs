@@ -581,3 +581,44 @@ fn urgent_bytes_in_a_row_from_the_backend_all_arrive() {
         }
     }
 }
+
+/// A client that filled every buffer towards a backend that does not read
+/// resets, and then the backend resets too: the connection ends, and
+/// sluice spends no CPU on it afterwards.
+#[test]
+fn a_backend_that_resets_while_sluice_delivers_to_it_ends_the_connection() {
+    let (reset_now, reset_told) = mpsc::channel::<()>();
+    let reset_told = std::sync::Mutex::new(reset_told);
+    let server = TestServer::start(move |stream| {
+        // Reads nothing until told, then resets.
+        let _ = reset_told.lock().unwrap().recv_timeout(DEADLINE);
+        reset(stream);
+    });
+    let (admin, text) = with_admin(&config(
+        free_addr(unique_loopback()),
+        &[("deaf".into(), server.addr)],
+        "",
+    ));
+    let sluice = Sluice::start(&text);
+    let mut client = connect_from(client_ip(82), sluice.listen_addr());
+    client
+        .set_write_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let chunk = vec![7u8; 64 * 1024];
+    // Until every buffer on the way is full.
+    while client.write_all(&chunk).is_ok() {}
+    let open = || sample(&scrape(admin), "sluice_connections_active", &[]);
+    wait_until("the connection to be relaying", || open() == Some(1.0));
+    reset(client);
+    // The backend resets: whatever sluice still held for it is moot.
+    reset_now.send(()).unwrap();
+    wait_until("sluice to close the connection", || open() == Some(0.0));
+    let cpu = cpu_time(sluice.pid());
+    // Measuring quiet: a sleep, not a wait for an event.
+    thread::sleep(Duration::from_millis(300));
+    let spent = cpu_time(sluice.pid()) - cpu;
+    assert!(
+        spent < Duration::from_millis(100),
+        "sluice used {spent:?} of CPU idle"
+    );
+}

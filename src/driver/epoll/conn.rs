@@ -22,7 +22,7 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::io::Interest;
 use tokio::sync::Notify;
@@ -318,10 +318,18 @@ impl Relay {
 struct Flush {
     source_ended: bool,
     writable_once_sent: bool,
+    /// While the destination's writing side is shut down (writability
+    /// says nothing then): when to ask again.
+    ask_again: Option<Pin<Box<Sleep>>>,
 }
 
-/// Whether `to` has sent every byte it took: ready then, pending while it
-/// has not (woken when it has).
+/// How often a flush asks again whether a destination whose writing side
+/// is shut down has sent everything.
+const ASK_AGAIN: Duration = Duration::from_millis(20);
+
+/// Whether `to` has sent every byte it took, or never will (it was reset):
+/// ready then, pending while it has not (woken when it has, or to ask
+/// again).
 fn ready_once_sent(cx: &mut Context, to: &Socket, flush: &mut Flush) -> io::Result<Poll<()>> {
     if !flush.writable_once_sent {
         if net::unsent(to)? == 0 {
@@ -331,16 +339,28 @@ fn ready_once_sent(cx: &mut Context, to: &Socket, flush: &mut Flush) -> io::Resu
         flush.writable_once_sent = true;
     }
     loop {
+        if let Some(sleep) = &mut flush.ask_again {
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Ok(Poll::Pending);
+            }
+            flush.ask_again = None;
+        }
         let mut ready = match to.poll_write_ready(cx) {
             Poll::Ready(ready) => ready?,
             Poll::Pending => return Ok(Poll::Pending),
         };
-        if net::sent_everything(to)? {
-            return Ok(Poll::Ready(()));
+        match net::sending(to)? {
+            net::Sending::Done | net::Sending::Gone => return Ok(Poll::Ready(())),
+            net::Sending::Waiting { shut: false } => {
+                ready.clear_ready_matching(tokio::io::Ready::WRITABLE);
+            }
+            net::Sending::Waiting { shut: true } => {
+                flush.ask_again = Some(Box::pin(tokio::time::sleep(ASK_AGAIN)));
+            }
         }
-        ready.clear_ready_matching(tokio::io::Ready::WRITABLE);
     }
 }
+
 /// Moves what one direction has to move now, and passes its FIN on once
 /// it is finished: `Some` once the connection is over.
 fn drive(

@@ -469,8 +469,16 @@ impl Worker {
             let step = conn.session.header_late(now);
             return self.step(index, step);
         }
+        let idle = conn.session.idle_deadline();
+        let asking = conn.flushing.as_ref().is_some_and(|flushing| {
+            matches!(conn.flow(flushing.from).out, Out::Unsent { polling: false })
+        });
+        if asking && idle.is_none_or(|due| now < due) {
+            // A flush asks again whether its destination has sent all.
+            return self.flushed(index);
+        }
         // Only a relaying connection has one.
-        let Some(due) = conn.session.idle_deadline() else {
+        let Some(due) = idle else {
             return;
         };
         if now < due {
@@ -547,6 +555,9 @@ impl Worker {
         if conn.pending == 0 {
             return self.finish(index);
         }
+        // No deadline of its own any more (only a sweep, after lost
+        // completions, sets one now).
+        self.set_timer(index, None);
         self.cancel_all(index, Op::Cleanup);
     }
 

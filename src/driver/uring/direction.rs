@@ -85,9 +85,11 @@ pub enum Out {
         len: usize,
         polling: bool,
     },
-    /// A flush waits for the destination's socket to have sent everything
-    /// (a writability poll under `TCP_NOTSENT_LOWAT`).
-    Unsent,
+    /// A flush waits for the destination's socket to have sent everything:
+    /// `polling`, a writability poll under `TCP_NOTSENT_LOWAT` is armed;
+    /// otherwise (its writing side is shut down, so it polls writable all
+    /// the time) the connection's timer asks again.
+    Unsent { polling: bool },
 }
 
 impl Flow {
@@ -96,7 +98,7 @@ impl Flow {
         match &self.out {
             Out::Idle => false,
             Out::Pipe { polling, .. } => *polling,
-            Out::Lent { .. } | Out::Sending | Out::Unsent => true,
+            Out::Lent { .. } | Out::Sending | Out::Unsent { .. } => true,
         }
     }
 

@@ -177,6 +177,13 @@ impl Worker {
                 if conn.session.awaits_header() {
                     return self.header_failed(index, &error);
                 }
+                if !conn.session.relaying() {
+                    // A client that resets while its backend is dialled:
+                    // what it sent still goes to the backend, once there
+                    // is one, and the failure is its end of stream.
+                    conn.flow_mut(from).failed = Some(result);
+                    return;
+                }
                 self.fail(index, from, error)
             }
         }
@@ -196,7 +203,8 @@ impl Worker {
         };
         let generation = conn.generation;
         let source = conn.socket(from).expect("reading");
-        if !net::at_urgent_mark(&Raw(source)).unwrap_or(false) {
+        // A direction a flush dropped reads nothing more.
+        if conn.dropped(from) || !net::at_urgent_mark(&Raw(source)).unwrap_or(false) {
             conn.flow_mut(from).at_mark = false;
             return self.pump(index, from);
         }
@@ -460,7 +468,7 @@ impl Worker {
         let flow = conn.flow_mut(from);
         match &mut flow.out {
             Out::Pipe { polling, .. } => *polling = false,
-            Out::Unsent => flow.out = Out::Idle,
+            Out::Unsent { .. } => flow.out = Out::Idle,
             _ => {}
         }
         if result < 0 {
@@ -495,7 +503,7 @@ impl Worker {
             },
             FlowOp::Writable => match &mut flow.out {
                 Out::Pipe { polling, .. } => *polling = false,
-                Out::Unsent => flow.out = Out::Idle,
+                Out::Unsent { .. } => flow.out = Out::Idle,
                 _ => {}
             },
             _ => {}

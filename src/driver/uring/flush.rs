@@ -16,16 +16,22 @@
 //! it at once, with the reason the flush began with (a session keeps the
 //! first ending reported).
 
+use std::time::Duration;
+
 use io_uring::{opcode, types};
 use tracing::debug;
 
 use super::conn::Flushing;
-use super::direction::Out;
+use super::direction::{Out, Receive};
 use super::token::{FlowOp, Op, Token};
 use super::Raw;
 use super::Worker;
 use crate::connection::ending::Side;
-use crate::net;
+use crate::net::{self, Sending};
+
+/// How often a flush asks again whether a destination whose writing side
+/// is shut down has sent everything.
+const ASK_AGAIN: Duration = Duration::from_millis(20);
 
 impl Worker {
     /// Starts delivering what was taken from the failed side `from` of
@@ -40,8 +46,13 @@ impl Worker {
         let failed = conn.socket(from).expect("relaying");
         let to = conn.socket(from.other()).expect("relaying");
         let flow = conn.flow(from);
+        // A receive still armed on the failed side may have taken bytes
+        // whose completion this turn has not reached yet (the failure was
+        // seen by a send): its last completion is waited for.
+        let reading = !matches!(flow.receive, Receive::Idle | Receive::Ended);
         let waiting = |fd, ask: fn(&Raw) -> std::io::Result<usize>| ask(&Raw(fd)).unwrap_or(0) > 0;
-        if flow.drained() && !waiting(failed, net::queued) && !waiting(to, net::unsent) {
+        if !reading && flow.drained() && !waiting(failed, net::queued) && !waiting(to, net::unsent)
+        {
             return false;
         }
         let generation = conn.generation;
@@ -66,28 +77,43 @@ impl Worker {
     /// and every byte of it has been handed on: end once the destination's
     /// socket has sent them.
     pub(super) fn flushed(&mut self, index: u32) {
+        let now = self.now;
         let Some(conn) = self.slab.live(index) else {
             return;
         };
         let generation = conn.generation;
+        let idle = conn.session.idle_deadline();
         let from = conn.flushing.as_ref().expect("flushing").from;
-        let to = conn.socket(from.other()).expect("relaying");
+        let to = Raw(conn.socket(from.other()).expect("relaying"));
         let flushing = conn.flushing.as_mut().expect("flushing");
-        let unsent = net::unsent(&Raw(to)).unwrap_or(0);
-        if unsent > 0 && !flushing.writable_once_sent {
-            match net::writable_once_sent(&Raw(to)) {
+        if !flushing.writable_once_sent {
+            if net::unsent(&to).unwrap_or(0) == 0 {
+                return self.end(index);
+            }
+            match net::writable_once_sent(&to) {
                 Ok(()) => flushing.writable_once_sent = true,
                 Err(e) => debug!("cannot wait for a socket to send what it holds: {e}"),
             }
         }
-        if unsent == 0 || !flushing.writable_once_sent {
-            return self.end(index);
+        let lowat = flushing.writable_once_sent;
+        match net::sending(&to) {
+            Ok(Sending::Waiting { shut: false }) if lowat => {
+                conn.flow_mut(from).out = Out::Unsent { polling: true };
+                let entry = opcode::PollAdd::new(types::Fd(to.0), libc::POLLOUT as u32)
+                    .build()
+                    .user_data(Token::flow(FlowOp::Writable, from, index, generation).0);
+                self.push_for(index, entry);
+            }
+            // Writability says nothing here: ask again in a while (an idle
+            // timeout still ends the wait).
+            Ok(Sending::Waiting { .. }) => {
+                conn.flow_mut(from).out = Out::Unsent { polling: false };
+                let next = now + ASK_AGAIN;
+                self.set_timer(index, Some(idle.map_or(next, |idle| idle.min(next))));
+            }
+            // Sent, or never will be: the flush is over.
+            Ok(Sending::Done | Sending::Gone) | Err(_) => self.end(index),
         }
-        conn.flow_mut(from).out = Out::Unsent;
-        let entry = opcode::PollAdd::new(types::Fd(to), libc::POLLOUT as u32)
-            .build()
-            .user_data(Token::flow(FlowOp::Writable, from, index, generation).0);
-        self.push_for(index, entry);
     }
 
     /// `side` of connection `index` failed while it was flushing: the
@@ -103,7 +129,7 @@ impl Worker {
         };
         let from = flushing.from;
         if side == from {
-            conn.flow_mut(from).receive = super::direction::Receive::Ended;
+            conn.flow_mut(from).receive = Receive::Ended;
             self.pump(index, from);
         } else {
             self.end(index);
