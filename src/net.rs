@@ -48,13 +48,29 @@ pub fn reuseport_listener(addr: SocketAddr, backlog: u32) -> io::Result<std::net
 ///   peer's delayed ACK, about 40 ms);
 /// - `SO_OOBINLINE`: a TCP urgent byte (`MSG_OOB`) is a byte of the stream
 ///   like any other, so that it is relayed in its place instead of being
-///   dropped.
+///   dropped;
+/// - `TCP_INQ`: a read says how many bytes wait after it ([`recv`]), so
+///   that a short read is known to have emptied the socket, or not (TCP
+///   stops a read at an urgent byte's mark).
 ///
-/// The io_uring driver sets the same two on backend sockets in its ring.
+/// The io_uring driver sets the first two on backend sockets in its ring
+/// (its receives learn what waits from the kernel on their own).
 pub fn relay_options(socket: &impl AsFd) -> io::Result<()> {
     let socket = SockRef::from(socket);
     socket.set_nodelay(true)?;
-    socket.set_out_of_band_inline(true)
+    socket.set_out_of_band_inline(true)?;
+    let one: libc::c_int = 1;
+    // SAFETY: a plain int option on a socket we hold.
+    syscall(unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INQ,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    } as isize)
+    .map(drop)
 }
 
 /// The local address of a TCP socket: where a client was accepted.
@@ -255,6 +271,42 @@ pub fn recv(socket: &impl AsRawFd, buf: &mut [u8], flags: libc::c_int) -> io::Re
             flags,
         )
     })
+}
+
+/// Reads from a non-blocking socket, and says how many bytes wait after
+/// what it read, where the socket has `TCP_INQ` ([`relay_options`]) and
+/// the kernel tells.
+pub fn recv_and_left(socket: &impl AsRawFd, buf: &mut [u8]) -> io::Result<(usize, Option<usize>)> {
+    let mut vector = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // Room for one control message of one int, aligned.
+    let mut control = [0u64; 4];
+    // SAFETY: an all-zero msghdr is valid; the pointers set below outlive
+    // the call.
+    let mut message: libc::msghdr = unsafe { std::mem::zeroed() };
+    message.msg_iov = &mut vector;
+    message.msg_iovlen = 1;
+    message.msg_control = control.as_mut_ptr().cast();
+    message.msg_controllen = std::mem::size_of_val(&control) as _;
+    // SAFETY: the message describes live buffers.
+    let n = syscall(unsafe { libc::recvmsg(socket.as_raw_fd(), &mut message, 0) })?;
+    let mut left = None;
+    // SAFETY: the kernel filled `msg_controllen` bytes of `control` with
+    // well-formed control messages; the macros stay within them.
+    unsafe {
+        let mut header = libc::CMSG_FIRSTHDR(&message);
+        while !header.is_null() {
+            if (*header).cmsg_level == libc::SOL_TCP && (*header).cmsg_type == libc::TCP_CM_INQ {
+                let waiting =
+                    std::ptr::read_unaligned(libc::CMSG_DATA(header).cast::<libc::c_int>());
+                left = usize::try_from(waiting).ok();
+            }
+            header = libc::CMSG_NXTHDR(&message, header);
+        }
+    }
+    Ok((n, left))
 }
 
 /// A system call's result as `io::Result`. EINTR cannot happen on the data

@@ -622,3 +622,46 @@ fn a_backend_that_resets_while_sluice_delivers_to_it_ends_the_connection() {
         "sluice used {spent:?} of CPU idle"
     );
 }
+
+/// A few bytes, an urgent byte, then more than sluice's receive window at
+/// once: TCP stops a read at the urgent byte's mark, and an early epoll
+/// driver took that short read for an empty socket and waited for a
+/// readiness edge that could not come (the backend waited for the window,
+/// the window for a read).
+#[test]
+fn bytes_behind_an_urgent_mark_are_read_without_waiting_for_more() {
+    let mut bulk = vec![0u8; 242_840];
+    Noise::new(5).fill(&mut bulk);
+    let sent = bulk.clone();
+    let server = TestServer::start(move |mut stream| {
+        stream.set_nodelay(true).unwrap();
+        stream.write_all(&[b'a'; 62]).unwrap();
+        thread::sleep(Duration::from_millis(1));
+        stream.write_all(&[b'b'; 38]).unwrap();
+        send_urgent(&stream, b'!');
+        stream.write_all(&sent).unwrap();
+        stream.shutdown(Shutdown::Write).unwrap();
+        let _ = stream.read_to_end(&mut Vec::new());
+    });
+    let expected = [&[b'a'; 62][..], &[b'b'; 38], b"!", &bulk].concat();
+    for engine in ENGINES {
+        let sluice = Sluice::start(&config(
+            free_addr(unique_loopback()),
+            &[("urgent".into(), server.addr)],
+            &engine_key(engine),
+        ));
+        for i in 0..20 {
+            let mut client = connect_from(client_ip(83), sluice.listen_addr());
+            client.shutdown(Shutdown::Write).unwrap();
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).unwrap_or_else(|e| {
+                panic!("{engine}, connection {i}: {e} after {} bytes", got.len())
+            });
+            assert!(
+                got == expected,
+                "{engine}, connection {i}: {} bytes",
+                got.len()
+            );
+        }
+    }
+}

@@ -76,8 +76,13 @@ enum Step {
     /// Splicing is stuck at an urgent byte's mark: copy the next read.
     /// `then`: the source failed after the bytes that wait.
     UrgentMark { then: Option<io::Error> },
-    /// `n` bytes came in; `pending` is what the destination did not take yet.
-    Moved { n: usize, pending: Option<Pending> },
+    /// `n` bytes came in; `pending` is what the destination did not take
+    /// yet; `drained`: the source has nothing more to read now.
+    Moved {
+        n: usize,
+        pending: Option<Pending>,
+        drained: bool,
+    },
 }
 
 /// One direction of a connection, `from` → `to`: how it relays and what it
@@ -169,12 +174,14 @@ impl Direction {
                         None => Ok(()),
                     })
                 }
-                Step::Moved { n, pending } => {
-                    // A short read emptied the socket: wait for the next edge
-                    // rather than pay for a call that would say EAGAIN. (Not
-                    // so a short splice: it stops at the pipe's slots, one
-                    // per packet, with more in the socket.)
-                    if !splicing && n < SCRATCH_SIZE {
+                Step::Moved {
+                    n,
+                    pending,
+                    drained,
+                } => {
+                    // The socket is empty: wait for the next edge rather
+                    // than pay for a call that would say EAGAIN.
+                    if drained {
                         ready.clear_ready_matching(Ready::READABLE);
                     }
                     if splicing {
@@ -240,12 +247,16 @@ impl Ends<'_> {
     fn copy_in(&self) -> Result<Step, Failure> {
         SCRATCH.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
-            let n = match net::recv(self.from, &mut scratch[..], 0) {
-                Ok(0) => return Ok(Step::End),
-                Ok(n) => n,
+            let (n, left) = match net::recv_and_left(self.from, &mut scratch[..]) {
+                Ok((0, _)) => return Ok(Step::End),
+                Ok(read) => read,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Step::WouldBlock),
                 Err(e) => return Err(self.source(e)),
             };
+            // What the kernel says waits, or else: a short read emptied
+            // the socket. (Not always: TCP stops a read at an urgent byte's
+            // mark, with bytes after it; hence TCP_INQ.)
+            let drained = left.map_or(n < SCRATCH_SIZE, |left| left == 0);
             let mut written = 0;
             while written < n {
                 match send(self.to, &scratch[written..n]) {
@@ -253,12 +264,20 @@ impl Ends<'_> {
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         let bytes = scratch[written..n].to_vec();
                         let pending = Some(Pending::Bytes { bytes, written: 0 });
-                        return Ok(Step::Moved { n, pending });
+                        return Ok(Step::Moved {
+                            n,
+                            pending,
+                            drained,
+                        });
                     }
                     Err(e) => return Err(self.destination(e)),
                 }
             }
-            Ok(Step::Moved { n, pending: None })
+            Ok(Step::Moved {
+                n,
+                pending: None,
+                drained,
+            })
         })
     }
 
@@ -287,11 +306,18 @@ impl Ends<'_> {
         match pending.write_to(self.to) {
             Ok(()) => {
                 pending.done();
-                Ok(Step::Moved { n, pending: None })
+                // (A short splice stops at the pipe's slots, one per
+                // packet, with more in the socket.)
+                Ok(Step::Moved {
+                    n,
+                    pending: None,
+                    drained: false,
+                })
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Step::Moved {
                 n,
                 pending: Some(pending),
+                drained: false,
             }),
             Err(e) => Err(self.destination(e)),
         }
