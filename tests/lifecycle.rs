@@ -106,12 +106,9 @@ fn shutdown_timeout_ends_a_connection_still_waiting_for_its_proxy_header() {
     let sluice = Sluice::start(&format!(
         "shutdown_timeout: 300ms\nlog:\n  connections: true\n{text}"
     ));
-    let descriptors = open_descriptors(sluice.pid());
     let open = connect_from(client_ip(4), sluice.listen_addr());
-    // Accepted (one descriptor more), it waits for its header.
-    wait_until("the connection to be accepted", || {
-        open_descriptors(sluice.pid()) > descriptors
-    });
+    // Accepted, it waits for its header.
+    wait_until("the connection to be accepted", || accepted(&open));
     sluice.signal(Signal::SIGTERM);
     let line = sluice.wait_for_log("shutdown_timeout of 300ms reached");
     assert!(line.contains("open=1"), "{line}");

@@ -746,6 +746,34 @@ pub fn open_descriptors(pid: u32) -> usize {
         .count()
 }
 
+/// Whether some process has accepted `client`'s connection: the kernel
+/// lists the server's end in /proc/net/tcp with an inode only once
+/// `accept` has given it a descriptor (0 while it waits in the queue).
+/// Unlike counting descriptors, this cannot be fooled by a probe's socket
+/// that happens to close at the same moment.
+pub fn accepted(client: &TcpStream) -> bool {
+    fn hex(addr: SocketAddr) -> String {
+        let IpAddr::V4(ip) = addr.ip() else {
+            panic!("IPv4 only: {addr}")
+        };
+        format!(
+            "{:08X}:{:04X}",
+            u32::from_le_bytes(ip.octets()),
+            addr.port()
+        )
+    }
+    let (server_end, client_end) = (
+        hex(client.peer_addr().unwrap()),
+        hex(client.local_addr().unwrap()),
+    );
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .any(|f| f[1] == server_end && f[2] == client_end && f[9] != "0")
+}
+
 /// Polls `condition` every 10 ms until it holds; panics after the deadline.
 pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + DEADLINE;
