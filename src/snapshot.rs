@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use crate::balancer::algorithms::{Balancer, Choice};
 use crate::balancer::load::{Lease, Load};
-use crate::config::schema::{AcceptProxy, ProxySources, SendProxy};
+use crate::config::schema::{AcceptProxy, OnDown, ProxySources, Queue, SendProxy};
 use crate::config::{self, Balance, Config, Engine, HashKey};
 use crate::health::PassiveHealth;
 use crate::limits::Gate;
@@ -64,11 +64,19 @@ pub struct Pool {
     pub retries: u32,
     /// Every endpoint of the pool, up or down, in file order.
     pub backends: Vec<Backend>,
-    /// Backends with a weight exist but none is up, so the table routes
-    /// over all of them rather than refuse every client (Envoy's panic
-    /// threshold at 0%). A pool whose backends all have weight 0 is drained,
-    /// not in panic: it routes nowhere.
+    /// Backends with a weight exist but none is up, and the pool is
+    /// `fail_open`, so the table routes over all of them rather than refuse
+    /// every client (Envoy's panic threshold at 0%). A pool whose backends
+    /// all have weight 0 is drained, not in panic: it routes nowhere.
     pub panic: bool,
+    /// Backends with a weight exist but none may take clients: none is up
+    /// (or known yet). With `panic`, the pool routes over all of them;
+    /// without, it routes nowhere and clients wait in its queue.
+    pub all_down: bool,
+    /// What a backend marked down does to its open connections.
+    pub on_down: OnDown,
+    /// Clients no backend can take wait here.
+    pub queue: Queue,
     /// Consecutive failed connections on the data path that take a backend
     /// out before the next probe; `None` when probes are off, since nothing
     /// would bring it back.
@@ -81,7 +89,10 @@ pub struct Backend {
     pub name: Arc<str>,
     pub addr: SocketAddr,
     pub weight: u32,
+    /// Its probes passed (or it starts up, in a pool that fails open).
     pub up: bool,
+    /// Gets clients only while no other backend of the pool is up.
+    pub backup: bool,
     /// 0: no limit; a full backend is passed over like a down one.
     pub max_connections: u32,
     /// Shared with the control plane; survive rebuilds and reloads.
@@ -192,16 +203,20 @@ pub fn listeners_of<'a>(config: &'a Config, pool: &str) -> Vec<&'a str> {
 }
 
 impl Pool {
-    /// Builds the pool's table from the backends that are up and have a
-    /// weight, or from all of them if none is.
+    /// Builds the pool's table from the backends that may take clients: up,
+    /// with a weight, and not a backup while another backend is up. If
+    /// none may and the pool fails open, from all of them.
     pub fn build(name: &str, config: &config::Pool, backends: Vec<Backend>) -> Pool {
         let weighted = backends.iter().filter(|b| b.weight > 0);
-        let panic = weighted.clone().next().is_some() && !weighted.clone().any(|b| b.up);
+        let regular_up = weighted.clone().any(|b| b.up && !b.backup);
+        let usable = |b: &Backend| b.up && !(b.backup && regular_up);
+        let all_down = weighted.clone().next().is_some() && !weighted.clone().any(usable);
+        let panic = all_down && config.fail_open();
         let choices: Vec<Choice> = backends
             .iter()
             .map(|b| Choice {
                 name: &b.name,
-                weight: if b.up || panic { b.weight } else { 0 },
+                weight: if usable(b) || panic { b.weight } else { 0 },
                 load: &b.load,
             })
             .collect();
@@ -216,6 +231,9 @@ impl Pool {
             send_proxy: config.send_proxy,
             retries: config.retries,
             panic,
+            all_down,
+            on_down: config.on_down(),
+            queue: config.queue.clone(),
             eject_after: config.health.probe().map(|probe| probe.fall),
             backends,
             balancer,
@@ -266,6 +284,7 @@ impl Backend {
             addr: endpoint.addr,
             weight: endpoint.weight,
             max_connections: endpoint.max_connections,
+            backup: endpoint.backup,
             up,
             passive,
             load,

@@ -278,7 +278,7 @@ fn health_settings() {
     );
     assert_eq!(
         rejected(&probe("intervall: 1s")),
-        "sluice: sluice.yaml:8:7: pools.redis.health: unknown field `intervall`, expected one of `interval`, `timeout`, `rise`, `fall`, `send`, `expect`, `preset`, `require_master`, `send_proxy`"
+        "sluice: sluice.yaml:8:7: pools.redis.health: unknown field `intervall`, expected one of `interval`, `timeout`, `rise`, `fall`, `send`, `expect`, `preset`, `require_master`, `role`, `auth`, `port`, `http`, `send_proxy`"
     );
     assert!(
         check(&probe("send: \"PING\\r\\n\"\n      expect: \"+PONG\""))
@@ -315,11 +315,105 @@ fn health_presets() {
     );
 }
 
+/// Role checks, their logins and the HTTP probe: each mistake named by its
+/// key, the password file checked as `--check` runs.
+#[test]
+fn database_probe_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let password = dir.path().join("probe.pass");
+    std::fs::write(&password, "s3cret\n").unwrap();
+    let password = password.display().to_string();
+    let missing = dir.path().join("nowhere.pass").display().to_string();
+    let probe = |settings: &str| with("health: off", &format!("health:\n      {settings}"));
+    let login = |preset: &str, file: &str| {
+        probe(&format!(
+            "preset: {preset}\n      role: primary\n      auth: {{ user: probe, password_file: {file} }}"
+        ))
+    };
+    for preset in ["redis", "postgres", "mysql"] {
+        let out = check(&login(preset, &password));
+        assert!(out.status.success(), "{preset}: {out:?}");
+    }
+    assert_eq!(
+        rejected(&login("postgres", &missing)),
+        format!("sluice: sluice.yaml:10:43: pools.redis.health.auth.password_file: cannot read {missing}: No such file or directory (os error 2)")
+    );
+    let relative = rejected(&login("mysql", "probe.pass"));
+    assert!(
+        relative.contains("pools.redis.health.auth.password_file: probe.pass is a relative name, which is looked up in $CREDENTIALS_DIRECTORY"),
+        "{relative}"
+    );
+    for (settings, expected) in [
+        ("role: primary", "pools.redis.health.role: needs a preset that can tell a primary from a replica"),
+        ("preset: memcached\n      role: replica", "pools.redis.health.role: needs a preset"),
+        ("preset: postgres\n      role: primary", "pools.redis.health.auth.user: the role check logs in: give the user it logs in as"),
+        ("preset: redis\n      auth: { user: probe }", "pools.redis.health.auth.password_file: Redis logs in with a password"),
+        ("preset: redis\n      role: replica\n      require_master: true", "pools.redis.health.require_master: contradicts `role: replica`"),
+        ("preset: redis\n      role: leader", "pools.redis.health.role: unknown variant `leader`, expected one of `any`, `primary`, `replica`"),
+        ("auth: { user: probe }", "pools.redis.health.auth: applies only to `preset: redis`, `postgres` or `mysql`"),
+        ("preset: mysql\n      auth: { user: probe, pasword_file: /x }", "unknown field `pasword_file`, expected one of `user`, `password_file`, `database`"),
+        ("port: 0", "pools.redis.health.port: port 0 is not allowed"),
+        ("port: 70000", "pools.redis.health.port: invalid value: integer `70000`"),
+        ("http: { path: primary }", "pools.redis.health.http.path: \"primary\" is not a path"),
+        ("http: { method: \"GET /\" }", "pools.redis.health.http.method: \"GET /\" is not an HTTP method"),
+        ("http: { expect_status: [] }", "pools.redis.health.http.expect_status: no status could pass"),
+        ("http: { expect_status: [200, 700] }", "pools.redis.health.http.expect_status: 700 is not an HTTP status"),
+        ("http: { path: /primary }\n      preset: postgres", "pools.redis.health.http: an HTTP probe decides what to send and expect"),
+    ] {
+        let error = rejected(&probe(settings));
+        assert!(error.contains(expected), "{settings}: {error}");
+    }
+    let patroni =
+        probe("port: 8008\n      http: { path: /primary, expect_status: [200], host: db }");
+    let out = check(&patroni);
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// Fail-closed pools, the queue, backups and `first`.
+#[test]
+fn failover_settings() {
+    let pool = |settings: &str| with("health: off", &format!("health: off\n    {settings}"));
+    let every = pool("balance: first\n    fail_open: false\n    on_down: close\n    queue: { size: 100, timeout: 10s }")
+        .replace("- address: 10.0.0.1:6379", "- address: 10.0.0.1:6379\n      - { address: 10.0.0.2:6379, backup: true }");
+    let out = check(&every);
+    assert!(out.status.success(), "{out:?}");
+    for (settings, expected) in [
+        (
+            "on_down: shutdown",
+            "pools.redis.on_down: unknown variant `shutdown`, expected `keep` or `close`",
+        ),
+        ("fail_open: maybe", "pools.redis.fail_open: invalid type"),
+        (
+            "queue: { size: 10, timeout: 0 }",
+            "pools.redis.queue.timeout: clients would wait for ever",
+        ),
+        (
+            "queue: { size: 1000000 }",
+            "pools.redis.queue.size: 1000000 is more than the limit of 100000",
+        ),
+        (
+            "queue: { length: 10 }",
+            "unknown field `length`, expected `size` or `timeout`",
+        ),
+    ] {
+        let error = rejected(&pool(settings));
+        assert!(error.contains(expected), "{settings}: {error}");
+    }
+    let error = rejected(&VALID.replace(
+        "- address: 10.0.0.1:6379",
+        "- { address: 10.0.0.1:6379, backup: yes please }",
+    ));
+    assert!(
+        error.contains("pools.redis.backends[0].backup: invalid type"),
+        "{error}"
+    );
+}
+
 #[test]
 fn unknown_values() {
     assert_eq!(
         rejected(&with("health: off", "balance: fastest")),
-        "sluice: sluice.yaml:7:14: pools.redis.balance: unknown variant `fastest`, expected one of `maglev`, `round_robin`, `weighted_round_robin`, `least_connections`, `random`, `power_of_two`"
+        "sluice: sluice.yaml:7:14: pools.redis.balance: unknown variant `fastest`, expected one of `maglev`, `round_robin`, `weighted_round_robin`, `least_connections`, `random`, `power_of_two`, `first`"
     );
     assert_eq!(
         rejected(&with("health: off", "health: sometimes")),

@@ -65,10 +65,13 @@ impl Probed {
     /// Waits for `backend` to go down; returns the reason logged.
     fn wait_until_down(&self, backend: &str) -> String {
         let line = self.sluice.wait_for_log(&format!("backend={backend} "));
-        let reason = line
-            .split_once("backend is down: ")
-            .and_then(|(_, rest)| rest.split_once(" (2 probes in a row failed)"))
-            .unwrap_or_else(|| panic!("not a probe failure: {line}"));
+        // A pool that fails closed (`require_master`) judges a backend by
+        // its first probe.
+        let reason = line.split_once("backend is down: ").and_then(|(_, rest)| {
+            rest.split_once(" (2 probes in a row failed)")
+                .or_else(|| rest.split_once(" (its first probe)"))
+        });
+        let reason = reason.unwrap_or_else(|| panic!("not a probe failure: {line}"));
         reason.0.to_owned()
     }
 }

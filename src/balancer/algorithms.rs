@@ -21,6 +21,8 @@
 //!   ties go round.
 //! - `random`: weighted random.
 //! - `power_of_two`: two weighted random picks, the less loaded one wins.
+//! - `first`: the first eligible backend in file order, then the next:
+//!   one writer, the same on every instance that sees the same health.
 //!
 //! After the first choice, the others follow in cycle order (Maglev: the
 //! client's own order), so a failed connect moves on at once.
@@ -82,6 +84,8 @@ enum Algorithm {
     },
     Random,
     PowerOfTwo,
+    /// File order.
+    First,
 }
 
 impl Balancer {
@@ -130,6 +134,7 @@ impl Balancer {
             },
             Balance::Random => Algorithm::Random,
             Balance::PowerOfTwo => Algorithm::PowerOfTwo,
+            Balance::First => Algorithm::First,
         };
         Balancer {
             algorithm,
@@ -168,6 +173,7 @@ impl Balancer {
             Algorithm::LeastConnections { next } => {
                 self.least_loaded(next.fetch_add(1, Ordering::Relaxed))
             }
+            Algorithm::First => 0,
             Algorithm::Random => self.weighted_random(),
             Algorithm::PowerOfTwo => {
                 let (a, b) = (self.weighted_random(), self.weighted_random());

@@ -227,7 +227,48 @@ pub struct Pool {
     pub resolve_interval: Duration,
     #[serde(default)]
     pub health: Health,
+    /// Every backend down (or unknown): route over all of them (`true`) or
+    /// none. Unset: `false` when `health.role` is set, else `true`.
+    pub fail_open: Option<bool>,
+    /// What a backend marked down does to its open connections. Unset:
+    /// `close` when `health.role` is set, else `keep`.
+    pub on_down: Option<OnDown>,
+    #[serde(default)]
+    pub queue: Queue,
     pub backends: Vec<Backend>,
+}
+
+/// What a backend marked down (by probes, maintenance, or leaving the
+/// configuration) does to its open connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnDown {
+    /// They stay until either side closes them.
+    Keep,
+    /// Both sides are reset: a client mid-transaction sees an error rather
+    /// than writing on to a demoted primary.
+    Close,
+}
+
+/// Clients that no backend can take wait here, first in first out.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Queue {
+    /// Clients that may wait at once; 0: none wait, they are turned away.
+    #[serde(default)]
+    pub size: u32,
+    /// How long a client may wait before it is turned away.
+    #[serde(default = "defaults::queue_timeout", with = "duration")]
+    pub timeout: Duration,
+}
+
+impl Default for Queue {
+    fn default() -> Self {
+        Queue {
+            size: 0,
+            timeout: defaults::queue_timeout(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -240,6 +281,8 @@ pub enum Balance {
     LeastConnections,
     Random,
     PowerOfTwo,
+    /// The first backend up, in file order, takes every client.
+    First,
 }
 
 /// What part of the client's address Maglev hashes.
@@ -276,7 +319,7 @@ pub enum Health {
     Off,
     #[default]
     Defaults,
-    Probe(HealthProbe),
+    Probe(Box<HealthProbe>),
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -294,9 +337,19 @@ pub struct HealthProbe {
     pub expect: Option<String>,
     /// A ready-made exchange instead of `send`/`expect`.
     pub preset: Option<Preset>,
-    /// With `preset: redis`: a replica fails the probe.
+    /// Kept from before `role`: with `preset: redis`, the same as
+    /// `role: primary`.
     #[serde(default)]
     pub require_master: bool,
+    /// The role a backend must have to pass, with a preset that can tell.
+    #[serde(default)]
+    pub role: Role,
+    /// The login a role check (or an authenticated preset) uses.
+    pub auth: Option<ProbeAuth>,
+    /// Probe this port of the backend's address instead of its own.
+    pub port: Option<u16>,
+    /// An HTTP/1.1 probe instead of send/expect or a preset.
+    pub http: Option<HttpProbe>,
     /// Start each probe with the PROXY header the pool sends its
     /// connections, for backends that require one.
     #[serde(default)]
@@ -305,6 +358,64 @@ pub struct HealthProbe {
     /// by validation.
     #[serde(skip)]
     pub proxy_version: SendProxy,
+}
+
+/// The role a database server plays in its replication.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Whatever it is, it passes.
+    #[default]
+    Any,
+    /// It accepts writes: a Redis master, a PostgreSQL server not in
+    /// recovery, a MySQL server with `read_only` off.
+    Primary,
+    /// It is a replica (a standby): reads only.
+    Replica,
+}
+
+/// A login for probes. The password is read from a file, never written in
+/// the configuration.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProbeAuth {
+    /// Redis: omit for `AUTH password` (the default user).
+    pub user: Option<String>,
+    /// Its trailing newline is ignored; a relative name is looked up in
+    /// `$CREDENTIALS_DIRECTORY`.
+    pub password_file: Option<std::path::PathBuf>,
+    /// PostgreSQL: the database to log in to (default: `postgres`);
+    /// MySQL: the schema (default: none).
+    pub database: Option<String>,
+    /// The file's contents, read by validation: at start and at each
+    /// reload, so a changed password takes effect with SIGHUP.
+    #[serde(skip)]
+    pub password: Option<Secret>,
+}
+
+/// A password: never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// An HTTP/1.1 request that passes on one of the expected statuses.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HttpProbe {
+    #[serde(default = "defaults::http_path")]
+    pub path: String,
+    #[serde(default = "defaults::http_method")]
+    pub method: String,
+    #[serde(default = "defaults::expect_status")]
+    pub expect_status: Vec<u16>,
+    /// The `Host` header; empty: the address probed.
+    #[serde(default)]
+    pub host: String,
 }
 
 /// The servers sluice knows how to probe without `send`/`expect`.
@@ -327,6 +438,9 @@ pub struct Backend {
     pub weight: u32,
     #[serde(default)]
     pub max_connections: u32,
+    /// Gets clients only while no other backend of the pool is up.
+    #[serde(default)]
+    pub backup: bool,
     /// The backend's identity for hashing; defaults to `address`.
     pub name: Option<String>,
     /// What `address` resolved to, sorted: filled in by validation, and
@@ -362,6 +476,7 @@ pub struct Endpoint {
     pub weight: u32,
     /// Applies to each address of the entry on its own.
     pub max_connections: u32,
+    pub backup: bool,
 }
 
 impl Pool {
@@ -380,10 +495,30 @@ impl Pool {
                     addr,
                     weight: backend.weight,
                     max_connections: backend.max_connections,
+                    backup: backend.backup,
                 });
             }
         }
         endpoints
+    }
+}
+
+impl Pool {
+    /// The role probes require, if any: a pool that knows it serves one
+    /// role fails closed and closes the sessions of a backend that leaves it.
+    fn role(&self) -> Role {
+        self.health.probe().map_or(Role::Any, |probe| probe.role)
+    }
+
+    pub fn fail_open(&self) -> bool {
+        self.fail_open.unwrap_or(self.role() == Role::Any)
+    }
+
+    pub fn on_down(&self) -> OnDown {
+        self.on_down.unwrap_or(match self.role() {
+            Role::Any => OnDown::Keep,
+            _ => OnDown::Close,
+        })
     }
 }
 
@@ -393,7 +528,7 @@ impl Health {
         match self {
             Health::Off => None,
             Health::Defaults => Some(HealthProbe::default()),
-            Health::Probe(probe) => Some(probe.clone()),
+            Health::Probe(probe) => Some(HealthProbe::clone(probe)),
         }
     }
 }
@@ -409,6 +544,10 @@ impl Default for HealthProbe {
             expect: None,
             preset: None,
             require_master: false,
+            role: Role::Any,
+            auth: None,
+            port: None,
+            http: None,
             send_proxy: false,
             proxy_version: SendProxy::Off,
         }
@@ -458,5 +597,17 @@ mod defaults {
     }
     pub fn ipv6_prefix() -> u8 {
         64
+    }
+    pub fn queue_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn http_path() -> String {
+        "/".into()
+    }
+    pub fn http_method() -> String {
+        "GET".into()
+    }
+    pub fn expect_status() -> Vec<u16> {
+        vec![200]
     }
 }

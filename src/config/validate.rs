@@ -4,10 +4,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::Path;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use super::schema::{AcceptProxy, Balance, Config, Health, Listener, Pool, Preset, SendProxy};
+use super::schema::{
+    AcceptProxy, Balance, Config, Health, HttpProbe, Listener, Pool, Preset, Role, Secret,
+    SendProxy,
+};
 use super::Problem;
 use crate::balancer::maglev;
 
@@ -187,7 +191,19 @@ fn check_pool(name: &str, pool: &mut Pool, resolver: Resolver) -> Result<(), Pro
         ));
     }
 
-    check_health(name, &pool.health)?;
+    check_health(name, &mut pool.health)?;
+    if pool.queue.size > MAX_QUEUE {
+        return Err(Problem::new(
+            field("queue.size"),
+            format!("{} is more than the limit of {MAX_QUEUE}", pool.queue.size),
+        ));
+    }
+    if pool.queue.size > 0 && pool.queue.timeout.is_zero() {
+        return Err(Problem::new(
+            field("queue.timeout"),
+            "clients would wait for ever: give a timeout above 0",
+        ));
+    }
     if let Health::Probe(probe) = &mut pool.health {
         if probe.send_proxy && pool.send_proxy == SendProxy::Off {
             return Err(Problem::new(
@@ -247,7 +263,7 @@ fn check_pool(name: &str, pool: &mut Pool, resolver: Resolver) -> Result<(), Pro
     Ok(())
 }
 
-fn check_health(pool: &str, health: &Health) -> Result<(), Problem> {
+fn check_health(pool: &str, health: &mut Health) -> Result<(), Problem> {
     let Health::Probe(probe) = health else {
         return Ok(());
     };
@@ -291,6 +307,142 @@ fn check_health(pool: &str, health: &Health) -> Result<(), Problem> {
         return Err(Problem::new(
             field("require_master"),
             "applies only to `preset: redis`",
+        ));
+    }
+    if probe.require_master {
+        if probe.role == Role::Replica {
+            return Err(Problem::new(
+                field("require_master"),
+                "contradicts `role: replica`: `require_master: true` means `role: primary`",
+            ));
+        }
+        probe.role = Role::Primary;
+    }
+    if probe.port == Some(0) {
+        return Err(Problem::new(field("port"), "port 0 is not allowed"));
+    }
+    if let Some(http) = &probe.http {
+        check_http(http, &field)?;
+        if probe.preset.is_some() || probe.send.is_some() || probe.expect.is_some() {
+            return Err(Problem::new(
+                field("http"),
+                "an HTTP probe decides what to send and expect: use either http or preset or send/expect",
+            ));
+        }
+    }
+    let logs_in = matches!(
+        probe.preset,
+        Some(Preset::Redis | Preset::Postgres | Preset::Mysql)
+    );
+    if probe.role != Role::Any && !logs_in {
+        return Err(Problem::new(
+            field("role"),
+            "needs a preset that can tell a primary from a replica: `preset: redis`, `postgres` or `mysql`",
+        ));
+    }
+    if probe.auth.is_some() && !logs_in {
+        return Err(Problem::new(
+            field("auth"),
+            "applies only to `preset: redis`, `postgres` or `mysql`",
+        ));
+    }
+    let needs_user = probe.role != Role::Any && probe.preset != Some(Preset::Redis);
+    if needs_user && probe.auth.as_ref().and_then(|a| a.user.as_ref()).is_none() {
+        return Err(Problem::new(
+            field("auth.user"),
+            "the role check logs in: give the user it logs in as",
+        ));
+    }
+    if let Some(auth) = &mut probe.auth {
+        if probe.preset == Some(Preset::Redis) && auth.password_file.is_none() {
+            return Err(Problem::new(
+                field("auth.password_file"),
+                "Redis logs in with a password: give the file that holds it",
+            ));
+        }
+        if let Some(path) = &auth.password_file {
+            let password =
+                read_password(path).map_err(|m| Problem::new(field("auth.password_file"), m))?;
+            auth.password = Some(Secret(password));
+        }
+    }
+    Ok(())
+}
+
+/// Largest `queue.size`: waiting clients hold a descriptor each.
+pub const MAX_QUEUE: u32 = 100_000;
+
+/// Reads a password file: a relative name is one of systemd's credentials
+/// (`LoadCredential=`), in `$CREDENTIALS_DIRECTORY`. One trailing newline
+/// (`\n` or `\r\n`) is not part of the password.
+pub fn read_password(path: &Path) -> Result<String, String> {
+    let full = if path.is_absolute() {
+        path.to_owned()
+    } else {
+        match std::env::var_os("CREDENTIALS_DIRECTORY") {
+            Some(dir) => Path::new(&dir).join(path),
+            None => {
+                return Err(format!(
+                    "{} is a relative name, which is looked up in $CREDENTIALS_DIRECTORY (systemd's LoadCredential=), but that is not set: give an absolute path",
+                    path.display()
+                ))
+            }
+        }
+    };
+    let text = std::fs::read_to_string(&full)
+        .map_err(|e| format!("cannot read {}: {e}", full.display()))?;
+    let password = text
+        .strip_suffix('\n')
+        .map(|t| t.strip_suffix('\r').unwrap_or(t))
+        .unwrap_or(&text);
+    if password.is_empty() {
+        return Err(format!("{} is empty", full.display()));
+    }
+    Ok(password.to_owned())
+}
+
+fn check_http(http: &HttpProbe, field: &impl Fn(&str) -> String) -> Result<(), Problem> {
+    let token = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    };
+    if !token(&http.method) {
+        return Err(Problem::new(
+            field("http.method"),
+            format!("{:?} is not an HTTP method", http.method),
+        ));
+    }
+    let printable = |s: &str| s.bytes().all(|b| b.is_ascii_graphic());
+    if !http.path.starts_with('/') || !printable(&http.path) {
+        return Err(Problem::new(
+            field("http.path"),
+            format!(
+                "{:?} is not a path: it starts with `/` and has no spaces",
+                http.path
+            ),
+        ));
+    }
+    if !printable(&http.host) {
+        return Err(Problem::new(
+            field("http.host"),
+            format!("{:?} is not a host name", http.host),
+        ));
+    }
+    if http.expect_status.is_empty() {
+        return Err(Problem::new(
+            field("http.expect_status"),
+            "no status could pass: list at least one",
+        ));
+    }
+    if let Some(bad) = http
+        .expect_status
+        .iter()
+        .find(|s| !(100..=599).contains(*s))
+    {
+        return Err(Problem::new(
+            field("http.expect_status"),
+            format!("{bad} is not an HTTP status (100 to 599)"),
         ));
     }
     Ok(())

@@ -55,6 +55,8 @@ struct Entry {
     /// change.
     stats: Arc<BackendStats>,
     verdict: Verdict,
+    /// Why its probes fail, as last logged: a new reason is logged once.
+    failing: Option<String>,
     /// The running probe task and the settings it runs with.
     prober: Option<(HealthProbe, JoinHandle<()>)>,
 }
@@ -66,11 +68,15 @@ pub enum Change {
     None,
     /// The backend is up again, or down now.
     Flipped { up: bool },
+    /// The first probe of a backend that was unknown judged it.
+    Judged { up: bool },
+    /// It stays down, for a reason other than the one last logged.
+    FailsOtherwise,
 }
 
 impl Backends {
-    /// Makes the registry match `config`: new backends start up, backends
-    /// that are gone are forgotten, and every backend's metric series are
+    /// Makes the registry match `config`: new backends start up (unknown,
+    /// in a pool that fails closed), backends that are gone are forgotten, and every backend's metric series are
     /// registered anew. With `events` (once the control plane's runtime
     /// runs), each backend gets a probe task with its pool's settings, and
     /// a backend whose settings changed starts counting afresh.
@@ -106,7 +112,12 @@ impl Backends {
                         passive: Arc::new(PassiveHealth::new(id)),
                         load: Arc::default(),
                         stats: stats.clone(),
-                        verdict: Verdict::up(),
+                        verdict: if pool.fail_open() {
+                            Verdict::up()
+                        } else {
+                            Verdict::unknown()
+                        },
+                        failing: None,
                         prober: None,
                     };
                     self.entries.insert(key.clone(), entry);
@@ -159,16 +170,26 @@ impl Backends {
             Err(ProbeFailure::Timeout(_)) => "timeout",
             Err(_) => "fail",
         });
-        if !entry
+        let was_unknown = entry.verdict.unknown;
+        let flipped = entry
             .verdict
-            .observe(outcome.is_ok(), probe.rise, probe.fall)
-        {
-            return Change::None;
+            .observe(outcome.is_ok(), probe.rise, probe.fall);
+        let reason = outcome.as_ref().err().map(ToString::to_string);
+        let new_reason = reason.is_some() && reason != entry.failing;
+        entry.failing = reason;
+        if !flipped {
+            return match new_reason && !entry.verdict.up {
+                true => Change::FailsOtherwise,
+                false => Change::None,
+            };
         }
         if outcome.is_ok() {
             entry.passive.record_success();
         }
-        entry.flipped()
+        match entry.flipped() {
+            Change::Flipped { up } if was_unknown => Change::Judged { up },
+            change => change,
+        }
     }
 
     /// Takes backend `id` out at once: its pool's `fall` connections in a
@@ -236,7 +257,13 @@ impl Entry {
         self.passive.record_success();
         self.verdict.restart_streak();
         self.prober = settings.map(|settings| {
-            let task = start_prober(self.id, addr, settings.clone(), events.clone());
+            let task = start_prober(
+                self.id,
+                addr,
+                settings.clone(),
+                self.verdict.unknown,
+                events.clone(),
+            );
             (settings.clone(), task)
         });
         if self.prober.is_none() && !self.verdict.up {
@@ -249,17 +276,22 @@ impl Entry {
 
 /// Probes `addr` every `settings.interval`, starting at a random point of
 /// the first interval so that the probes of many backends do not fire
-/// together. The interval itself is not jittered, which keeps the detection
-/// time within `fall` x `interval` + `timeout`.
+/// together; at once for a backend whose state is unknown, since it takes
+/// no client until a probe passes. The interval itself is not jittered,
+/// which keeps the detection time within `fall` x `interval` + `timeout`.
 fn start_prober(
     id: u64,
     addr: SocketAddr,
     settings: HealthProbe,
+    unknown: bool,
     events: UnboundedSender<Event>,
 ) -> JoinHandle<()> {
     tokio::task::spawn_local(async move {
         let interval = settings.interval;
-        let phase = RandomState::new().hash_one(id) % (interval.as_millis() as u64).max(1);
+        let phase = match unknown {
+            true => 0,
+            false => RandomState::new().hash_one(id) % (interval.as_millis() as u64).max(1),
+        };
         let start = tokio::time::Instant::now() + Duration::from_millis(phase);
         let mut ticker = tokio::time::interval_at(start, interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -307,7 +339,12 @@ mod tests {
         );
         assert_eq!(backends.up(), (0, 1));
         let fail = Err(ProbeFailure::Connect("refused".into()));
-        assert_eq!(backends.probed(a, &fail, &probe), Change::None);
+        assert_eq!(
+            backends.probed(a, &fail, &probe),
+            Change::FailsOtherwise,
+            "a reason to log"
+        );
+        assert_eq!(backends.probed(a, &fail, &probe), Change::None, "once");
         assert_eq!(backends.probed(a, &Ok(()), &probe), Change::None);
         assert_eq!(
             backends.probed(a, &Ok(()), &probe),

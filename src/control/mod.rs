@@ -83,8 +83,9 @@ pub struct Controller {
     probing: bool,
     metrics: Metrics,
     process: ProcessStats,
-    /// Pools routing over all backends because none is up.
-    panicking: HashSet<String>,
+    /// Pools with no backend up: routing over all of them (fail open) or
+    /// none (fail closed).
+    pools_down: HashSet<String>,
     /// What `/ready` answers.
     readiness: Readiness,
     /// The admin endpoint's socket, until `run` serves it, and how many
@@ -169,7 +170,7 @@ impl Controller {
             probing: false,
             metrics,
             process,
-            panicking: HashSet::new(),
+            pools_down: HashSet::new(),
             readiness: Readiness::default(),
             admin,
             reloads: (0, 0),
@@ -280,21 +281,31 @@ impl Controller {
                 warn!(pool = %key.pool, backend = %key.name, address = %key.addr, suppressed, "{failure}; not counted against the backend");
             }
         }
-        let Change::Flipped { up } = self.backends.probed(id, &outcome, &probe) else {
-            return;
-        };
-        // Publish first: once the line is logged, routing already agrees.
-        self.publish_pool(&key.pool);
-        match (&outcome, up) {
-            (_, true) => info!(
-                pool = %key.pool, backend = %key.name, address = %key.addr,
+        let change = self.backends.probed(id, &outcome, &probe);
+        if matches!(change, Change::Flipped { .. } | Change::Judged { .. }) {
+            // Publish first: once the line is logged, routing already agrees.
+            self.publish_pool(&key.pool);
+        }
+        let (pool, backend, address) = (&key.pool, &key.name, key.addr);
+        match (change, &outcome) {
+            (Change::Flipped { up: true }, _) => info!(
+                %pool, %backend, %address,
                 "backend is up: {} probes in a row succeeded", probe.rise
             ),
-            (Err(failure), false) => info!(
-                pool = %key.pool, backend = %key.name, address = %key.addr,
+            (Change::Flipped { up: false }, Err(failure)) => info!(
+                %pool, %backend, %address,
                 "backend is down: {failure} ({} probes in a row failed)", probe.fall
             ),
-            (Ok(()), false) => {}
+            (Change::Judged { up: true }, _) => info!(
+                %pool, %backend, %address, "backend is up: its first probe succeeded"
+            ),
+            (Change::Judged { up: false }, Err(failure)) => warn!(
+                %pool, %backend, %address, "backend is down: {failure} (its first probe)"
+            ),
+            (Change::FailsOtherwise, Err(failure)) => warn!(
+                %pool, %backend, %address, "backend is still down: {failure}"
+            ),
+            _ => {}
         }
     }
 
@@ -481,10 +492,10 @@ impl Controller {
             Some(&previous),
         );
         self.metrics.sweep();
-        self.panicking
+        self.pools_down
             .retain(|name| self.config.pools.contains_key(name));
         for pool in snapshot.pools() {
-            self.note_panic(pool);
+            self.note_all_down(pool);
         }
         self.shared.snapshot.store(Arc::new(snapshot));
         self.notifier.status(&self.status());
@@ -499,27 +510,35 @@ impl Controller {
             .position(|p| p == name)
             .expect("the pool is configured");
         let pool = publish::pool(&self.config, name, &self.backends);
-        self.note_panic(&pool);
+        self.note_all_down(&pool);
         let snapshot = self.shared.snapshot.load().with_pool(index, Arc::new(pool));
         self.shared.snapshot.store(Arc::new(snapshot));
         self.notifier.status(&self.status());
     }
 
-    /// Logs a pool entering or leaving panic routing (every backend down);
-    /// `/ready` follows.
-    fn note_panic(&mut self, pool: &Pool) {
-        if pool.panic && self.panicking.insert(pool.name.clone()) {
-            warn!(
-                pool = %pool.name,
-                "every backend is down: routing over all of them until one is back"
-            );
-        } else if !pool.panic && self.panicking.remove(&pool.name) {
-            info!(
-                pool = %pool.name,
-                "a backend is up again: no longer routing over down backends"
-            );
+    /// Logs a pool losing its last backend, or getting one back; `/ready`
+    /// follows.
+    fn note_all_down(&mut self, pool: &Pool) {
+        if pool.all_down && self.pools_down.insert(pool.name.clone()) {
+            match pool.panic {
+                true => warn!(
+                    pool = %pool.name,
+                    "every backend is down: routing over all of them until one is back"
+                ),
+                false if pool.queue.size > 0 => warn!(
+                    pool = %pool.name,
+                    "no backend is up: new clients wait in the queue (up to {}) until one is",
+                    humantime::format_duration(pool.queue.timeout)
+                ),
+                false => warn!(
+                    pool = %pool.name,
+                    "no backend is up: new clients are turned away until one is"
+                ),
+            }
+        } else if !pool.all_down && self.pools_down.remove(&pool.name) {
+            info!(pool = %pool.name, "a backend is up again");
         }
-        self.readiness.pools_down(&self.panicking);
+        self.readiness.pools_down(&self.pools_down);
     }
 
     /// One line for systemd's STATUS.
@@ -532,8 +551,8 @@ impl Controller {
             self.reloads.0,
             self.reloads.1
         );
-        if !self.panicking.is_empty() {
-            let mut pools: Vec<&str> = self.panicking.iter().map(String::as_str).collect();
+        if !self.pools_down.is_empty() {
+            let mut pools: Vec<&str> = self.pools_down.iter().map(String::as_str).collect();
             pools.sort();
             status.push_str(&format!(", all backends down in: {}", pools.join(", ")));
         }

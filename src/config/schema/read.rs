@@ -145,7 +145,7 @@ impl<'de> Deserialize<'de> for Health {
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Health, A::Error> {
                 HealthProbe::deserialize(de::value::MapAccessDeserializer::new(map))
-                    .map(Health::Probe)
+                    .map(|probe| Health::Probe(Box::new(probe)))
             }
         }
         deserializer.deserialize_any(HealthVisitor)
