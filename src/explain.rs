@@ -29,7 +29,7 @@ pub fn client(
     client: &str,
     without: &[String],
 ) -> Result<String, String> {
-    let config = load(path, pool_name)?;
+    let config = load(path, pool_name, &[Balance::Maglev, Balance::First])?;
     let settings = &config.pools[pool_name];
     let addr = client_addr(pool_name, settings.hash_key, client)?;
     let snapshot = Snapshot::from_config(&config);
@@ -37,14 +37,35 @@ pub fn client(
     let down = down_names(pool, without)?;
 
     let mut out = String::new();
-    writeln!(
-        out,
-        "pool:    {pool_name} (maglev on {}, {} backends, {} slots)",
-        hash_key_name(pool.hash_key),
-        pool.backends.len(),
-        pool.table_size()
-    )
+    match settings.balance {
+        Balance::First => writeln!(
+            out,
+            "pool:    {pool_name} (first: the first backend up in file order takes every client, {} backends)",
+            pool.backends.len()
+        ),
+        _ => writeln!(
+            out,
+            "pool:    {pool_name} (maglev on {}, {} backends, {} slots)",
+            hash_key_name(pool.hash_key),
+            pool.backends.len(),
+            pool.table_size()
+        ),
+    }
     .unwrap();
+    let backups: Vec<String> = pool
+        .backends
+        .iter()
+        .filter(|b| b.backup)
+        .map(describe)
+        .collect();
+    if !backups.is_empty() {
+        writeln!(
+            out,
+            "backups: {} (clients only while no other backend is up)",
+            backups.join(", ")
+        )
+        .unwrap();
+    }
     if settings.max_load_factor > 0.0 {
         writeln!(
             out,
@@ -64,14 +85,31 @@ pub fn client(
         return Ok(out);
     }
     let rebuilt = pool.without(settings, &down);
-    let order = route(&rebuilt, addr)?;
-    write_route(&mut out, &order);
+    let order = route(&rebuilt, addr).unwrap_or_default();
+    match order.is_empty() {
+        true => writeln!(
+            out,
+            "backend: none: the pool does not fail open; clients {}",
+            match rebuilt.queue.size {
+                0 => "are turned away".to_owned(),
+                size => format!(
+                    "wait in its queue (up to {size}, {})",
+                    humantime::format_duration(rebuilt.queue.timeout)
+                ),
+            }
+        )
+        .unwrap(),
+        false => write_route(&mut out, &order),
+    }
     if rebuilt.panic {
         writeln!(
             out,
             "note:    every backend is down: sluice routes over all of them"
         )
         .unwrap();
+    }
+    if order.is_empty() {
+        return Ok(out);
     }
     if order[0].name == all_up[0].name {
         writeln!(out, "moved:   no").unwrap();
@@ -91,8 +129,8 @@ pub fn remap(
     pool_name: &str,
     client: Option<&str>,
 ) -> Result<String, String> {
-    let before = load(path, pool_name)?;
-    let after = load(new_path, pool_name)?;
+    let before = load(path, pool_name, &[Balance::Maglev])?;
+    let after = load(new_path, pool_name, &[Balance::Maglev])?;
     let (old, new) = (&before.pools[pool_name], &after.pools[pool_name]);
     if old.hash_key != new.hash_key {
         return Err(format!(
@@ -249,8 +287,9 @@ impl Table {
     }
 }
 
-/// Loads `path` and checks that it has a Maglev pool `pool`.
-fn load(path: &Path, pool: &str) -> Result<Config, String> {
+/// Loads `path` and checks that it has a pool `pool` balanced by one of
+/// `balances`: those that map a client to backends deterministically.
+fn load(path: &Path, pool: &str, balances: &[Balance]) -> Result<Config, String> {
     let config = config::load(path).map_err(|e| e.to_string())?;
     let Some(settings) = config.pools.get(pool) else {
         let defined: Vec<&str> = config.pools.keys().map(String::as_str).collect();
@@ -260,10 +299,18 @@ fn load(path: &Path, pool: &str) -> Result<Config, String> {
             defined.join(", ")
         ));
     };
-    if settings.balance != Balance::Maglev {
+    if !balances.contains(&settings.balance) {
+        let names: Vec<&str> = balances
+            .iter()
+            .map(|b| match b {
+                Balance::First => "first",
+                _ => "maglev",
+            })
+            .collect();
         return Err(format!(
-            "pool {pool:?} is not balanced by maglev, and its algorithm does not map \
-             clients to backends deterministically"
+            "pool {pool:?} is not balanced by {}, and its algorithm does not map \
+             clients to backends deterministically",
+            names.join(" or ")
         ));
     }
     Ok(config)

@@ -1,6 +1,7 @@
 //! How the control plane reaches the workers, whichever driver they run:
 //! the [`Command`]s it sends (a listener a reload added, the order to close
-//! what is left of a drain), the listening sockets it binds for them, the
+//! what is left of a drain or what relays to a backend gone down, the word
+//! that queued clients may find a backend), the listening sockets it binds for them, the
 //! [`Stop`] of a listener, and the [`Mailbox`] that carries commands and
 //! wakes the worker (an eventfd its ring reads or its reactor watches).
 //! A leaf of the module graph: the control plane, the spawner and both
@@ -23,6 +24,13 @@ pub enum Command {
     Listen(BoundListener),
     /// `shutdown_timeout` is over: close every connection still open.
     CloseAll,
+    /// These backends (by the control plane's identifiers) were marked
+    /// down or removed, in pools with `on_down: close`: reset both sides
+    /// of each connection relaying to one of them.
+    CloseBackends(Arc<[u64]>),
+    /// A pool's routing changed (a backend came up, a reload): clients in
+    /// a queue may find a backend now.
+    Dispatch,
 }
 
 /// A listening socket bound for one worker.

@@ -54,9 +54,15 @@ pub enum ErrorReason {
     /// The connection came from an address `accept_proxy.from` does not
     /// list: its PROXY header, true or forged, is not believed.
     ProxyUntrusted,
+    /// The client was turned away: no backend could take it and its pool's
+    /// queue was full.
+    QueueFull,
+    /// The client was turned away: it waited in its pool's queue for
+    /// `queue.timeout` and no backend could take it.
+    QueueTimeout,
 }
 
-const REASONS: [(ErrorReason, &str); 7] = [
+const REASONS: [(ErrorReason, &str); 9] = [
     (ErrorReason::NoBackend, "no_backend"),
     (ErrorReason::ConnectTimeout, "connect_timeout"),
     (ErrorReason::ConnectRefused, "connect_refused"),
@@ -64,6 +70,8 @@ const REASONS: [(ErrorReason, &str); 7] = [
     (ErrorReason::OverLimit, "over_limit"),
     (ErrorReason::ProxyHeader, "proxy_header"),
     (ErrorReason::ProxyUntrusted, "proxy_untrusted"),
+    (ErrorReason::QueueFull, "queue_full"),
+    (ErrorReason::QueueTimeout, "queue_timeout"),
 ];
 
 /// The results of a probe, as the `result` label of
@@ -91,10 +99,12 @@ pub enum Family {
     AcceptPaused,
     ConnectionsUnrouted,
     ListenerMaxConnections,
+    ClosedOnDown,
+    QueueLength,
 }
 
 impl Family {
-    const ALL: [Family; 13] = [
+    const ALL: [Family; 15] = [
         Family::ConnectionsTotal,
         Family::ConnectionsActive,
         Family::ConnectionErrors,
@@ -108,6 +118,8 @@ impl Family {
         Family::AcceptPaused,
         Family::ConnectionsUnrouted,
         Family::ListenerMaxConnections,
+        Family::ClosedOnDown,
+        Family::QueueLength,
     ];
 
     /// Name, Prometheus type and help text.
@@ -126,7 +138,7 @@ impl Family {
             Family::ConnectionErrors => (
                 "sluice_connection_errors_total",
                 "counter",
-                "Failed connect attempts (connect_*) and clients turned away (no_backend, out_of_resources, over_limit, proxy_header, proxy_untrusted).",
+                "Failed connect attempts (connect_*) and clients turned away (no_backend, out_of_resources, over_limit, proxy_header, proxy_untrusted, queue_full, queue_timeout).",
             ),
             Family::Bytes => (
                 "sluice_bytes_total",
@@ -177,6 +189,16 @@ impl Family {
                 "sluice_listener_max_connections",
                 "gauge",
                 "The listener's max_connections; 0: no limit.",
+            ),
+            Family::ClosedOnDown => (
+                "sluice_connections_closed_on_down_total",
+                "counter",
+                "Connections reset because their backend was marked down or removed (on_down: close).",
+            ),
+            Family::QueueLength => (
+                "sluice_queue_length",
+                "gauge",
+                "Clients waiting in the pool's queue for a backend.",
             ),
         }
     }
@@ -451,149 +473,9 @@ impl Buckets {
     }
 }
 
-/// Handles of one listener.
-pub struct ListenerStats {
-    errors: [Counter; REASONS.len()],
-}
+mod stats;
 
-impl ListenerStats {
-    /// The listener's series, every error reason at 0 if new.
-    pub fn new(metrics: &Metrics, listener: &str) -> ListenerStats {
-        ListenerStats {
-            errors: REASONS.map(|(_, reason)| {
-                metrics.counter(
-                    Family::ConnectionErrors,
-                    vec![
-                        ("listener", listener.to_owned()),
-                        ("reason", reason.to_owned()),
-                    ],
-                )
-            }),
-        }
-    }
-
-    /// Exports listener `listener`'s `max_connections`, so that an alert
-    /// can compare its open connections with it.
-    pub fn limit(metrics: &Metrics, listener: &str, max_connections: u32) {
-        metrics
-            .gauge(
-                Family::ListenerMaxConnections,
-                vec![("listener", listener.to_owned())],
-            )
-            .set(f64::from(max_connections));
-    }
-
-    pub fn error(&self, reason: ErrorReason) {
-        let index = REASONS
-            .iter()
-            .position(|(r, _)| *r == reason)
-            .expect("every reason is listed");
-        self.errors[index].increment(1);
-    }
-}
-
-/// Handles of one backend: its connect latency, up/down and probe results,
-/// and per listener that feeds its pool, its connections and bytes.
-pub struct BackendStats {
-    pub connect_seconds: Histogram,
-    pub up: Gauge,
-    probes: [Counter; PROBE_RESULTS.len()],
-    routes: Vec<(Arc<str>, RouteStats)>,
-}
-
-/// Handles of one (listener, backend) pair.
-#[derive(Clone)]
-pub struct RouteStats {
-    pub connections: Counter,
-    pub active: Gauge,
-    pub to_backend: Counter,
-    pub to_client: Counter,
-}
-
-impl BackendStats {
-    /// The series of backend `backend` of `pool`, fed by `listeners`.
-    pub fn new(metrics: &Metrics, pool: &str, backend: &str, listeners: &[&str]) -> BackendStats {
-        let of_backend = || vec![("pool", pool.to_owned()), ("backend", backend.to_owned())];
-        let routes = listeners
-            .iter()
-            .map(|&listener| {
-                let labels = vec![
-                    ("listener", listener.to_owned()),
-                    ("backend", backend.to_owned()),
-                ];
-                let bytes = |direction: &str| {
-                    let mut labels = labels.clone();
-                    labels.push(("direction", direction.to_owned()));
-                    metrics.counter(Family::Bytes, labels)
-                };
-                let stats = RouteStats {
-                    connections: metrics.counter(Family::ConnectionsTotal, labels.clone()),
-                    active: metrics.gauge(Family::ConnectionsActive, labels.clone()),
-                    to_backend: bytes("to_backend"),
-                    to_client: bytes("to_client"),
-                };
-                (Arc::from(listener), stats)
-            })
-            .collect();
-        BackendStats {
-            connect_seconds: metrics.histogram(Family::BackendConnectSeconds, of_backend()),
-            up: metrics.gauge(Family::BackendUp, of_backend()),
-            probes: PROBE_RESULTS.map(|result| {
-                let mut labels = of_backend();
-                labels.push(("result", result.to_owned()));
-                metrics.counter(Family::HealthChecks, labels)
-            }),
-            routes,
-        }
-    }
-
-    /// The handles for connections from `listener` (one of the few that
-    /// feed this pool: a short scan, once per connection).
-    pub fn route(&self, listener: &str) -> Option<&RouteStats> {
-        self.routes
-            .iter()
-            .find(|(name, _)| &**name == listener)
-            .map(|(_, stats)| stats)
-    }
-
-    /// Counts a probe by its result, one of [`PROBE_RESULTS`].
-    pub fn probed(&self, result: &str) {
-        if let Some(i) = PROBE_RESULTS.iter().position(|r| *r == result) {
-            self.probes[i].increment(1);
-        }
-    }
-}
-
-/// Process-wide handles, made once.
-pub struct ProcessStats {
-    reloads_ok: Counter,
-    reloads_failed: Counter,
-    pub capacity: Gauge,
-    pub accept_paused: Counter,
-    pub unrouted: Counter,
-}
-
-impl ProcessStats {
-    pub fn new(metrics: &Metrics) -> ProcessStats {
-        let reloads = |result: &str| {
-            metrics.permanent_counter(Family::ConfigReloads, vec![("result", result.to_owned())])
-        };
-        ProcessStats {
-            reloads_ok: reloads("ok"),
-            reloads_failed: reloads("fail"),
-            capacity: metrics.permanent_gauge(Family::ConnectionsCapacity, Vec::new()),
-            accept_paused: metrics.permanent_counter(Family::AcceptPaused, Vec::new()),
-            unrouted: metrics.permanent_counter(Family::ConnectionsUnrouted, Vec::new()),
-        }
-    }
-
-    pub fn reload(&self, ok: bool) {
-        match ok {
-            true => self.reloads_ok.increment(1),
-            false => self.reloads_failed.increment(1),
-        }
-    }
-}
+pub use stats::{BackendStats, ListenerStats, PoolStats, ProcessStats, RouteStats};
 
 #[cfg(test)]
 mod tests;

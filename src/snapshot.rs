@@ -25,6 +25,7 @@ use crate::balancer::algorithms::{Balancer, Choice};
 use crate::balancer::load::{Lease, Load};
 use crate::config::schema::{AcceptProxy, OnDown, ProxySources, Queue, SendProxy};
 use crate::config::{self, Balance, Config, Engine, HashKey};
+use crate::connection::queue::Waiting;
 use crate::health::PassiveHealth;
 use crate::limits::Gate;
 use crate::metrics::{BackendStats, ListenerStats, Metrics};
@@ -73,10 +74,15 @@ pub struct Pool {
     /// (or known yet). With `panic`, the pool routes over all of them;
     /// without, it routes nowhere and clients wait in its queue.
     pub all_down: bool,
+    /// With every backend down, route over all of them (`panic`); if not,
+    /// a client whose connects all failed waits in the queue too.
+    pub fail_open: bool,
     /// What a backend marked down does to its open connections.
     pub on_down: OnDown,
-    /// Clients no backend can take wait here.
+    /// Clients no backend can take wait here: how many, how long.
     pub queue: Queue,
+    /// Those waiting now, over every worker; outlives the snapshot.
+    pub waiting: Arc<Waiting>,
     /// Consecutive failed connections on the data path that take a backend
     /// out before the next probe; `None` when probes are off, since nothing
     /// would bring it back.
@@ -128,7 +134,7 @@ impl Snapshot {
                         )
                     })
                     .collect();
-                Arc::new(Pool::build(name, pool, backends))
+                Arc::new(Pool::build(name, pool, backends, Arc::default()))
             })
             .collect();
         let stats = |name: &str| Arc::new(ListenerStats::new(&metrics, name));
@@ -206,7 +212,12 @@ impl Pool {
     /// Builds the pool's table from the backends that may take clients: up,
     /// with a weight, and not a backup while another backend is up. If
     /// none may and the pool fails open, from all of them.
-    pub fn build(name: &str, config: &config::Pool, backends: Vec<Backend>) -> Pool {
+    pub fn build(
+        name: &str,
+        config: &config::Pool,
+        backends: Vec<Backend>,
+        waiting: Arc<Waiting>,
+    ) -> Pool {
         let weighted = backends.iter().filter(|b| b.weight > 0);
         let regular_up = weighted.clone().any(|b| b.up && !b.backup);
         let usable = |b: &Backend| b.up && !(b.backup && regular_up);
@@ -232,8 +243,10 @@ impl Pool {
             retries: config.retries,
             panic,
             all_down,
+            fail_open: config.fail_open(),
             on_down: config.on_down(),
             queue: config.queue.clone(),
+            waiting,
             eject_after: config.health.probe().map(|probe| probe.fall),
             backends,
             balancer,
@@ -267,7 +280,7 @@ impl Pool {
                 ..b.clone()
             })
             .collect();
-        Pool::build(&self.name, config, backends)
+        Pool::build(&self.name, config, backends, self.waiting.clone())
     }
 }
 

@@ -184,7 +184,7 @@ fn mistakes_are_one_line_and_exit_1() {
         ),
         (
             vec![round_robin, "back", "10.1.2.3"],
-            "pool \"back\" is not balanced by maglev, and its algorithm does not map \
+            "pool \"back\" is not balanced by maglev or first, and its algorithm does not map \
              clients to backends deterministically"
                 .to_owned(),
         ),
@@ -233,6 +233,61 @@ fn usage_errors_exit_2() {
 
 /// `n` backends named `backend-0`... on made-up addresses: explain never
 /// connects.
+/// `first` takes the file's order; a backup is named, and used only once
+/// every other backend is down; a pool that fails closed says where its
+/// clients go when none is left.
+#[test]
+fn first_and_backups() {
+    let file = temp_file(
+        "sluice.yaml",
+        &config(
+            free_addr(unique_loopback()),
+            &backends(3),
+            "    balance: first\n    fail_open: false\n    queue: { size: 10, timeout: 3s }\n",
+        )
+        .replace(
+            "name: backend-2\n",
+            "name: backend-2\n        backup: true\n",
+        ),
+    );
+    let explain = |args: &[&str]| {
+        let path = file.path.to_str().unwrap();
+        stdout(sluice_command(
+            &[&["explain", "-c", path, "back", "10.9.9.9"][..], args].concat(),
+        ))
+    };
+    assert_eq!(
+        explain(&[]),
+        "pool:    back (first: the first backend up in file order takes every client, 3 backends)\n\
+         backups: backend-2 (10.0.0.3:6379) (clients only while no other backend is up)\n\
+         client:  10.9.9.9\n\
+         backend: backend-0 (10.0.0.1:6379)\n\
+         retries: backend-1 (10.0.0.2:6379)\n"
+    );
+    let without_first = explain(&["--without", "backend-0"]);
+    assert!(
+        without_first.contains("backend: backend-1 (10.0.0.2:6379)\nretries: none\n"),
+        "{without_first}"
+    );
+    let only_backup = explain(&["--without", "backend-0", "--without", "backend-1"]);
+    assert!(
+        only_backup.contains("backend: backend-2 (10.0.0.3:6379)\nretries: none\nmoved:   yes"),
+        "{only_backup}"
+    );
+    let none = explain(&[
+        "--without",
+        "backend-0",
+        "--without",
+        "backend-1",
+        "--without",
+        "backend-2",
+    ]);
+    assert!(
+        none.ends_with("backend: none: the pool does not fail open; clients wait in its queue (up to 10, 3s)\n"),
+        "{none}"
+    );
+}
+
 fn backends(n: u8) -> Vec<(String, SocketAddr)> {
     (0..n)
         .map(|i| {

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, warn};
 
 use crate::balancer::load::Lease;
-use crate::config::schema::SendProxy;
+use crate::config::schema::{Queue, SendProxy};
 use crate::config::Engine;
 use crate::health::PassiveHealth;
 use crate::logging::Throttle;
@@ -30,6 +30,7 @@ use crate::snapshot::{Pool, Route};
 
 use super::admit::turn_away;
 use super::ending::{self, Classified, Ending};
+use super::queue::Waiting;
 use super::{judge, log_closed};
 
 /// "No backend reachable" is logged at most once per interval, with a count.
@@ -144,6 +145,20 @@ impl Dialer {
         })
     }
 
+    /// Whether a client this plan could not place may wait in its pool's
+    /// queue: no backend could take it (none may be chosen, or every one
+    /// is full), or every connect failed in a pool that does not fail open
+    /// (its primary died a moment before probes noticed). Not when sluice
+    /// itself ran out of a resource.
+    pub fn may_wait(&self) -> bool {
+        !self.local_failure && (self.tries == 0 || !self.pool.fail_open)
+    }
+
+    /// The pool's queue: its settings, and who waits in it.
+    pub fn queue(&self) -> (&Queue, &Arc<Waiting>) {
+        (&self.pool.queue, &self.pool.waiting)
+    }
+
     pub fn connect_timeout(&self) -> Duration {
         self.pool.connect_timeout
     }
@@ -246,6 +261,10 @@ impl Dialer {
         let (reason, error) = match self.last_error {
             Some(error) if self.local_failure => (ErrorReason::OutOfResources, error),
             Some(error) => (ErrorReason::NoBackend, error),
+            None if self.pool.all_down => (
+                ErrorReason::NoBackend,
+                io::Error::other("no backend of the pool is up"),
+            ),
             None if self.pool.backends.iter().any(|b| b.weight > 0) => (
                 ErrorReason::OverLimit,
                 io::Error::other("every backend is at its max_connections"),

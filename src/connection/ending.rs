@@ -64,6 +64,10 @@ pub enum Ending<'a> {
     /// The kernel dropped completions of the io_uring driver, which cannot
     /// know what became of the connection's operations.
     Lost,
+    /// Its backend was marked down or removed, and its pool has
+    /// `on_down: close`: a client mid-transaction must see an error, not
+    /// write on to a demoted primary.
+    BackendDown,
 }
 
 /// What a connection's ending says about its backend.
@@ -146,6 +150,7 @@ pub fn classify(ending: &Ending) -> Classified {
             Passive::Silent,
             None,
         ),
+        Ending::BackendDown => ("backend down".into(), true, Passive::Silent, None),
         // Nothing in flight: both sides get a plain FIN. A destination that
         // stopped reading would lose bytes: both sides get a reset.
         Ending::Idle { stalled: true } => {

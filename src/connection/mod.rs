@@ -18,6 +18,7 @@ pub mod accepting;
 pub mod admit;
 pub mod dial;
 pub mod ending;
+pub mod queue;
 pub mod relaying;
 pub mod session;
 

@@ -40,15 +40,17 @@ use std::time::{Duration, Instant};
 
 use metrics::Counter;
 
+use super::admit::turn_away;
 use super::admit::{self, Admitted};
 use super::dial::{Attempt, Dialed, Dialer, Next};
 use super::ending::{classify, Classified, Ending, Side};
+use super::queue::Ticket;
 use super::relaying::{Halves, PassFin};
 use super::{judge, log_closed};
 use crate::balancer::load::Lease;
 use crate::capacity::Slot;
 use crate::config::Engine;
-use crate::metrics::RouteStats;
+use crate::metrics::{ErrorReason, RouteStats};
 use crate::proxy_protocol::Carried;
 use crate::shared::Shared;
 use crate::snapshot::Route;
@@ -62,6 +64,12 @@ pub enum Step {
     /// Connect to `addr` within `timeout` (zero: no limit); report with
     /// [`Session::connected`] or [`Session::connect_failed`].
     Connect { addr: SocketAddr, timeout: Duration },
+    /// No backend can take the client now: it waits in its pool's queue,
+    /// holding nothing but its socket (read nothing from it). Ask
+    /// [`Session::retry`] whenever a backend may have become free (see
+    /// [`queue`](super::queue)), and call [`Session::wait_over`] at
+    /// `deadline`.
+    Wait { deadline: Instant },
     /// Close the client: it was turned away, or no backend could be
     /// reached (counted and logged already), or it is gone (its address
     /// could not be read).
@@ -107,6 +115,8 @@ enum Phase {
         within: Duration,
     },
     Dialing(Box<Dialing>),
+    /// In its pool's queue.
+    Waiting(Box<Queued>),
     Relaying(Box<Relaying>),
     /// Turned away, or no backend reachable: logged already.
     Over,
@@ -117,6 +127,23 @@ struct Dialing {
     dialer: Dialer,
     /// The connect the driver is making.
     attempt: Option<Attempt>,
+    /// What its PROXY header carried: a dial from the queue needs it again.
+    carried: Carried,
+    /// Its place in the queue, while it dials from there.
+    queued: Option<Place>,
+}
+
+/// A client in its pool's queue.
+struct Queued {
+    route: Arc<Route>,
+    carried: Carried,
+    place: Place,
+}
+
+/// A place in a pool's queue, and until when it may be held.
+struct Place {
+    _ticket: Ticket,
+    deadline: Instant,
 }
 
 struct Relaying {
@@ -297,6 +324,25 @@ impl Session {
         matches!(self.phase, Phase::Relaying(_))
     }
 
+    /// The backend it relays to, by the control plane's identifier (what
+    /// [`Command::CloseBackends`] names).
+    ///
+    /// [`Command::CloseBackends`]: crate::mailbox::Command::CloseBackends
+    pub fn backend_id(&self) -> Option<u64> {
+        match &self.phase {
+            Phase::Relaying(relaying) => Some(relaying.dialed.passive.id),
+            _ => None,
+        }
+    }
+
+    /// The closing of a connection relaying to a backend that went down
+    /// (`on_down: close`) is counted against that backend.
+    fn count_closed_on_down(&self) {
+        if let Phase::Relaying(relaying) = &self.phase {
+            relaying.dialed.stats.closed_on_down.increment(1);
+        }
+    }
+
     /// `n` bytes from `from` reached the other side's socket at `now`.
     pub fn moved(&mut self, from: Side, n: usize, now: Instant) {
         if n == 0 {
@@ -344,6 +390,9 @@ impl Session {
     /// [`classify`]): whether both sides are reset, and what is delivered
     /// first. A connection turned away (after [`Step::Close`]) needs none.
     pub fn end(&mut self, ending: Ending) -> &Classified {
+        if self.ending.is_none() && matches!(ending, Ending::BackendDown) {
+            self.count_closed_on_down();
+        }
         self.ending.get_or_insert_with(|| classify(&ending))
     }
 
@@ -401,16 +450,81 @@ impl Session {
         );
     }
 
+    /// No backend took the client: it waits in its pool's queue if the pool
+    /// has one and the plan allows (see [`Dialer::may_wait`]), else it is
+    /// turned away (counted and logged).
+    fn queue_or_give_up(&mut self, dialing: Dialing, now: Instant) -> Step {
+        let Dialing {
+            route,
+            dialer,
+            carried,
+            queued,
+            ..
+        } = dialing;
+        let lasted = self.lasted(now);
+        let (settings, waiting) = dialer.queue();
+        if settings.size == 0 || !dialer.may_wait() {
+            dialer.give_up(&route, self.peer, lasted);
+            return Step::Close;
+        }
+        let place = match queued {
+            Some(place) if now >= place.deadline => {
+                self.phase = Phase::Waiting(Box::new(Queued {
+                    route,
+                    carried,
+                    place,
+                }));
+                return self.wait_over(now);
+            }
+            Some(place) => place,
+            None => match waiting.join(settings.size) {
+                Some(ticket) => Place {
+                    _ticket: ticket,
+                    deadline: now + settings.timeout,
+                },
+                None => {
+                    let why = format!(
+                        "queue full: {} clients wait for a backend of pool {} already",
+                        settings.size, route.pool
+                    );
+                    let at = (self.client, self.peer);
+                    turn_away(&route, ErrorReason::QueueFull, &why, at, lasted);
+                    return Step::Close;
+                }
+            },
+        };
+        let deadline = place.deadline;
+        self.phase = Phase::Waiting(Box::new(Queued {
+            route,
+            carried,
+            place,
+        }));
+        Step::Wait { deadline }
+    }
+
     /// How long since it was accepted, at `now`.
     fn lasted(&self, now: Instant) -> Duration {
         now.saturating_duration_since(self.accepted)
     }
 
-    /// Loads the pool of `route` and picks the first backend to try.
+    /// Loads the pool of `route` and picks the first backend to try;
+    /// `queued`: the place of a client that dials from the queue.
     fn dial(
         &mut self,
         route: Arc<Route>,
         carried: Carried,
+        local: impl FnOnce() -> io::Result<SocketAddr>,
+        shared: &Shared,
+        now: Instant,
+    ) -> Step {
+        self.dial_from(route, carried, None, local, shared, now)
+    }
+
+    fn dial_from(
+        &mut self,
+        route: Arc<Route>,
+        carried: Carried,
+        queued: Option<Place>,
         local: impl FnOnce() -> io::Result<SocketAddr>,
         shared: &Shared,
         now: Instant,
@@ -429,14 +543,62 @@ impl Session {
             route,
             dialer,
             attempt: None,
+            carried,
+            queued,
         }));
         self.next_connect(now)
+    }
+
+    /// A backend may have become free, at `now`: a client in the queue
+    /// dials again (keeping its place until it connects), or waits on.
+    pub fn retry(
+        &mut self,
+        local: impl FnOnce() -> io::Result<SocketAddr>,
+        shared: &Shared,
+        now: Instant,
+    ) -> Step {
+        let Phase::Waiting(queued) = std::mem::replace(&mut self.phase, Phase::Over) else {
+            return Step::Close;
+        };
+        let Queued {
+            route,
+            carried,
+            place,
+        } = *queued;
+        self.dial_from(route, carried, Some(place), local, shared, now)
+    }
+
+    /// The deadline of [`Step::Wait`] came, at `now`: no backend took the
+    /// client in time, which is turned away (`queue_timeout`).
+    pub fn wait_over(&mut self, now: Instant) -> Step {
+        if let Phase::Waiting(queued) = std::mem::replace(&mut self.phase, Phase::Over) {
+            let why = format!(
+                "queue timeout: no backend of pool {} took it in time",
+                queued.route.pool
+            );
+            let at = (self.client, self.peer);
+            turn_away(
+                &queued.route,
+                ErrorReason::QueueTimeout,
+                &why,
+                at,
+                self.lasted(now),
+            );
+        }
+        Step::Close
+    }
+
+    /// Until when the client may wait in the queue, while it does.
+    pub fn wait_deadline(&self) -> Option<Instant> {
+        match &self.phase {
+            Phase::Waiting(queued) => Some(queued.place.deadline),
+            _ => None,
+        }
     }
 
     /// The next backend of the plan, from `now`, or giving up (counted and
     /// logged).
     fn next_connect(&mut self, now: Instant) -> Step {
-        let lasted = self.lasted(now);
         let Phase::Dialing(dialing) = &mut self.phase else {
             return Step::Close;
         };
@@ -454,8 +616,7 @@ impl Session {
                 else {
                     unreachable!("dialing above")
                 };
-                dialing.dialer.give_up(&dialing.route, self.peer, lasted);
-                Step::Close
+                self.queue_or_give_up(*dialing, now)
             }
         }
     }

@@ -22,9 +22,11 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinHandle;
 
 use crate::balancer::load::Load;
+use crate::config::schema::OnDown;
 use crate::config::{Config, Endpoint, HealthProbe};
+use crate::connection::queue::Waiting;
 use crate::health::{self, PassiveHealth, ProbeFailure, Verdict};
-use crate::metrics::{BackendStats, Metrics};
+use crate::metrics::{BackendStats, Metrics, PoolStats};
 use crate::shared::Event;
 use crate::snapshot::{self, Backend};
 
@@ -43,6 +45,9 @@ pub struct Backends {
     /// The key of each backend by the number its probes and passive reports
     /// carry.
     ids: HashMap<u64, BackendKey>,
+    /// Each pool's queue: it outlives snapshots, and reloads that keep the
+    /// pool.
+    waiting: HashMap<String, Arc<Waiting>>,
     next_id: u64,
 }
 
@@ -55,6 +60,8 @@ struct Entry {
     /// change.
     stats: Arc<BackendStats>,
     verdict: Verdict,
+    /// What its pool does with its connections when it goes down.
+    on_down: OnDown,
     /// Why its probes fail, as last logged: a new reason is logged once.
     failing: Option<String>,
     /// The running probe task and the settings it runs with.
@@ -76,7 +83,8 @@ pub enum Change {
 
 impl Backends {
     /// Makes the registry match `config`: new backends start up (unknown,
-    /// in a pool that fails closed), backends that are gone are forgotten, and every backend's metric series are
+    /// in a pool that fails closed), backends that are gone are forgotten
+    /// (returned: those whose connections `on_down: close` resets), and every backend's metric series are
     /// registered anew. With `events` (once the control plane's runtime
     /// runs), each backend gets a probe task with its pool's settings, and
     /// a backend whose settings changed starts counting afresh.
@@ -85,9 +93,16 @@ impl Backends {
         config: &Config,
         metrics: &Metrics,
         events: Option<&UnboundedSender<Event>>,
-    ) {
+    ) -> Vec<u64> {
         let mut present = HashSet::new();
+        self.waiting
+            .retain(|pool, _| config.pools.contains_key(pool));
         for (pool_name, pool) in &config.pools {
+            // Registered again in this generation, the series stays.
+            let stats = PoolStats::new(metrics, pool_name);
+            self.waiting
+                .entry(pool_name.clone())
+                .or_insert_with(|| Arc::new(Waiting::new(stats.queue_length)));
             let settings = pool.health.probe();
             let listeners = snapshot::listeners_of(config, pool_name);
             for endpoint in pool.endpoints() {
@@ -117,12 +132,14 @@ impl Backends {
                         } else {
                             Verdict::unknown()
                         },
+                        on_down: pool.on_down(),
                         failing: None,
                         prober: None,
                     };
                     self.entries.insert(key.clone(), entry);
                 }
                 let entry = self.entries.get_mut(&key).expect("inserted above");
+                entry.on_down = pool.on_down();
                 stats.up.set(if entry.verdict.up { 1.0 } else { 0.0 });
                 entry.stats = stats;
                 if let Some(events) = events {
@@ -136,13 +153,23 @@ impl Backends {
             .filter(|key| !present.contains(*key))
             .cloned()
             .collect();
+        let mut closing = Vec::new();
         for key in gone {
             let entry = self.entries.remove(&key).expect("listed above");
             if let Some((_, task)) = entry.prober {
                 task.abort();
             }
             self.ids.remove(&entry.id);
+            if entry.on_down == OnDown::Close {
+                closing.push(entry.id);
+            }
         }
+        closing
+    }
+
+    /// The queue of pool `pool`, of the configuration last synced.
+    pub fn waiting(&self, pool: &str) -> Arc<Waiting> {
+        self.waiting[pool].clone()
     }
 
     /// The backend that probes and reports call `id`, if it is still there.

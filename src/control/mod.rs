@@ -30,6 +30,7 @@ mod error;
 mod listeners;
 mod publish;
 mod resolve;
+mod workers;
 
 use std::collections::HashSet;
 use std::net::{SocketAddr, TcpListener};
@@ -286,6 +287,11 @@ impl Controller {
             // Publish first: once the line is logged, routing already agrees.
             self.publish_pool(&key.pool);
         }
+        match change {
+            Change::Flipped { up: false } => self.backend_down(&key.pool, id),
+            Change::Flipped { up: true } | Change::Judged { up: true } => self.dispatch(),
+            _ => {}
+        }
         let (pool, backend, address) = (&key.pool, &key.name, key.addr);
         match (change, &outcome) {
             (Change::Flipped { up: true }, _) => info!(
@@ -478,7 +484,7 @@ impl Controller {
     fn publish_all(&mut self) {
         self.metrics.renew();
         let events = self.probing.then_some(&self.shared.events);
-        self.backends.sync(&self.config, &self.metrics, events);
+        let removed = self.backends.sync(&self.config, &self.metrics, events);
         self.listeners.renew_stats(&self.metrics);
         for (name, listener) in &self.config.listeners {
             ListenerStats::limit(&self.metrics, name, listener.max_connections);
@@ -499,6 +505,8 @@ impl Controller {
         }
         self.shared.snapshot.store(Arc::new(snapshot));
         self.notifier.status(&self.status());
+        self.close_sessions(removed);
+        self.dispatch();
     }
 
     /// Rebuilds one pool's table (after a health change), sharing the rest.

@@ -40,7 +40,7 @@ pub fn pool(config: &Config, name: &str, backends: &Backends) -> Pool {
         .iter()
         .map(|endpoint| backends.backend(name, endpoint))
         .collect();
-    Pool::build(name, settings, members)
+    Pool::build(name, settings, members, backends.waiting(name))
 }
 
 #[cfg(test)]

@@ -147,3 +147,87 @@ fn the_first_ending_reported_is_the_one() {
     assert_eq!(how.close, "backend reset");
     session.close(shared, at(40_000));
 }
+
+/// Pool `q` queues one client for a second; its one backend takes one
+/// connection at a time. Pool `c` fails closed and queues too.
+const QUEUED: &str = "listeners:\n  l: { listen: 127.0.0.1:7000, pool: q }\n  c: { listen: 127.0.0.1:7001, pool: c }\npools:\n  q:\n    retries: 0\n    queue: { size: 1, timeout: 1s }\n    backends:\n      - { address: 10.0.0.1:1, name: a, max_connections: 1 }\n  c:\n    retries: 1\n    fail_open: false\n    queue: { size: 5, timeout: 1s }\n    backends:\n      - { address: 10.0.0.2:1, name: b }\n      - { address: 10.0.0.3:1, name: c }\n";
+
+#[test]
+fn a_client_no_backend_can_take_waits_in_the_queue_and_is_dialled_once_one_can() {
+    let (shared, _events) = shared(QUEUED);
+    let local = || unreachable!("no send_proxy");
+    let (mut holder, step) = open(shared, "127.0.0.1:7000", "192.0.2.1:1").unwrap();
+    assert!(matches!(step, Step::Connect { .. }));
+    holder.connected(shared, at(1));
+    let (mut waiting, step) = open(shared, "127.0.0.1:7000", "192.0.2.2:1").unwrap();
+    assert_eq!(
+        step,
+        Step::Wait { deadline: at(1000) },
+        "the backend is full"
+    );
+    assert_eq!(waiting.wait_deadline(), Some(at(1000)));
+    // The queue holds one: the next is turned away at once.
+    let (full, step) = open(shared, "127.0.0.1:7000", "192.0.2.3:1").unwrap();
+    assert_eq!(step, Step::Close);
+    assert!(full.ending().is_none(), "turned away: logged already");
+    full.close(shared, at(2));
+    // Still full: it waits on, its deadline unchanged.
+    assert_eq!(
+        waiting.retry(local, shared, at(10)),
+        Step::Wait { deadline: at(1000) }
+    );
+    holder.end(Ending::Finished {
+        first_fin: Side::Client,
+    });
+    holder.close(shared, at(20));
+    let step = waiting.retry(local, shared, at(21));
+    assert_eq!(connect_to_any(&step), "10.0.0.1:1".parse().unwrap());
+    assert_eq!(waiting.wait_deadline(), None);
+    waiting.connected(shared, at(22));
+    assert!(waiting.relaying());
+}
+
+#[test]
+fn a_client_waits_no_longer_than_the_queue_timeout() {
+    let (shared, _events) = shared(QUEUED);
+    let (mut holder, _) = open(shared, "127.0.0.1:7000", "192.0.2.1:1").unwrap();
+    holder.connected(shared, at(1));
+    let (mut waiting, step) = open(shared, "127.0.0.1:7000", "192.0.2.2:1").unwrap();
+    assert_eq!(step, Step::Wait { deadline: at(1000) });
+    assert_eq!(waiting.wait_over(at(1000)), Step::Close);
+    assert_eq!(waiting.wait_deadline(), None);
+    // Its place in the queue is free again.
+    waiting.close(shared, at(1000));
+    let (_next, step) = open(shared, "127.0.0.1:7000", "192.0.2.3:1").unwrap();
+    assert!(matches!(step, Step::Wait { .. }));
+}
+
+/// In a pool that fails closed, a client whose connects all failed (its
+/// primary died a moment before probes noticed) waits rather than being
+/// turned away; once its deadline has passed, a failed dial turns it away.
+#[test]
+fn failed_connects_in_a_pool_that_fails_closed_lead_to_the_queue() {
+    let (shared, _events) = shared(QUEUED);
+    let local = || unreachable!("no send_proxy");
+    let (mut session, step) = open(shared, "127.0.0.1:7001", "192.0.2.1:1").unwrap();
+    connect_to_any(&step);
+    let step = session.connect_failed(refused(), shared, at(10));
+    connect_to_any(&step);
+    let step = session.connect_failed(refused(), shared, at(20));
+    assert_eq!(step, Step::Wait { deadline: at(1020) });
+    let step = session.retry(local, shared, at(500));
+    connect_to_any(&step);
+    let step = session.connect_failed(refused(), shared, at(1100));
+    connect_to_any(&step);
+    assert_eq!(
+        session.connect_failed(refused(), shared, at(1200)),
+        Step::Close
+    );
+}
+
+fn connect_to_any(step: &Step) -> SocketAddr {
+    match step {
+        Step::Connect { addr, .. } => *addr,
+        other => panic!("expected a connect, got {other:?}"),
+    }
+}

@@ -15,11 +15,13 @@
 //!
 //! How the bytes move (splice or copy) is [`pump`]'s business.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::net::{SocketAddr, TcpStream};
 use std::pin::Pin;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -32,6 +34,7 @@ use tracing::warn;
 use super::pump::{self, Failure};
 use crate::capacity::Slot;
 use crate::connection::ending::{Ending, Side};
+use crate::connection::queue::RECHECK;
 use crate::connection::relaying::{shutdown_write, PassFin};
 use crate::connection::session::{Connected, Session, Step};
 use crate::net::{self, Socket};
@@ -42,11 +45,50 @@ use crate::snapshot::Route;
 thread_local! {
     /// Wakes every connection of this worker when a drain runs out of time.
     static CLOSING: Rc<Notify> = Rc::new(Notify::new());
+    /// Wakes the clients of this worker that wait in a queue.
+    static DISPATCH: Rc<Notify> = Rc::new(Notify::new());
+    /// Per backend (by the control plane's identifier), what wakes the
+    /// connections of this worker relaying to it when it goes down.
+    static BACKENDS: RefCell<HashMap<u64, Weak<Notify>>> = RefCell::default();
 }
 
 /// Closes every connection of the calling worker (each logs `shutdown`).
 pub fn close_all() {
     CLOSING.with(|closing| closing.notify_waiters());
+}
+
+/// Resets the connections of the calling worker that relay to one of
+/// `backends` (each logs `backend down`).
+pub fn close_backends(backends: &[u64]) {
+    BACKENDS.with_borrow(|map| {
+        for id in backends {
+            if let Some(down) = map.get(id).and_then(Weak::upgrade) {
+                down.notify_waiters();
+            }
+        }
+    });
+}
+
+/// Tries the clients waiting in a queue again.
+pub fn dispatch() {
+    DISPATCH.with(|dispatch| dispatch.notify_waiters());
+}
+
+/// What tells the connections relaying to backend `id` that it went down.
+fn backend_down(id: u64) -> Rc<Notify> {
+    BACKENDS.with_borrow_mut(|map| {
+        if let Some(down) = map.get(&id).and_then(Weak::upgrade) {
+            return down;
+        }
+        // Entries of backends no connection relays to any more go, from
+        // time to time.
+        if map.len() >= 64 && map.len().is_power_of_two() {
+            map.retain(|_, down| down.strong_count() > 0);
+        }
+        let down = Rc::new(Notify::new());
+        map.insert(id, Rc::downgrade(&down));
+        down
+    })
 }
 
 /// Why a relay ended.
@@ -59,6 +101,8 @@ enum Ended {
     Shutdown,
     /// Nothing moved either way for `idle_timeout`.
     Idle,
+    /// Its backend went down (`on_down: close`).
+    BackendDown,
 }
 
 /// Serves one accepted connection from `peer` on the listener of `route`,
@@ -131,6 +175,7 @@ pub async fn serve(
         sent.err().map(|e| Failure::new(Side::Backend, e))
     });
     let (client, backend) = (&client, &backend);
+    let down = relay.session.backend_id().map(backend_down);
     let outcome = if let Some(failure) = failed {
         Ended::Failed(failure)
     } else {
@@ -138,9 +183,16 @@ pub async fn serve(
         // this is most of what an idle connection costs.
         let relay = &mut relay;
         let mut shutdown = shutdown.as_mut();
+        let went_down = down.as_deref().map(Notify::notified);
+        let mut went_down = std::pin::pin!(went_down);
         poll_fn(move |cx| {
             if shutdown.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Ended::Shutdown);
+            }
+            if let Some(went_down) = went_down.as_mut().as_pin_mut() {
+                if went_down.poll(cx).is_ready() {
+                    return Poll::Ready(Ended::BackendDown);
+                }
             }
             relay.poll(cx, client, backend)
         })
@@ -152,6 +204,7 @@ pub async fn serve(
         // Recorded already.
         Ended::Finished => None,
         Ended::Shutdown => Some(Ending::Shutdown),
+        Ended::BackendDown => Some(Ending::BackendDown),
         Ended::Idle => Some(Ending::Idle { stalled }),
         Ended::Failed(failure) => Some(Ending::Failed {
             side: failure.side,
@@ -186,6 +239,8 @@ pub async fn serve(
         net::abort(backend);
     }
     relay.session.close(shared, Instant::now());
+    // Its place at its backend is free: a client in a queue may take it.
+    dispatch();
 }
 
 /// Reads the client's PROXY header if one is due, then dials a backend,
@@ -222,7 +277,34 @@ async fn open(
                     Err(error) => session.connect_failed(error, shared, now),
                 }
             }
+            Step::Wait { deadline } => wait(session, deadline, local, shared).await,
             Step::Close => return None,
+        }
+    }
+}
+
+/// Holds a client in its pool's queue until a backend can take it (the
+/// step that dials it) or `deadline` passes (it is turned away). Tries
+/// again when told that a pool changed or a connection of this worker
+/// closed, and every [`RECHECK`].
+async fn wait(
+    session: &mut Session,
+    deadline: Instant,
+    local: impl Fn() -> io::Result<SocketAddr>,
+    shared: &'static Shared,
+) -> Step {
+    let dispatch = DISPATCH.with(Rc::clone);
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep_until(deadline.into()) => {
+                return session.wait_over(Instant::now());
+            }
+            () = dispatch.notified() => {}
+            () = tokio::time::sleep(RECHECK) => {}
+        }
+        match session.retry(&local, shared, Instant::now()) {
+            Step::Wait { .. } => {}
+            step => return step,
         }
     }
 }

@@ -76,6 +76,8 @@ pub fn run(
                         tokio::task::spawn_local(accept_loop(listener, shared));
                     }
                     Command::CloseAll => conn::close_all(),
+                    Command::CloseBackends(backends) => conn::close_backends(&backends),
+                    Command::Dispatch => conn::dispatch(),
                 }
             }
         }

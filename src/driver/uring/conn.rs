@@ -155,7 +155,7 @@ impl Worker {
     }
 
     /// Does what the session of connection `index` asked for.
-    fn step(&mut self, index: u32, step: Step) {
+    pub(super) fn step(&mut self, index: u32, step: Step) {
         let now = self.now;
         let Some(conn) = self.slab.live(index) else {
             return;
@@ -165,6 +165,10 @@ impl Worker {
             Step::ReadHeader { deadline } => {
                 self.set_timer(index, Some(deadline));
                 self.arm(index, Side::Client);
+            }
+            Step::Wait { deadline } => {
+                self.set_timer(index, Some(deadline));
+                self.enqueue(index, generation);
             }
             Step::Connect { addr, timeout } => {
                 // The socket is made in the ring; the connect follows once
@@ -186,6 +190,8 @@ impl Worker {
                 .build()
                 .user_data(Token::new(Op::Socket, index, generation).0);
                 self.push_for(index, entry);
+                // A client from the queue had its deadline set.
+                self.set_timer(index, None);
             }
             Step::Close => self.end(index),
         }
@@ -469,6 +475,13 @@ impl Worker {
             let step = conn.session.header_late(now);
             return self.step(index, step);
         }
+        if let Some(due) = conn.session.wait_deadline() {
+            if now < due {
+                return self.set_timer(index, Some(due));
+            }
+            let step = conn.session.wait_over(now);
+            return self.step(index, step);
+        }
         let idle = conn.session.idle_deadline();
         let asking = conn.flushing.as_ref().is_some_and(|flushing| {
             matches!(conn.flow(flushing.from).out, Out::Unsent { polling: false })
@@ -599,6 +612,8 @@ impl Worker {
             self.push(close_entry(backend.into_raw_fd()));
         }
         session.close(self.shared, self.now);
+        // Its place at its backend is free: a client in a queue may take it.
+        self.waiting.wake();
         debug!(index, "connection closed");
     }
 }

@@ -30,6 +30,7 @@ mod direction;
 mod flow;
 mod flush;
 mod lost;
+mod queue;
 mod slab;
 mod timers;
 mod token;
@@ -187,6 +188,8 @@ pub struct Worker {
     marks: Vec<(u32, u32, Side)>,
     /// Accepted while at capacity: served once there is room.
     held: VecDeque<(OwnedFd, SocketAddr)>,
+    /// Clients waiting in a pool's queue.
+    waiting: queue::Waiting,
     /// Paused at the descriptor capacity.
     pause: Pause,
     inbox: Inbox,
@@ -256,6 +259,7 @@ impl Worker {
             starved: VecDeque::new(),
             marks: Vec::new(),
             held: VecDeque::new(),
+            waiting: queue::Waiting::default(),
             pause: Pause::default(),
             inbox,
             wake: Box::new(0),
@@ -315,6 +319,7 @@ impl Worker {
         self.bound_accepts();
         self.feed_starved();
         self.retry_marks();
+        self.dispatch();
     }
 
     /// Submits what is queued and waits for a completion, or until the
@@ -324,6 +329,9 @@ impl Worker {
         if self.needs_tick() || !self.marks.is_empty() {
             let tick = Instant::now() + TICK;
             deadline = Some(deadline.map_or(tick, |d| d.min(tick)));
+        }
+        if let Some(at) = self.waiting.next_try() {
+            deadline = Some(deadline.map_or(at, |d| d.min(at)));
         }
         let submitter = self.ring.submitter();
         let waited = match deadline {
@@ -420,6 +428,8 @@ impl Worker {
             match command {
                 Command::Listen(listener) => self.listen(listener),
                 Command::CloseAll => self.close_all(|| crate::connection::ending::Ending::Shutdown),
+                Command::CloseBackends(backends) => self.close_backends(&backends),
+                Command::Dispatch => self.waiting.wake(),
             }
         }
         if generation == self.wake_generation {
