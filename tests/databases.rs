@@ -260,3 +260,230 @@ fn http_probes_on_another_port() {
     // Up from the start (the pool fails open), it stays up.
     assert_eq!(sluice.log_count("backend=leader "), 0);
 }
+
+/// Runs `sql` with psql as the superuser through `addr` (sluice); what it
+/// printed, or why it failed.
+fn psql_through(addr: SocketAddr, sql: &str) -> Result<String, String> {
+    let out = std::process::Command::new("psql")
+        .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
+        .args([
+            "-U", "postgres", "-d", "postgres", "-X", "-A", "-t", "-c", sql,
+        ])
+        .env("PGCONNECT_TIMEOUT", "30")
+        .output()
+        .unwrap();
+    match out.status.success() {
+        true => Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned()),
+        false => Err(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
+    }
+}
+
+/// A replicated PostgreSQL behind a pool that knows its role: the standby
+/// is listed first (`balance: first`), yet from the first client on none
+/// reaches it, clients that come before the first probe wait in the queue.
+/// The primary dies; the standby is promoted: clients that connect during
+/// the gap wait and are served by the new primary, within `fall x interval
+/// + timeout` of the promotion.
+#[test]
+fn postgres_failover_sends_no_client_to_a_standby() {
+    let password = password_file();
+    let primary = Postgres::primary();
+    let standby = primary.standby();
+    let pool = format!(
+        "{}    balance: first\n    queue: {{ size: 100, timeout: 30s }}\n",
+        role_check("postgres", "primary", &password)
+            .replace("interval: 100ms", "interval: 200ms")
+            .replace("timeout: 100ms", "timeout: 200ms")
+            .replace("fall: 1", "fall: 2")
+    );
+    let (sluice, admin) = start(
+        &pool,
+        &[
+            ("standby", standby.server.addr),
+            ("primary", primary.server.addr),
+        ],
+    );
+    let front = sluice.listen_addr();
+    // From the first client on, every query runs on the primary.
+    let clients: Vec<_> = (0..8)
+        .map(|_| std::thread::spawn(move || psql_through(front, "SELECT pg_is_in_recovery()")))
+        .collect();
+    for client in clients {
+        assert_eq!(client.join().unwrap().as_deref(), Ok("f"));
+    }
+    wait_for_backend(&sluice, "standby", "backend is down: in recovery (standby)");
+
+    // The primary goes; clients that come now wait.
+    drop(primary);
+    wait_for_backend(&sluice, "primary", "backend is down");
+    let waiting: Vec<_> = (0..5)
+        .map(|_| std::thread::spawn(move || psql_through(front, "SELECT pg_is_in_recovery()")))
+        .collect();
+    wait_until("five clients in the queue", || {
+        sample(&scrape(admin), "sluice_queue_length", &[r#"pool="back""#]) == Some(5.0)
+    });
+    let promoted = std::time::Instant::now();
+    standby.promote();
+    for client in waiting {
+        assert_eq!(
+            client.join().unwrap().as_deref(),
+            Ok("f"),
+            "served by the new primary"
+        );
+    }
+    let gap = promoted.elapsed();
+    // fall x interval + timeout, and the time the promotion itself takes.
+    assert!(gap < std::time::Duration::from_secs(3), "{gap:?}");
+    eprintln!("switchover: clients queued 5, served {gap:?} after the promotion began");
+    assert_eq!(
+        psql_through(front, "SELECT pg_is_in_recovery()").as_deref(),
+        Ok("f")
+    );
+    let turned_away: f64 = ["no_backend", "queue_full", "queue_timeout"]
+        .iter()
+        .map(|reason| {
+            sample(
+                &scrape(admin),
+                "sluice_connection_errors_total",
+                &[&format!(r#"reason="{reason}""#)],
+            )
+            .unwrap_or(0.0)
+        })
+        .sum();
+    assert_eq!(turned_away, 0.0, "no client refused");
+}
+
+/// MariaDB turned read-only has its open sessions reset (`on_down: close`,
+/// the default with a role): the client sees an error, not a FIN. New
+/// clients wait in the queue and are turned away after its timeout;
+/// `read_only = 0` brings the backend back.
+#[test]
+fn mariadb_made_read_only_loses_its_sessions() {
+    let password = password_file();
+    let server = mariadb_with_probe();
+    let pool = format!(
+        "{}    queue: {{ size: 10, timeout: 500ms }}\n",
+        role_check("mysql", "primary", &password)
+    );
+    let (sluice, admin) = start(&pool, &[("mariadb", server.addr)]);
+    wait_for_backend(&sluice, "mariadb", "backend is up");
+    let greeting = |stream: &mut std::net::TcpStream| {
+        stream.set_read_timeout(Some(DEADLINE)).unwrap();
+        let mut head = [0u8; 5];
+        std::io::Read::read_exact(stream, &mut head).map(|()| head[4])
+    };
+    let mut session = connect_from(client_ip(3), sluice.listen_addr());
+    assert_eq!(greeting(&mut session).unwrap(), 10, "a server greeting");
+
+    mariadb_sql(&server, "SET GLOBAL read_only = 1");
+    wait_for_backend(&sluice, "mariadb", "backend is down: read_only=1");
+    let mut rest = [0u8; 256];
+    let error = loop {
+        match std::io::Read::read(&mut session, &mut rest) {
+            Ok(0) => panic!("a FIN, not a reset"),
+            Ok(_) => continue,
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset);
+    let labels = [r#"pool="back""#, r#"backend="mariadb""#];
+    assert_eq!(
+        sample(
+            &scrape(admin),
+            "sluice_connections_closed_on_down_total",
+            &labels
+        ),
+        Some(1.0)
+    );
+    let mut late = connect_from(client_ip(4), sluice.listen_addr());
+    assert!(
+        greeting(&mut late).is_err(),
+        "turned away after the queue's timeout"
+    );
+    assert_eq!(
+        sample(
+            &scrape(admin),
+            "sluice_connection_errors_total",
+            &[r#"reason="queue_timeout""#]
+        ),
+        Some(1.0)
+    );
+
+    mariadb_sql(&server, "SET GLOBAL read_only = 0");
+    wait_for_backend(
+        &sluice,
+        "mariadb",
+        "backend is up: 1 probes in a row succeeded",
+    );
+    let mut back = connect_from(client_ip(5), sluice.listen_addr());
+    assert_eq!(greeting(&mut back).unwrap(), 10);
+}
+
+/// A Redis switchover by hand (the replica promoted, the old master made
+/// its replica): clients of the old master are reset rather than left to
+/// get -READONLY, and new ones write to the new master.
+#[test]
+fn redis_switchover_moves_writers_to_the_new_master() {
+    let password = password_file();
+    let auth = [
+        "--requirepass",
+        PROBE_PASSWORD,
+        "--masterauth",
+        PROBE_PASSWORD,
+    ];
+    let first = redis_server_with(&auth);
+    let (ip, port) = (first.addr.ip().to_string(), first.addr.port().to_string());
+    let second = redis_server_with(&[&auth[..], &["--replicaof", &ip, &port]].concat());
+    let health = role_check("redis", "primary", &password).replace("user: probe, ", "");
+    let pool = format!("{health}    balance: first\n    queue: {{ size: 10, timeout: 10s }}\n");
+    let (sluice, admin) = start(&pool, &[("second", second.addr), ("first", first.addr)]);
+    wait_for_backend(&sluice, "first", "backend is up");
+    let client = |ip| {
+        let mut stream = std::io::BufReader::new(connect_from(client_ip(ip), sluice.listen_addr()));
+        assert_eq!(redis_call(&mut stream, &["AUTH", PROBE_PASSWORD]), "+OK");
+        stream
+    };
+    let mut writer = client(6);
+    assert_eq!(redis_call(&mut writer, &["SET", "k", "1"]), "+OK");
+
+    let admin_of = |server: &Server| {
+        let mut stream =
+            std::io::BufReader::new(std::net::TcpStream::connect(server.addr).unwrap());
+        assert_eq!(redis_call(&mut stream, &["AUTH", PROBE_PASSWORD]), "+OK");
+        stream
+    };
+    assert_eq!(
+        redis_call(&mut admin_of(&second), &["REPLICAOF", "NO", "ONE"]),
+        "+OK"
+    );
+    let (ip, port) = (second.addr.ip().to_string(), second.addr.port().to_string());
+    assert_eq!(
+        redis_call(&mut admin_of(&first), &["REPLICAOF", &ip, &port]),
+        "+OK"
+    );
+    wait_for_backend(&sluice, "first", "backend is down: role:slave, not master");
+
+    // The old session is reset, not left to write to a replica.
+    writer.get_mut().set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut line = String::new();
+    let ended = std::io::BufRead::read_line(&mut writer, &mut line);
+    assert!(
+        matches!(&ended, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{ended:?} {line:?}"
+    );
+    let mut writer = client(7);
+    assert_eq!(
+        redis_call(&mut writer, &["SET", "k", "2"]),
+        "+OK",
+        "the new master takes writes"
+    );
+    let labels = [r#"backend="first""#];
+    assert_eq!(
+        sample(
+            &scrape(admin),
+            "sluice_connections_closed_on_down_total",
+            &labels
+        ),
+        Some(1.0)
+    );
+}

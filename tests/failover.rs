@@ -325,3 +325,45 @@ fn backups_and_first() {
         name_of(&sluice).as_deref() == Ok("b0")
     });
 }
+
+/// A reload that removes a backend resets its connections with `on_down:
+/// close`; one whose probe login's password file is missing fails, and
+/// the configuration in use stays.
+#[test]
+fn a_reload_removes_a_backend_and_refuses_a_missing_password_file() {
+    let (_servers, backends, health) = switchables(&[true, true]);
+    let pool = format!("{health}    balance: first\n    on_down: close\n");
+    let text = config(free_addr(unique_loopback()), &backends, &pool);
+    let sluice = Sluice::start(&text);
+    let mut open = connect_from(client_ip(9), sluice.listen_addr());
+    assert_eq!(read_name(&mut open).as_deref(), Ok("b0"));
+
+    let missing = text.replace(
+        "    health:\n",
+        "    health:\n      preset: redis\n      auth: { password_file: /nonexistent/probe.pass }\n",
+    );
+    let line = sluice.reload(&missing.replace("      http: { path: /health }\n", ""));
+    assert!(
+        line.contains("reload failed")
+            && line.contains(
+                "pools.back.health.auth.password_file: cannot read /nonexistent/probe.pass"
+            ),
+        "{line}"
+    );
+    echoes(&mut open, b"the old configuration still serves");
+
+    let without_b0 = text.replace(
+        &format!("      - address: {}\n        name: b0\n", backends[0].1),
+        "",
+    );
+    assert!(sluice
+        .reload(&without_b0)
+        .contains("configuration reloaded"));
+    open.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut byte = [0u8; 1];
+    assert_eq!(
+        open.read(&mut byte).unwrap_err().kind(),
+        ErrorKind::ConnectionReset
+    );
+    assert_eq!(name_of(&sluice).as_deref(), Ok("b1"));
+}

@@ -4,32 +4,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::process::Command;
 
 use common::*;
-
-/// Sends one command as a RESP array and reads a one-line reply.
-fn redis(stream: &mut BufReader<TcpStream>, args: &[&str]) -> String {
-    let mut request = format!("*{}\r\n", args.len());
-    for arg in args {
-        request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
-    }
-    stream.get_mut().write_all(request.as_bytes()).unwrap();
-    let mut line = String::new();
-    stream.read_line(&mut line).unwrap();
-    if let Some(len) = line.strip_prefix('$') {
-        let len: i64 = len.trim().parse().unwrap();
-        if len < 0 {
-            return "(nil)".into();
-        }
-        let mut value = vec![0u8; len as usize + 2];
-        stream.read_exact(&mut value).unwrap();
-        return String::from_utf8(value[..len as usize].to_vec()).unwrap();
-    }
-    line.trim_end().to_owned()
-}
 
 fn redis_from(client: IpAddr, to: SocketAddr) -> BufReader<TcpStream> {
     BufReader::new(connect_from(client, to))
@@ -52,12 +31,15 @@ fn redis_behind_sluice() {
         let ip = client_ip(1000 + i);
         let key = format!("key-of-{ip}");
         let mut conn = redis_from(ip, front);
-        assert_eq!(redis(&mut conn, &["SET", &key, &ip.to_string()]), "+OK");
-        assert_eq!(redis(&mut conn, &["GET", &key]), ip.to_string());
+        assert_eq!(
+            redis_call(&mut conn, &["SET", &key, &ip.to_string()]),
+            "+OK"
+        );
+        assert_eq!(redis_call(&mut conn, &["GET", &key]), ip.to_string());
         let (owner, _) = explain(sluice.config_path(), "back", &ip.to_string());
         for (name, addr) in &backends {
             let mut direct = BufReader::new(TcpStream::connect(addr).unwrap());
-            let found = redis(&mut direct, &["EXISTS", &key]);
+            let found = redis_call(&mut direct, &["EXISTS", &key]);
             let expected = if *name == owner { ":1" } else { ":0" };
             assert_eq!(found, expected, "key of {ip} on {name} (owner {owner})");
         }

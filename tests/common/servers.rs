@@ -2,6 +2,7 @@
 //! stopped when dropped: redis-server, memcached, PostgreSQL (a primary, and
 //! standbys made with pg_basebackup), MariaDB.
 
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -81,6 +82,27 @@ pub fn redis_server_with(extra: &[&str]) -> Server {
         .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
         .args(extra);
     start_server(command, addr, None, Signal::SIGKILL)
+}
+
+/// Sends one command as a RESP array and reads a one-line reply.
+pub fn redis_call(stream: &mut BufReader<TcpStream>, args: &[&str]) -> String {
+    let mut request = format!("*{}\r\n", args.len());
+    for arg in args {
+        request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+    }
+    stream.get_mut().write_all(request.as_bytes()).unwrap();
+    let mut line = String::new();
+    stream.read_line(&mut line).unwrap();
+    if let Some(len) = line.strip_prefix('$') {
+        let len: i64 = len.trim().parse().unwrap();
+        if len < 0 {
+            return "(nil)".into();
+        }
+        let mut value = vec![0u8; len as usize + 2];
+        stream.read_exact(&mut value).unwrap();
+        return String::from_utf8(value[..len as usize].to_vec()).unwrap();
+    }
+    line.trim_end().to_owned()
 }
 
 pub fn memcached() -> Server {
