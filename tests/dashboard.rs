@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 
 use serde_json::Value;
 
-const FAMILIES: [&str; 11] = [
+const FAMILIES: [&str; 13] = [
     "sluice_connections_total",
     "sluice_connections_active",
     "sluice_connection_errors_total",
@@ -18,6 +18,8 @@ const FAMILIES: [&str; 11] = [
     "sluice_build_info",
     "sluice_connections_capacity",
     "sluice_listener_max_connections",
+    "sluice_connections_closed_on_down_total",
+    "sluice_queue_length",
 ];
 
 /// Every `expr` and `query` string in the dashboard.

@@ -24,7 +24,7 @@ const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
 /// Every family of the SPEC, the labels each series has (besides the
 /// `job` and `instance` Prometheus adds), and the series name to query.
-const FAMILIES: [(&str, &[&str]); 11] = [
+const FAMILIES: [(&str, &[&str]); 13] = [
     ("sluice_connections_total", &["listener", "backend"]),
     ("sluice_connections_active", &["listener", "backend"]),
     ("sluice_connection_errors_total", &["listener", "reason"]),
@@ -39,6 +39,11 @@ const FAMILIES: [(&str, &[&str]); 11] = [
     ("sluice_build_info", &["version", "io"]),
     ("sluice_connections_capacity", &[]),
     ("sluice_listener_max_connections", &["listener"]),
+    (
+        "sluice_connections_closed_on_down_total",
+        &["pool", "backend"],
+    ),
+    ("sluice_queue_length", &["pool"]),
 ];
 
 /// A Prometheus server (Debian's `prometheus`) scraping one target every
@@ -157,7 +162,7 @@ fn promtool(args: &[&str], stdin: Option<&str>) -> String {
 #[test]
 fn the_alert_rules_pass_promtool_and_their_unit_tests() {
     let checked = promtool(&["check", "rules", "conf/prometheus-alerts.yml"], None);
-    assert!(checked.contains("SUCCESS: 11 rules found"), "{checked}");
+    assert!(checked.contains("SUCCESS: 12 rules found"), "{checked}");
     let tested = promtool(&["test", "rules", "tests/prometheus-alerts.test.yml"], None);
     assert!(tested.contains("SUCCESS"), "{tested}");
 }
@@ -296,7 +301,7 @@ fn a_real_prometheus_scrapes_every_family_and_runs_the_dashboard_and_the_alerts(
             .flatten()
             .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
             .collect();
-        rules.len() == 11 && rules.iter().all(|r| r["health"] == "ok")
+        rules.len() == 12 && rules.iter().all(|r| r["health"] == "ok")
     });
     wait_until("SluiceBackendDown for the dead backend", || {
         let alerts = prometheus.api("/api/v1/alerts");
