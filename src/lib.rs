@@ -24,7 +24,9 @@
 //!   [`mailbox`]: how the control plane reaches the workers.
 //! - [`config`]: the YAML file, its validation and error messages;
 //!   [`control`]: the control plane (reloads, health verdicts, the drain);
-//!   [`health`]: probes and the passive failure count.
+//!   [`health`]: probes and the passive failure count; [`discovery`]: a
+//!   pool's backend as Redis Sentinel names it; [`resp`]: the little of
+//!   the Redis protocol that probes and discovery speak.
 //! - [`admin`]: the admin endpoint (`/metrics`, `/ready`).
 //! - [`signals`], [`systemd`], [`logging`]: process plumbing.
 //! - [`explain`]: `sluice explain`, routing computed from the file alone.
@@ -35,6 +37,7 @@ pub mod capacity;
 pub mod config;
 pub mod connection;
 pub mod control;
+pub mod discovery;
 pub mod driver;
 pub mod explain;
 pub mod health;
@@ -45,6 +48,7 @@ pub mod metrics;
 pub mod net;
 pub mod pipe;
 pub mod proxy_protocol;
+pub mod resp;
 pub mod shared;
 pub mod signals;
 pub mod snapshot;

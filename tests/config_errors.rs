@@ -228,7 +228,7 @@ fn empty_pool_and_no_listeners() {
             "    backends:\n      - address: 10.0.0.1:6379\n",
             "    backends: []\n"
         )),
-        "sluice: sluice.yaml:8:15: pools.redis.backends: a pool needs at least one backend"
+        "sluice: sluice.yaml:8:15: pools.redis.backends: a pool needs at least one backend (or `discovery`)"
     );
     assert_eq!(
         rejected("listeners: {}\npools: {}\n"),
@@ -407,6 +407,52 @@ fn failover_settings() {
         error.contains("pools.redis.backends[0].backup: invalid type"),
         "{error}"
     );
+}
+
+/// A pool whose backend Redis Sentinel names: no backends of its own, the
+/// Sentinels' addresses checked, their login's password read.
+#[test]
+fn sentinel_discovery_settings() {
+    let sentinel = |settings: &str| {
+        VALID.replace(
+            "    backends:\n      - address: 10.0.0.1:6379\n",
+            &format!("    discovery:\n      sentinel: {{ {settings} }}\n"),
+        )
+    };
+    let out = check(&sentinel(
+        "addresses: [10.0.0.1:26379, 10.0.0.2:26379, 10.0.0.3:26379], master: mymaster",
+    ));
+    assert!(out.status.success(), "{out:?}");
+    for (settings, expected) in [
+        (
+            "addresses: [], master: m",
+            "pools.redis.discovery.sentinel.addresses: list the Sentinels to ask",
+        ),
+        (
+            "addresses: [10.0.0.1], master: m",
+            "pools.redis.discovery.sentinel.addresses[0]: invalid socket address",
+        ),
+        (
+            "addresses: [10.0.0.1:26379], master: \"my master\"",
+            "pools.redis.discovery.sentinel.master: the master's name as the Sentinels know it",
+        ),
+        (
+            "addresses: [10.0.0.1:26379], master: m, auth: { user: x }",
+            "pools.redis.discovery.sentinel.auth.password_file: Sentinels log in with a password",
+        ),
+        ("addresses: [10.0.0.1:26379]", "missing field `master`"),
+    ] {
+        let error = rejected(&sentinel(settings));
+        assert!(error.contains(expected), "{settings}: {error}");
+    }
+    let both = VALID.replace(
+        "    backends:\n",
+        "    discovery: { sentinel: { addresses: [10.0.0.1:26379], master: m } }\n    backends:\n",
+    );
+    assert!(rejected(&both).contains("pools.redis.discovery: a pool finds its backend by discovery or lists its backends, not both"));
+    let neither = VALID.replace("    backends:\n      - address: 10.0.0.1:6379\n", "");
+    assert!(rejected(&neither)
+        .contains("pools.redis.backends: a pool needs at least one backend (or `discovery`)"));
 }
 
 #[test]

@@ -487,3 +487,89 @@ fn redis_switchover_moves_writers_to_the_new_master() {
         Some(1.0)
     );
 }
+
+/// Three Sentinels watch a master and its replica; the pool has no
+/// backends of its own but `discovery: { sentinel }`. It routes to the
+/// master they name, and after `SENTINEL FAILOVER` to the new one at once
+/// (on `+switch-master`): the old master's sessions are reset, new clients
+/// write to the new master.
+#[test]
+fn redis_sentinel_names_the_master() {
+    let password = password_file();
+    let auth = [
+        "--requirepass",
+        PROBE_PASSWORD,
+        "--masterauth",
+        PROBE_PASSWORD,
+    ];
+    let master = redis_server_with(&auth);
+    let (ip, port) = (master.addr.ip().to_string(), master.addr.port().to_string());
+    let replica = redis_server_with(&[&auth[..], &["--replicaof", &ip, &port]].concat());
+    let sentinels: Vec<Server> = (0..3)
+        .map(|_| redis_sentinel(master.addr, PROBE_PASSWORD))
+        .collect();
+    let addresses: Vec<String> = sentinels.iter().map(|s| s.addr.to_string()).collect();
+    let login = format!("{{ password_file: {} }}", password.path.display());
+    let pool = format!(
+        "    health:\n      interval: 100ms\n      timeout: 100ms\n      preset: redis\n      role: primary\n      auth: {login}\n    queue: {{ size: 10, timeout: 10s }}\n    discovery:\n      sentinel:\n        addresses: [{}]\n        master: mymaster\n        auth: {login}\n",
+        addresses.join(", ")
+    );
+    let text = format!(
+        "log:\n  connections: true\nworkers: 2\nlisteners:\n  front:\n    listen: {}\n    pool: back\npools:\n  back:\n{pool}",
+        free_addr(unique_loopback())
+    );
+    let (admin, text) = with_admin(&text);
+    let sluice = Sluice::start(&text);
+    sluice.wait_for_log(&format!(
+        "the Sentinels name {} as master mymaster",
+        master.addr
+    ));
+    let client = |ip| {
+        let mut stream = std::io::BufReader::new(connect_from(client_ip(ip), sluice.listen_addr()));
+        assert_eq!(redis_call(&mut stream, &["AUTH", PROBE_PASSWORD]), "+OK");
+        stream
+    };
+    let mut writer = client(6);
+    assert_eq!(redis_call(&mut writer, &["SET", "k", "1"]), "+OK");
+
+    // The replica must have synced before a Sentinel will promote it.
+    let mut to_sentinel =
+        std::io::BufReader::new(std::net::TcpStream::connect(sentinels[0].addr).unwrap());
+    assert_eq!(
+        redis_call(&mut to_sentinel, &["AUTH", PROBE_PASSWORD]),
+        "+OK"
+    );
+    wait_until("the Sentinels to see the replica", || {
+        redis_call(&mut to_sentinel, &["SENTINEL", "FAILOVER", "mymaster"]) == "+OK"
+    });
+    let started = std::time::Instant::now();
+    sluice.wait_for_log(&format!(
+        "the Sentinels name {} as master mymaster",
+        replica.addr
+    ));
+    eprintln!(
+        "sentinel failover followed {:?} after SENTINEL FAILOVER",
+        started.elapsed()
+    );
+    writer.get_mut().set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut line = String::new();
+    let ended = std::io::BufRead::read_line(&mut writer, &mut line);
+    assert!(
+        matches!(&ended, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{ended:?} {line:?}"
+    );
+    let mut writer = client(7);
+    assert_eq!(
+        redis_call(&mut writer, &["SET", "k", "2"]),
+        "+OK",
+        "the new master takes writes"
+    );
+    assert_eq!(
+        sample(
+            &scrape(admin),
+            "sluice_connection_errors_total",
+            &[r#"reason="queue_timeout""#]
+        ),
+        Some(0.0)
+    );
+}

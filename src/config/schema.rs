@@ -235,7 +235,33 @@ pub struct Pool {
     pub on_down: Option<OnDown>,
     #[serde(default)]
     pub queue: Queue,
+    /// The pool's backends, or none when `discovery` finds its backend.
+    #[serde(default)]
     pub backends: Vec<Backend>,
+    pub discovery: Option<Discovery>,
+}
+
+/// Where a pool without `backends` learns its backend.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Discovery {
+    pub sentinel: Sentinel,
+}
+
+/// Redis Sentinel: the pool's one backend is the master that a majority
+/// of the Sentinels name.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Sentinel {
+    /// `host:port` of each Sentinel.
+    pub addresses: Vec<String>,
+    /// The name the Sentinels monitor the master by.
+    pub master: String,
+    /// A login for the Sentinels themselves (their `requirepass`).
+    pub auth: Option<ProbeAuth>,
+    /// What `addresses` resolved to: each address is one Sentinel's vote.
+    #[serde(skip)]
+    pub resolved: Vec<SocketAddr>,
 }
 
 /// What a backend marked down (by probes, maintenance, or leaving the
@@ -444,9 +470,14 @@ pub struct Backend {
     /// The backend's identity for hashing; defaults to `address`.
     pub name: Option<String>,
     /// What `address` resolved to, sorted: filled in by validation, and
-    /// again whenever host names are re-resolved.
+    /// again whenever host names are re-resolved (or the Sentinels name
+    /// another master).
     #[serde(skip)]
     pub resolved: Vec<SocketAddr>,
+    /// Made by validation for a pool with `discovery`: its address is the
+    /// master the Sentinels name, not a host name.
+    #[serde(skip)]
+    pub discovered: bool,
 }
 
 impl Backend {
@@ -458,7 +489,21 @@ impl Backend {
     /// Whether `address` is a host name (resolved through DNS) rather than
     /// an IP literal.
     pub fn has_host_name(&self) -> bool {
-        self.address.parse::<SocketAddr>().is_err()
+        !self.discovered && self.address.parse::<SocketAddr>().is_err()
+    }
+
+    /// The entry a pool with `discovery` routes to: named after the master,
+    /// with no address until the Sentinels name one.
+    pub fn discovered(sentinel: &Sentinel) -> Backend {
+        Backend {
+            address: format!("sentinel:{}", sentinel.master),
+            weight: 1,
+            max_connections: 0,
+            backup: false,
+            name: Some(sentinel.master.clone()),
+            resolved: Vec::new(),
+            discovered: true,
+        }
     }
 }
 

@@ -9,8 +9,8 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use super::schema::{
-    AcceptProxy, Balance, Config, Health, HttpProbe, Listener, Pool, Preset, Role, Secret,
-    SendProxy,
+    AcceptProxy, Backend, Balance, Config, Health, HttpProbe, Listener, Pool, Preset, Role, Secret,
+    SendProxy, Sentinel,
 };
 use super::Problem;
 use crate::balancer::maglev;
@@ -164,10 +164,18 @@ fn check_listen_addresses(listeners: &BTreeMap<String, Listener>) -> Result<(), 
 
 fn check_pool(name: &str, pool: &mut Pool, resolver: Resolver) -> Result<(), Problem> {
     let field = |key: &str| format!("pools.{name}.{key}");
-    if pool.backends.is_empty() {
+    if let Some(discovery) = &mut pool.discovery {
+        if !pool.backends.is_empty() {
+            return Err(Problem::new(
+                field("discovery"),
+                "a pool finds its backend by discovery or lists its backends, not both",
+            ));
+        }
+        check_sentinel(name, &mut discovery.sentinel, resolver)?;
+    } else if pool.backends.is_empty() {
         return Err(Problem::new(
             field("backends"),
-            "a pool needs at least one backend",
+            "a pool needs at least one backend (or `discovery`)",
         ));
     }
     if pool.retries > MAX_RETRIES {
@@ -218,6 +226,10 @@ fn check_pool(name: &str, pool: &mut Pool, resolver: Resolver) -> Result<(), Pro
         };
     }
 
+    if let Some(discovery) = &pool.discovery {
+        pool.backends = vec![Backend::discovered(&discovery.sentinel)];
+        return Ok(());
+    }
     let mut names: HashMap<String, usize> = HashMap::new();
     for (i, backend) in pool.backends.iter_mut().enumerate() {
         let here = |key: &str| format!("pools.{name}.backends[{i}].{key}");
@@ -365,6 +377,51 @@ fn check_health(pool: &str, health: &mut Health) -> Result<(), Problem> {
                 read_password(path).map_err(|m| Problem::new(field("auth.password_file"), m))?;
             auth.password = Some(Secret(password));
         }
+    }
+    Ok(())
+}
+
+/// The Sentinels of a `discovery: { sentinel }`: each address resolved
+/// (every address of a host name is one Sentinel's vote), the master's name
+/// plain, the login's password read.
+fn check_sentinel(pool: &str, sentinel: &mut Sentinel, resolver: Resolver) -> Result<(), Problem> {
+    let field = |key: &str| format!("pools.{pool}.discovery.sentinel.{key}");
+    if sentinel.addresses.is_empty() {
+        return Err(Problem::new(
+            field("addresses"),
+            "list the Sentinels to ask (three or more, so that a majority can be had)",
+        ));
+    }
+    let mut resolved = Vec::new();
+    for (i, address) in sentinel.addresses.iter().enumerate() {
+        let addrs = resolve(address, resolver).map_err(|m| {
+            Problem::new(format!("pools.{pool}.discovery.sentinel.addresses[{i}]"), m)
+        })?;
+        resolved.extend(addrs);
+    }
+    resolved.sort();
+    resolved.dedup();
+    sentinel.resolved = resolved;
+    let plain = |c: char| c.is_ascii_graphic();
+    if sentinel.master.is_empty()
+        || !sentinel.master.chars().all(plain)
+        || sentinel.master.contains('/')
+    {
+        return Err(Problem::new(
+            field("master"),
+            "the master's name as the Sentinels know it: printable, without spaces or `/`",
+        ));
+    }
+    if let Some(auth) = &mut sentinel.auth {
+        let path = auth.password_file.as_ref().ok_or_else(|| {
+            Problem::new(
+                field("auth.password_file"),
+                "Sentinels log in with a password: give the file that holds it",
+            )
+        })?;
+        let password =
+            read_password(path).map_err(|m| Problem::new(field("auth.password_file"), m))?;
+        auth.password = Some(Secret(password));
     }
     Ok(())
 }

@@ -33,7 +33,7 @@ mod resolve;
 mod workers;
 
 use std::collections::HashSet;
-use std::net::{SocketAddr, TcpListener};
+use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
@@ -334,53 +334,6 @@ impl Controller {
         );
     }
 
-    /// Applies fresh DNS answers for one pool; keeps the old addresses of an
-    /// entry whose lookup failed.
-    fn on_resolved(
-        &mut self,
-        pool_name: &str,
-        answers: Vec<(usize, String, Result<Vec<SocketAddr>, String>)>,
-    ) {
-        let Some(pool) = self.config.pools.get_mut(pool_name) else {
-            return;
-        };
-        let mut changes = Vec::new();
-        for (index, address, answer) in answers {
-            let Some(backend) = pool
-                .backends
-                .get_mut(index)
-                .filter(|b| b.address == address)
-            else {
-                continue;
-            };
-            match answer {
-                Ok(addrs) if addrs != backend.resolved => {
-                    let list: Vec<String> = addrs.iter().map(ToString::to_string).collect();
-                    changes.push((
-                        backend.name().to_owned(),
-                        backend.address.clone(),
-                        list.join(", "),
-                    ));
-                    backend.resolved = addrs;
-                }
-                Ok(_) => {}
-                Err(e) => warn!(
-                    pool = pool_name,
-                    backend = %backend.name(),
-                    "cannot re-resolve {}, keeping its addresses: {e}",
-                    backend.address
-                ),
-            }
-        }
-        if changes.is_empty() {
-            return;
-        }
-        self.publish_all();
-        for (name, address, addrs) in changes {
-            info!(pool = pool_name, backend = %name, "{address} now resolves to {addrs}");
-        }
-    }
-
     /// SIGHUP: starts reading the file again. Reading and resolving host
     /// names may take seconds (a slow DNS server, a file on a stalled
     /// mount): it runs on a thread of its own, and [`Controller::run`]
@@ -420,6 +373,7 @@ impl Controller {
         let budget = budget(&config, self.worker_count, self.descriptor_limit)?;
         let bound = self.listeners.bind_new(&config, &self.metrics)?;
         self.keep_restart_only(&mut config);
+        resolve::keep_discovered(&self.config, &mut config);
         // Listeners that go away stop before the new routes are published,
         // and new ones are handed to the workers after: an accepted
         // connection finds the route of its address.

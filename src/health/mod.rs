@@ -37,12 +37,13 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+pub(crate) use redis::next_reply;
 pub use reply::judge_reply;
+pub(crate) use wire::Wire;
 
 use crate::config::schema::{Preset, Role, SendProxy};
 use crate::config::HealthProbe;
 use crate::{net, proxy_protocol};
-use wire::Wire;
 
 /// Data-path failure count of one backend, shared by every worker.
 #[derive(Debug)]

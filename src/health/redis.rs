@@ -6,6 +6,7 @@
 use super::wire::Wire;
 use super::{unexpected, ProbeFailure};
 use crate::config::schema::{ProbeAuth, Role};
+use crate::resp::{self, command, Parsed, Reply};
 
 pub(super) async fn check(
     mut wire: Wire,
@@ -19,13 +20,11 @@ pub(super) async fn check(
         words.extend(auth.password.as_ref().map(|p| p.0.as_str()));
         command(&mut request, &words);
     }
-    command(
-        &mut request,
-        match role {
-            Role::Any => &["PING"],
-            _ => &["INFO", "replication"],
-        },
-    );
+    let ask: &[&str] = match role {
+        Role::Any => &["PING"],
+        _ => &["INFO", "replication"],
+    };
+    command(&mut request, ask);
     wire.send(&request).await?;
     if let Some(auth) = auth {
         match next_reply(&mut wire).await? {
@@ -36,7 +35,7 @@ pub(super) async fn check(
                     "authentication failed for user \"{user}\": {e}"
                 )));
             }
-            Reply::Bulk(_) => return Err(unexpected(&wire.read)),
+            _ => return Err(unexpected(&wire.read)),
         }
     }
     match (next_reply(&mut wire).await?, role) {
@@ -45,31 +44,15 @@ pub(super) async fn check(
         ))),
         (Reply::Error(e), _) => Err(ProbeFailure::Refused(e)),
         (Reply::Status(s), Role::Any) if s == "PONG" => Ok(()),
-        (Reply::Bulk(info), Role::Primary | Role::Replica) => judge_role(&info, role),
+        (Reply::Bulk(Some(info)), Role::Primary | Role::Replica) => judge_role(&info, role),
         _ => Err(unexpected(&wire.read)),
     }
 }
 
-/// Appends `words` as a RESP array of bulk strings: safe for any byte in a
-/// password.
-fn command(out: &mut Vec<u8>, words: &[&str]) {
-    out.extend_from_slice(format!("*{}\r\n", words.len()).as_bytes());
-    for word in words {
-        out.extend_from_slice(format!("${}\r\n{word}\r\n", word.len()).as_bytes());
-    }
-}
-
-#[derive(Debug, PartialEq, Eq)]
-enum Reply {
-    Status(String),
-    Error(String),
-    Bulk(Vec<u8>),
-}
-
 /// Reads one reply off the wire.
-async fn next_reply(wire: &mut Wire) -> Result<Reply, ProbeFailure> {
+pub(crate) async fn next_reply(wire: &mut Wire) -> Result<Reply, ProbeFailure> {
     loop {
-        match parse(&wire.read) {
+        match resp::parse(&wire.read) {
             Parsed::Incomplete => wire.fill().await?,
             Parsed::Invalid => return Err(unexpected(&wire.read)),
             Parsed::Reply(reply, used) => {
@@ -77,40 +60,6 @@ async fn next_reply(wire: &mut Wire) -> Result<Reply, ProbeFailure> {
                 return Ok(reply);
             }
         }
-    }
-}
-
-#[derive(Debug, PartialEq, Eq)]
-enum Parsed {
-    Incomplete,
-    Invalid,
-    /// A reply, and the bytes it took.
-    Reply(Reply, usize),
-}
-
-/// Parses the simple string, error or bulk string at the start of `read`.
-fn parse(read: &[u8]) -> Parsed {
-    let Some(line_end) = read.windows(2).position(|w| w == b"\r\n") else {
-        return Parsed::Incomplete;
-    };
-    let text = || String::from_utf8_lossy(&read[1..line_end]).into_owned();
-    match read[0] {
-        b'+' => Parsed::Reply(Reply::Status(text()), line_end + 2),
-        b'-' => Parsed::Reply(Reply::Error(text()), line_end + 2),
-        b'$' => {
-            let Some(len) = text().parse::<usize>().ok() else {
-                return Parsed::Invalid;
-            };
-            let start = line_end + 2;
-            match read.get(start..start + len + 2) {
-                None => Parsed::Incomplete,
-                Some(body) if body.ends_with(b"\r\n") => {
-                    Parsed::Reply(Reply::Bulk(body[..len].to_vec()), start + len + 2)
-                }
-                Some(_) => Parsed::Invalid,
-            }
-        }
-        _ => Parsed::Invalid,
     }
 }
 
@@ -144,37 +93,6 @@ fn judge_role(info: &[u8], role: Role) -> Result<(), ProbeFailure> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_password_goes_as_a_bulk_string() {
-        let mut out = Vec::new();
-        command(&mut out, &["AUTH", "probe", "p a\r\nss"]);
-        assert_eq!(
-            out,
-            b"*3\r\n$4\r\nAUTH\r\n$5\r\nprobe\r\n$7\r\np a\r\nss\r\n"
-        );
-    }
-
-    #[test]
-    fn replies_are_parsed_only_once_whole() {
-        let bulk = b"$11\r\nrole:master\r\n+OK\r\n";
-        for end in 0..18 {
-            assert_eq!(parse(&bulk[..end]), Parsed::Incomplete, "{end}");
-        }
-        assert_eq!(
-            parse(bulk),
-            Parsed::Reply(Reply::Bulk(b"role:master".to_vec()), 18)
-        );
-        assert_eq!(
-            parse(b"-WRONGPASS invalid username-password pair\r\n"),
-            Parsed::Reply(
-                Reply::Error("WRONGPASS invalid username-password pair".into()),
-                43
-            )
-        );
-        assert_eq!(parse(b"HTTP/1.1 400\r\n"), Parsed::Invalid);
-        assert_eq!(parse(b"$3\r\nabcd\r\n"), Parsed::Invalid);
-    }
 
     #[test]
     fn roles() {

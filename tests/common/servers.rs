@@ -80,6 +80,9 @@ pub fn redis_server_with(extra: &[&str]) -> Server {
         .args(["--bind", &addr.ip().to_string()])
         .args(["--port", &addr.port().to_string()])
         .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+        // As a replica, it names this address to its master (and so to the
+        // Sentinels), not the loopback address it connects from.
+        .args(["--replica-announce-ip", &addr.ip().to_string()])
         .args(extra);
     start_server(command, addr, None, Signal::SIGKILL)
 }
@@ -103,6 +106,33 @@ pub fn redis_call(stream: &mut BufReader<TcpStream>, args: &[&str]) -> String {
         return String::from_utf8(value[..len as usize].to_vec()).unwrap();
     }
     line.trim_end().to_owned()
+}
+
+/// A redis-sentinel monitoring `master` as `mymaster` (quorum 2, down
+/// after a second), logging in to it and asking its own clients for
+/// `password`.
+pub fn redis_sentinel(master: SocketAddr, password: &str) -> Server {
+    let addr = free_addr(unique_loopback());
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("sentinel.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "port {port}\nbind {ip}\nprotected-mode no\nrequirepass \"{password}\"\n\
+             sentinel monitor mymaster {mip} {mport} 2\n\
+             sentinel auth-pass mymaster \"{password}\"\n\
+             sentinel down-after-milliseconds mymaster 1000\n\
+             sentinel failover-timeout mymaster 5000\n",
+            port = addr.port(),
+            ip = addr.ip(),
+            mip = master.ip(),
+            mport = master.port(),
+        ),
+    )
+    .unwrap();
+    let mut command = Command::new("redis-sentinel");
+    command.arg(&conf);
+    start_server(command, addr, Some(dir), Signal::SIGKILL)
 }
 
 pub fn memcached() -> Server {
