@@ -107,6 +107,32 @@ fn parse_at(read: &[u8], depth: usize) -> Parsed {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Replies are read as bytes arrive: a reply parsed from a prefix
+        /// is the one parsed from the whole (the fuzz target `resp_reply`
+        /// tries far more).
+        #[test]
+        fn a_verdict_never_changes_with_more_bytes(
+            data in prop_oneof![
+                proptest::collection::vec(any::<u8>(), 0..64),
+                "([*][0-3]|[$][0-9]|[+:-][a-z0-9]{0,4})(\r\n([$][0-4]\r\n[a-z]{0,5}\r\n|:[0-9]\r\n|[*]-1\r\n)){0,3}"
+                    .prop_map(String::into_bytes),
+            ]
+        ) {
+            let whole = parse(&data);
+            for end in 0..data.len() {
+                match parse(&data[..end]) {
+                    Parsed::Incomplete => {}
+                    prefix => {
+                        prop_assert_eq!(prefix, whole, "decided at {}", end);
+                        break;
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn a_password_goes_as_a_bulk_string() {

@@ -13,12 +13,11 @@ fuzz_target!(|data: &[u8]| {
     let Some((&choice, rest)) = data.split_first() else {
         return;
     };
-    let (settings, reply) = match choice % 6 {
-        0 => (preset(Preset::Redis, false), rest),
-        1 => (preset(Preset::Redis, true), rest),
-        2 => (preset(Preset::Memcached, false), rest),
-        3 => (preset(Preset::Postgres, false), rest),
-        4 => (preset(Preset::Mysql, false), rest),
+    let (settings, reply) = match choice % 5 {
+        0 => (preset(Preset::Redis), rest),
+        1 => (preset(Preset::Memcached), rest),
+        2 => (preset(Preset::Postgres), rest),
+        3 => (preset(Preset::Mysql), rest),
         _ => {
             let split = (rest.first().copied().unwrap_or(1) as usize % 8 + 1).min(rest.len());
             let (expect, reply) = rest.split_at(split);
@@ -41,10 +40,9 @@ fuzz_target!(|data: &[u8]| {
     }
 });
 
-fn preset(preset: Preset, require_master: bool) -> HealthProbe {
+fn preset(preset: Preset) -> HealthProbe {
     HealthProbe {
         preset: Some(preset),
-        require_master,
         ..HealthProbe::default()
     }
 }
