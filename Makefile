@@ -28,7 +28,7 @@ BIN     ?= target/release/sluice
 # start), systemd-analyze to verify the unit file, and Prometheus with
 # promtool to scrape sluice and check the alert rules. (`make deb`, which the
 # package test runs, installs cargo-deb itself.)
-TEST_PACKAGES := redis-server redis-sentinel redis-tools memcached postgresql mariadb-server systemd prometheus iproute2 nftables bird2 curl
+TEST_PACKAGES := redis-server redis-sentinel redis-tools memcached postgresql mariadb-server patroni etcd-server systemd prometheus iproute2 nftables bird2 curl
 
 CARGO_DEB_VERSION := 3.8.0
 

@@ -329,6 +329,115 @@ pub fn mariadb_sql(server: &Server, sql: &str) {
     );
 }
 
+/// An etcd (Debian's etcd-server) for Patroni, with the v2 API Debian's
+/// Patroni speaks.
+pub fn etcd() -> Server {
+    let ip = unique_loopback();
+    let (client, peer) = (free_addr(ip), free_addr(ip));
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = Command::new("etcd");
+    command
+        .args(["--name", "e1", "--enable-v2=true", "--log-level", "error"])
+        .arg(format!("--data-dir={}", dir.path().join("data").display()))
+        .arg(format!("--listen-client-urls=http://{client}"))
+        .arg(format!("--advertise-client-urls=http://{client}"))
+        .arg(format!("--listen-peer-urls=http://{peer}"))
+        .arg(format!("--initial-advertise-peer-urls=http://{peer}"))
+        .arg(format!("--initial-cluster=e1=http://{peer}"));
+    start_server(command, client, Some(dir), Signal::SIGKILL)
+}
+
+/// A Patroni node of cluster `sluicetest` on `ip`: PostgreSQL on `pg_port`,
+/// the REST API on `api_port`, etcd at `etcd`. The first node started
+/// bootstraps the cluster and leads; the others replicate from it. Trust
+/// for every login over loopback.
+pub struct PatroniNode {
+    pub server: Server,
+    /// PostgreSQL's address.
+    pub addr: SocketAddr,
+    pub api: SocketAddr,
+    config: PathBuf,
+}
+
+impl PatroniNode {
+    pub fn start(
+        name: &str,
+        ip: std::net::IpAddr,
+        pg_port: u16,
+        api_port: u16,
+        etcd: SocketAddr,
+    ) -> PatroniNode {
+        let dir = data_dir("postgres");
+        let (addr, api) = (SocketAddr::new(ip, pg_port), SocketAddr::new(ip, api_port));
+        let config = dir.path().join("patroni.yml");
+        let sockets = dir.path().join("sockets");
+        let data = dir.path().join("data");
+        std::fs::create_dir(&sockets).unwrap();
+        std::fs::write(
+            &config,
+            format!(
+                "scope: sluicetest\nname: {name}\n\
+                 restapi: {{ listen: '{api}', connect_address: '{api}' }}\n\
+                 etcd: {{ host: '{etcd}' }}\n\
+                 bootstrap:\n  dcs: {{ ttl: 10, loop_wait: 1, retry_timeout: 3 }}\n  initdb: [{{ encoding: UTF8 }}]\n  pg_hba:\n    - local all all trust\n    - host replication all 127.0.0.0/8 trust\n    - host all all 127.0.0.0/8 trust\n\
+                 postgresql:\n  listen: '{addr}'\n  connect_address: '{addr}'\n  data_dir: {data}\n  bin_dir: {bin}\n  pgpass: {pgpass}\n\
+                 \x20 authentication:\n    superuser: {{ username: postgres, password: pw }}\n    replication: {{ username: replicator, password: pw }}\n\
+                 \x20 parameters: {{ unix_socket_directories: '{sockets}' }}\n",
+                data = data.display(),
+                bin = postgres_bin_dir().display(),
+                pgpass = dir.path().join("pgpass").display(),
+                sockets = sockets.display(),
+            ),
+        )
+        .unwrap();
+        if running_as_root() {
+            let mut chown = Command::new("chown");
+            chown.arg("-R").arg("postgres:").arg(dir.path());
+            run_to_completion(chown);
+        }
+        let mut command = command_as("postgres", Path::new("patroni"));
+        command.arg(&config);
+        // SIGKILL would leave its postgres running: SIGTERM stops both.
+        let server = start_server(command, api, Some(dir), Signal::SIGTERM);
+        PatroniNode {
+            server,
+            addr,
+            api,
+            config,
+        }
+    }
+
+    /// What the REST API answers `GET path` with: its status code.
+    pub fn status(&self, path: &str) -> Option<u16> {
+        let mut stream = TcpStream::connect(self.api).ok()?;
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .ok()?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).ok()?;
+        std::str::from_utf8(&head[9..12]).ok()?.parse().ok()
+    }
+
+    /// `patronictl switchover` from `leader` to `candidate`.
+    pub fn switchover(&self, leader: &str, candidate: &str) {
+        let mut switchover = command_as("postgres", Path::new("patronictl"));
+        switchover.arg("-c").arg(&self.config).args([
+            "switchover",
+            "--leader",
+            leader,
+            "--candidate",
+            candidate,
+            "--force",
+        ]);
+        run_to_completion(switchover);
+    }
+}
+
 pub fn running_as_root() -> bool {
     // SAFETY: geteuid cannot fail and touches no memory.
     unsafe { libc::geteuid() == 0 }
