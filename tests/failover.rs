@@ -367,3 +367,83 @@ fn a_reload_removes_a_backend_and_refuses_a_missing_password_file() {
     );
     assert_eq!(name_of(&sluice).as_deref(), Ok("b1"));
 }
+
+/// With every backend of a pool that fails closed down for longer than
+/// the queue's timeout, no connection and no byte reaches any backend,
+/// however clients behave: waiting, sending, leaving early.
+#[test]
+fn a_pool_that_fails_closed_sends_nothing_to_backends_down() {
+    let port = free_addr(unique_loopback()).port();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let servers: Vec<(TestServer, TestServer)> = (0..2)
+        .map(|_| {
+            let count = accepted.clone();
+            let server = TestServer::start(move |_| {
+                count.fetch_add(1, Ordering::SeqCst);
+            });
+            let health =
+                TestServer::start_on(SocketAddr::new(server.addr.ip(), port), |mut stream| {
+                    let mut request = [0u8; 1024];
+                    let _ = stream.read(&mut request);
+                    let _ = stream.write_all(
+                        b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n",
+                    );
+                });
+            (server, health)
+        })
+        .collect();
+    let backends: Vec<(String, SocketAddr)> = servers
+        .iter()
+        .enumerate()
+        .map(|(i, (server, _))| (format!("b{i}"), server.addr))
+        .collect();
+    let health = format!(
+        "    health:\n      interval: 20ms\n      timeout: 20ms\n      fall: 1\n      port: {port}\n      http: {{ path: /health }}\n"
+    );
+    let (sluice, admin) = start(
+        &backends,
+        &format!("{health}    fail_open: false\n    queue: {{ size: 4, timeout: 200ms }}\n"),
+    );
+    let clients: Vec<_> = (0..12)
+        .map(|i| {
+            let front = sluice.listen_addr();
+            std::thread::spawn(move || {
+                let mut stream = connect_from(client_ip(20 + i), front);
+                // Some send at once, some leave early, the rest wait.
+                match i % 3 {
+                    0 => {
+                        let _ = stream.write_all(b"GET / HTTP/1.0\r\n\r\n");
+                    }
+                    1 => return,
+                    _ => {}
+                }
+                stream.set_read_timeout(Some(DEADLINE)).unwrap();
+                let mut byte = [0u8; 1];
+                assert!(
+                    !matches!(stream.read(&mut byte), Ok(1)),
+                    "no backend answers"
+                );
+            })
+        })
+        .collect();
+    for client in clients {
+        client.join().unwrap();
+    }
+    let turned_away =
+        errors(admin, "queue_full") + errors(admin, "queue_timeout") + errors(admin, "no_backend");
+    assert_eq!(turned_away, 12.0, "each client turned away once");
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        0,
+        "no connection reached a backend"
+    );
+    assert_eq!(
+        sample(
+            &scrape(admin),
+            "sluice_bytes_total",
+            &[r#"direction="to_backend""#]
+        )
+        .unwrap_or(0.0),
+        0.0
+    );
+}
