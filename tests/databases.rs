@@ -58,6 +58,49 @@ fn wait_for_backend(sluice: &Sluice, backend: &str, text: &str) -> String {
     }
 }
 
+/// A Redis master and its replica, both asking for [`PROBE_PASSWORD`].
+fn redis_pair() -> (Server, Server) {
+    let auth = [
+        "--requirepass",
+        PROBE_PASSWORD,
+        "--masterauth",
+        PROBE_PASSWORD,
+    ];
+    let master = redis_server_with(&auth);
+    let (ip, port) = (master.addr.ip().to_string(), master.addr.port().to_string());
+    let replica = redis_server_with(&[&auth[..], &["--replicaof", &ip, &port]].concat());
+    (master, replica)
+}
+
+/// A connection to Redis through `sluice` from client address `ip`,
+/// logged in.
+fn redis_client(sluice: &Sluice, ip: u32) -> std::io::BufReader<std::net::TcpStream> {
+    let mut stream = std::io::BufReader::new(connect_from(client_ip(ip), sluice.listen_addr()));
+    assert_eq!(redis_call(&mut stream, &["AUTH", PROBE_PASSWORD]), "+OK");
+    stream
+}
+
+/// After a switchover: `writer`'s session on the old master is reset, not
+/// left to write to a replica, and a new client writes to the new master.
+fn writes_move_to_the_new_master(
+    sluice: &Sluice,
+    mut writer: std::io::BufReader<std::net::TcpStream>,
+) {
+    writer.get_mut().set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut line = String::new();
+    let ended = std::io::BufRead::read_line(&mut writer, &mut line);
+    assert!(
+        matches!(&ended, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "{ended:?} {line:?}"
+    );
+    let mut writer = redis_client(sluice, 7);
+    assert_eq!(
+        redis_call(&mut writer, &["SET", "k", "2"]),
+        "+OK",
+        "the new master takes writes"
+    );
+}
+
 /// The health settings of a role check with the probe's login.
 fn role_check(preset: &str, role: &str, password: &TempFile) -> String {
     format!(
@@ -69,17 +112,7 @@ fn role_check(preset: &str, role: &str, password: &TempFile) -> String {
 #[test]
 fn redis_with_a_password_knows_its_master() {
     let password = password_file();
-    let master = redis_server_with(&["--requirepass", PROBE_PASSWORD]);
-    let (ip, port) = (master.addr.ip().to_string(), master.addr.port().to_string());
-    let replica = redis_server_with(&[
-        "--requirepass",
-        PROBE_PASSWORD,
-        "--masterauth",
-        PROBE_PASSWORD,
-        "--replicaof",
-        &ip,
-        &port,
-    ]);
+    let (master, replica) = redis_pair();
     let backends = [("master", master.addr), ("replica", replica.addr)];
     // The default user: no `user` in the login.
     let health = role_check("redis", "primary", &password).replace("user: probe, ", "");
@@ -261,23 +294,6 @@ fn http_probes_on_another_port() {
     assert_eq!(sluice.log_count("backend=leader "), 0);
 }
 
-/// Runs `sql` with psql as the superuser through `addr` (sluice); what it
-/// printed, or why it failed.
-fn psql_through(addr: SocketAddr, sql: &str) -> Result<String, String> {
-    let out = std::process::Command::new("psql")
-        .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
-        .args([
-            "-U", "postgres", "-d", "postgres", "-X", "-A", "-t", "-c", sql,
-        ])
-        .env("PGCONNECT_TIMEOUT", "30")
-        .output()
-        .unwrap();
-    match out.status.success() {
-        true => Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned()),
-        false => Err(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
-    }
-}
-
 /// A replicated PostgreSQL behind a pool that knows its role: the standby
 /// is listed first (`balance: first`), yet from the first client on none
 /// reaches it, clients that come before the first probe wait in the queue.
@@ -306,7 +322,7 @@ fn postgres_failover_sends_no_client_to_a_standby() {
     let front = sluice.listen_addr();
     // From the first client on, every query runs on the primary.
     let clients: Vec<_> = (0..8)
-        .map(|_| std::thread::spawn(move || psql_through(front, "SELECT pg_is_in_recovery()")))
+        .map(|_| std::thread::spawn(move || psql(front, "SELECT pg_is_in_recovery()")))
         .collect();
     for client in clients {
         assert_eq!(client.join().unwrap().as_deref(), Ok("f"));
@@ -317,7 +333,7 @@ fn postgres_failover_sends_no_client_to_a_standby() {
     drop(primary);
     wait_for_backend(&sluice, "primary", "backend is down");
     let waiting: Vec<_> = (0..5)
-        .map(|_| std::thread::spawn(move || psql_through(front, "SELECT pg_is_in_recovery()")))
+        .map(|_| std::thread::spawn(move || psql(front, "SELECT pg_is_in_recovery()")))
         .collect();
     wait_until("five clients in the queue", || {
         sample(&scrape(admin), "sluice_queue_length", &[r#"pool="back""#]) == Some(5.0)
@@ -336,7 +352,7 @@ fn postgres_failover_sends_no_client_to_a_standby() {
     assert!(gap < std::time::Duration::from_secs(3), "{gap:?}");
     eprintln!("switchover: clients queued 5, served {gap:?} after the promotion began");
     assert_eq!(
-        psql_through(front, "SELECT pg_is_in_recovery()").as_deref(),
+        psql(front, "SELECT pg_is_in_recovery()").as_deref(),
         Ok("f")
     );
     let turned_away: f64 = ["no_backend", "queue_full", "queue_timeout"]
@@ -425,25 +441,12 @@ fn mariadb_made_read_only_loses_its_sessions() {
 #[test]
 fn redis_switchover_moves_writers_to_the_new_master() {
     let password = password_file();
-    let auth = [
-        "--requirepass",
-        PROBE_PASSWORD,
-        "--masterauth",
-        PROBE_PASSWORD,
-    ];
-    let first = redis_server_with(&auth);
-    let (ip, port) = (first.addr.ip().to_string(), first.addr.port().to_string());
-    let second = redis_server_with(&[&auth[..], &["--replicaof", &ip, &port]].concat());
+    let (first, second) = redis_pair();
     let health = role_check("redis", "primary", &password).replace("user: probe, ", "");
     let pool = format!("{health}    balance: first\n    queue: {{ size: 10, timeout: 10s }}\n");
     let (sluice, admin) = start(&pool, &[("second", second.addr), ("first", first.addr)]);
     wait_for_backend(&sluice, "first", "backend is up");
-    let client = |ip| {
-        let mut stream = std::io::BufReader::new(connect_from(client_ip(ip), sluice.listen_addr()));
-        assert_eq!(redis_call(&mut stream, &["AUTH", PROBE_PASSWORD]), "+OK");
-        stream
-    };
-    let mut writer = client(6);
+    let mut writer = redis_client(&sluice, 6);
     assert_eq!(redis_call(&mut writer, &["SET", "k", "1"]), "+OK");
 
     let admin_of = |server: &Server| {
@@ -463,20 +466,7 @@ fn redis_switchover_moves_writers_to_the_new_master() {
     );
     wait_for_backend(&sluice, "first", "backend is down: role:slave, not master");
 
-    // The old session is reset, not left to write to a replica.
-    writer.get_mut().set_read_timeout(Some(DEADLINE)).unwrap();
-    let mut line = String::new();
-    let ended = std::io::BufRead::read_line(&mut writer, &mut line);
-    assert!(
-        matches!(&ended, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
-        "{ended:?} {line:?}"
-    );
-    let mut writer = client(7);
-    assert_eq!(
-        redis_call(&mut writer, &["SET", "k", "2"]),
-        "+OK",
-        "the new master takes writes"
-    );
+    writes_move_to_the_new_master(&sluice, writer);
     let labels = [r#"backend="first""#];
     assert_eq!(
         sample(
@@ -496,15 +486,7 @@ fn redis_switchover_moves_writers_to_the_new_master() {
 #[test]
 fn redis_sentinel_names_the_master() {
     let password = password_file();
-    let auth = [
-        "--requirepass",
-        PROBE_PASSWORD,
-        "--masterauth",
-        PROBE_PASSWORD,
-    ];
-    let master = redis_server_with(&auth);
-    let (ip, port) = (master.addr.ip().to_string(), master.addr.port().to_string());
-    let replica = redis_server_with(&[&auth[..], &["--replicaof", &ip, &port]].concat());
+    let (master, replica) = redis_pair();
     let sentinels: Vec<Server> = (0..3)
         .map(|_| redis_sentinel(master.addr, PROBE_PASSWORD))
         .collect();
@@ -524,12 +506,7 @@ fn redis_sentinel_names_the_master() {
         "the Sentinels name {} as master mymaster",
         master.addr
     ));
-    let client = |ip| {
-        let mut stream = std::io::BufReader::new(connect_from(client_ip(ip), sluice.listen_addr()));
-        assert_eq!(redis_call(&mut stream, &["AUTH", PROBE_PASSWORD]), "+OK");
-        stream
-    };
-    let mut writer = client(6);
+    let mut writer = redis_client(&sluice, 6);
     assert_eq!(redis_call(&mut writer, &["SET", "k", "1"]), "+OK");
 
     // The replica must have synced before a Sentinel will promote it.
@@ -551,19 +528,7 @@ fn redis_sentinel_names_the_master() {
         "sentinel failover followed {:?} after SENTINEL FAILOVER",
         started.elapsed()
     );
-    writer.get_mut().set_read_timeout(Some(DEADLINE)).unwrap();
-    let mut line = String::new();
-    let ended = std::io::BufRead::read_line(&mut writer, &mut line);
-    assert!(
-        matches!(&ended, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
-        "{ended:?} {line:?}"
-    );
-    let mut writer = client(7);
-    assert_eq!(
-        redis_call(&mut writer, &["SET", "k", "2"]),
-        "+OK",
-        "the new master takes writes"
-    );
+    writes_move_to_the_new_master(&sluice, writer);
     assert_eq!(
         sample(
             &scrape(admin),

@@ -7,32 +7,16 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
 
-/// `SELECT pg_is_in_recovery()` through `front`: `Ok("f")` on a primary.
+/// Where a query through `front` ran: `f|IP` on a primary, `t|IP` on a
+/// replica.
 fn in_recovery(front: SocketAddr) -> Result<String, String> {
-    let out = Command::new("psql")
-        .args([
-            "-h",
-            &front.ip().to_string(),
-            "-p",
-            &front.port().to_string(),
-        ])
-        .args(["-U", "postgres", "-d", "postgres", "-X", "-A", "-t"])
-        .args(["-c", "SELECT pg_is_in_recovery(), inet_server_addr()"])
-        .env("PGCONNECT_TIMEOUT", "30")
-        .env("PGPASSWORD", "pw")
-        .output()
-        .unwrap();
-    match out.status.success() {
-        true => Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned()),
-        false => Err(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
-    }
+    psql(front, "SELECT pg_is_in_recovery(), inet_server_addr()")
 }
 
 /// What clients saw through one switchover.

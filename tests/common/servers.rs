@@ -303,6 +303,23 @@ pub fn mariadb(init: &str) -> Server {
     start_server(command, addr, Some(dir), Signal::SIGKILL)
 }
 
+/// Runs `sql` with psql as the superuser at `addr` (sluice, most often):
+/// what it printed (unaligned, tuples only), or why it failed.
+pub fn psql(addr: SocketAddr, sql: &str) -> Result<String, String> {
+    let out = std::process::Command::new("psql")
+        .args(["-h", &addr.ip().to_string(), "-p", &addr.port().to_string()])
+        .args([
+            "-U", "postgres", "-d", "postgres", "-X", "-A", "-t", "-c", sql,
+        ])
+        .env("PGCONNECT_TIMEOUT", "30")
+        .output()
+        .unwrap();
+    match out.status.success() {
+        true => Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned()),
+        false => Err(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
+    }
+}
+
 /// A MariaDB server with a `probe` user that logs in with
 /// [`PROBE_PASSWORD`] and an `admin` user, without a password, that may
 /// change global settings ([`mariadb_sql`]).
