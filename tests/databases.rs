@@ -268,6 +268,11 @@ fn http_probes_on_another_port() {
     let garbage = TestServer::start_on(SocketAddr::new(unique_loopback(), port), |mut stream| {
         let _ = stream.write_all(b"\x00\x01 not http at all\r\n\r\n");
     });
+    // Accepts, reads, never answers.
+    let silent = TestServer::start_on(SocketAddr::new(unique_loopback(), port), |mut stream| {
+        let mut sink = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut stream, &mut sink);
+    });
     let data = |api: &TestServer| SocketAddr::new(api.addr.ip(), 1);
     let health = format!(
         "    health:\n      interval: 100ms\n      timeout: 100ms\n      fall: 1\n      port: {port}\n      http: {{ path: /primary }}\n"
@@ -278,6 +283,7 @@ fn http_probes_on_another_port() {
             ("leader", data(&leader)),
             ("replica", data(&replica)),
             ("garbage", data(&garbage)),
+            ("silent", data(&silent)),
         ],
     );
     wait_for_backend(
@@ -290,6 +296,7 @@ fn http_probes_on_another_port() {
         "garbage",
         "backend is down: unexpected reply \"\\x00\\x01 not http",
     );
+    wait_for_backend(&sluice, "silent", "backend is down: no answer within 100ms");
     // Up from the start (the pool fails open), it stays up.
     assert_eq!(sluice.log_count("backend=leader "), 0);
 }
