@@ -545,3 +545,33 @@ fn redis_sentinel_names_the_master() {
         Some(0.0)
     );
 }
+
+/// A Galera node that is not synced (`wsrep_desync`, as for a backup: its
+/// wsrep_local_state is 2) is down whatever its `read_only`; synced again,
+/// it is back.
+#[test]
+fn a_galera_node_out_of_sync_is_down() {
+    let password = password_file();
+    let node = galera_with_probe();
+    let (sluice, _) = start(
+        &role_check("mysql", "primary", &password),
+        &[("galera", node.addr)],
+    );
+    wait_for_backend(
+        &sluice,
+        "galera",
+        "backend is up: its first probe succeeded",
+    );
+    mariadb_sql(&node, "SET GLOBAL wsrep_desync = ON");
+    wait_for_backend(
+        &sluice,
+        "galera",
+        "backend is down: Galera node not synced: wsrep_local_state=2",
+    );
+    mariadb_sql(&node, "SET GLOBAL wsrep_desync = OFF");
+    wait_for_backend(
+        &sluice,
+        "galera",
+        "backend is up: 1 probes in a row succeeded",
+    );
+}

@@ -276,6 +276,12 @@ fn postgres_bin_dir() -> PathBuf {
 /// line. Host names are not resolved, so `localhost` accounts do not match
 /// TCP clients.
 pub fn mariadb(init: &str) -> Server {
+    mariadb_with(init, |_| Vec::new())
+}
+
+/// [`mariadb`], with the extra server options `extra` gives for its
+/// address.
+fn mariadb_with(init: &str, extra: impl FnOnce(SocketAddr) -> Vec<String>) -> Server {
     const SERVER: &str = "/usr/sbin/mariadbd";
     assert!(
         Path::new(SERVER).exists(),
@@ -299,7 +305,8 @@ pub fn mariadb(init: &str) -> Server {
         .arg(format!("--init-file={}", init_file.display()))
         .arg(format!("--bind-address={}", addr.ip()))
         .arg(format!("--port={}", addr.port()))
-        .arg("--skip-name-resolve");
+        .arg("--skip-name-resolve")
+        .args(extra(addr));
     start_server(command, addr, Some(dir), Signal::SIGKILL)
 }
 
@@ -320,15 +327,37 @@ pub fn psql(addr: SocketAddr, sql: &str) -> Result<String, String> {
     }
 }
 
+/// A one-node Galera cluster (MariaDB with Debian's galera-4), bootstrapped
+/// and synced, with the users of [`mariadb_with_probe`]. Galera's group
+/// port is on the server's own address.
+pub fn galera_with_probe() -> Server {
+    mariadb_with(&probe_users(), |addr| {
+        let group = free_addr(addr.ip());
+        vec![
+            "--wsrep-on=ON".into(),
+            "--wsrep-provider=/usr/lib/galera/libgalera_smm.so".into(),
+            "--wsrep-cluster-address=gcomm://".into(),
+            format!("--wsrep-provider-options=gmcast.listen_addr=tcp://{group}"),
+            format!("--wsrep-node-address={}", addr.ip()),
+            "--binlog-format=ROW".into(),
+            "--innodb-autoinc-lock-mode=2".into(),
+        ]
+    })
+}
+
 /// A MariaDB server with a `probe` user that logs in with
 /// [`PROBE_PASSWORD`] and an `admin` user, without a password, that may
 /// change global settings ([`mariadb_sql`]).
 pub fn mariadb_with_probe() -> Server {
-    mariadb(&format!(
+    mariadb(&probe_users())
+}
+
+fn probe_users() -> String {
+    format!(
         "CREATE USER 'probe'@'%' IDENTIFIED BY '{PROBE_PASSWORD}';\n\
          CREATE USER 'admin'@'%';\n\
          GRANT ALL ON *.* TO 'admin'@'%';\n"
-    ))
+    )
 }
 
 /// Runs `sql` as the `admin` user of [`mariadb_with_probe`].
