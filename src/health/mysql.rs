@@ -434,6 +434,107 @@ mod tests {
         assert!(scramble(NATIVE, b"", nonce).is_empty());
     }
 
+    fn send(stream: &mut std::net::TcpStream, sequence: u8, payload: &[u8]) {
+        use std::io::Write;
+        let mut header = (payload.len() as u32).to_le_bytes();
+        header[3] = sequence;
+        stream.write_all(&[&header[..], payload].concat()).unwrap();
+    }
+
+    /// One packet: its sequence number and payload.
+    fn receive(stream: &mut std::net::TcpStream) -> (u8, Vec<u8>) {
+        use std::io::Read;
+        let mut header = [0u8; 4];
+        stream.read_exact(&mut header).unwrap();
+        let mut payload =
+            vec![0u8; u32::from_le_bytes([header[0], header[1], header[2], 0]) as usize];
+        stream.read_exact(&mut payload).unwrap();
+        (header[3], payload)
+    }
+
+    /// A MySQL 8 server, played by a thread, that wants
+    /// `caching_sha2_password` and has no cached hash: the probe sends the
+    /// scramble, asks for the server's RSA key when told to, and sends the
+    /// password encrypted with it. The server checks both.
+    #[test]
+    fn caching_sha2_full_authentication_with_the_servers_key() {
+        use rsa::pkcs8::{EncodePublicKey, LineEnding};
+
+        const NONCE: &[u8; 20] = b"abcdefghijklmnopqrst";
+        const PASSWORD: &str = "pr0be secret";
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let key = rsa::RsaPrivateKey::new(&mut rsa::rand_core::OsRng, 2048).unwrap();
+            let pem = key
+                .to_public_key()
+                .to_public_key_pem(LineEnding::LF)
+                .unwrap();
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut greeting = b"\x0a8.0.36\0\x01\0\0\0".to_vec();
+            greeting.extend_from_slice(&NONCE[..8]);
+            // Filler; PROTOCOL_41 | SECURE_CONNECTION; charset; status;
+            // PLUGIN_AUTH; the scramble's length.
+            greeting.extend_from_slice(&[0, 0x00, 0x82, 0xff, 0x02, 0x00, 0x08, 0x00, 21]);
+            greeting.extend_from_slice(&[0; 10]);
+            greeting.extend_from_slice(&NONCE[8..]);
+            greeting.push(0);
+            greeting.extend_from_slice(b"caching_sha2_password\0");
+            send(&mut stream, 0, &greeting);
+
+            let (sequence, response) = receive(&mut stream);
+            assert_eq!(sequence, 1);
+            let mut c = Cursor(&response[32..]);
+            assert_eq!(c.nul_str().as_deref(), Some("probe"));
+            let len = usize::from(c.byte().unwrap());
+            let scrambled = c.take(len).unwrap().to_vec();
+            assert_eq!(c.nul_str().as_deref(), Some(CACHING_SHA2));
+            let mask = Sha256::new()
+                .chain_update(Sha256::digest(Sha256::digest(PASSWORD)))
+                .chain_update(NONCE)
+                .finalize();
+            assert_eq!(
+                xor(&scrambled, &mask),
+                Sha256::digest(PASSWORD).to_vec(),
+                "the scramble"
+            );
+
+            // Not in the cache: "perform full authentication".
+            send(&mut stream, 2, &[0x01, 4]);
+            assert_eq!(receive(&mut stream), (3, vec![0x02]), "asks for the key");
+            send(&mut stream, 4, &[&[0x01][..], pem.as_bytes()].concat());
+            let (sequence, encrypted) = receive(&mut stream);
+            assert_eq!(sequence, 5);
+            let plain = key.decrypt(rsa::Oaep::new::<Sha1>(), &encrypted).unwrap();
+            let expected: Vec<u8> = format!("{PASSWORD}\0")
+                .bytes()
+                .enumerate()
+                .map(|(i, b)| b ^ NONCE[i % NONCE.len()])
+                .collect();
+            assert_eq!(plain, expected, "the password, XORed with the nonce");
+            send(&mut stream, 6, &[0x00, 0, 0, 2, 0, 0, 0]);
+            assert_eq!(receive(&mut stream), (0, vec![0x01]), "COM_QUIT");
+        });
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let auth = ProbeAuth {
+            user: Some("probe".into()),
+            password_file: None,
+            database: None,
+            password: Some(crate::config::schema::Secret(PASSWORD.into())),
+        };
+        let verdict = runtime.block_on(async {
+            let (socket, _) = crate::net::connect(addr, std::time::Duration::ZERO)
+                .await
+                .unwrap();
+            check(Wire::new(socket).unwrap(), Role::Any, &auth).await
+        });
+        assert_eq!(verdict, Ok(()));
+        server.join().unwrap();
+    }
+
     #[test]
     fn length_encoded_fields() {
         let mut c = Cursor(b"\x01\x31\xfc\x02\x01");
