@@ -299,6 +299,11 @@ fn load(path: &Path, pool: &str, balances: &[Balance]) -> Result<Config, String>
             defined.join(", ")
         ));
     };
+    if settings.discovery.is_some() {
+        return Err(format!(
+            "pool {pool:?} takes its backend from Redis Sentinel when it runs: the file alone does not say which"
+        ));
+    }
     if !balances.contains(&settings.balance) {
         let names: Vec<&str> = balances
             .iter()

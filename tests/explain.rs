@@ -158,8 +158,15 @@ fn mistakes_are_one_line_and_exit_1() {
     );
     let by_port = with_pool("    hash_key: source_ip_port\n");
     let round_robin = with_pool("    balance: round_robin\n");
-    let [elsewhere, by_port, round_robin] =
-        [&elsewhere, &by_port, &round_robin].map(|f| f.path.to_str().unwrap());
+    let sentinel = temp_file(
+        "sentinel.yaml",
+        &config(free_addr(unique_loopback()), &[], "").replace(
+            "    backends:\n",
+            "    discovery: { sentinel: { addresses: [10.0.0.1:26379], master: m } }\n",
+        ),
+    );
+    let [elsewhere, by_port, round_robin, sentinel] =
+        [&elsewhere, &by_port, &round_robin, &sentinel].map(|f| f.path.to_str().unwrap());
 
     let cases = [
         (
@@ -186,6 +193,11 @@ fn mistakes_are_one_line_and_exit_1() {
             vec![round_robin, "back", "10.1.2.3"],
             "pool \"back\" is not balanced by maglev or first, and its algorithm does not map \
              clients to backends deterministically"
+                .to_owned(),
+        ),
+        (
+            vec![sentinel, "back", "10.1.2.3"],
+            "pool \"back\" takes its backend from Redis Sentinel when it runs: the file alone does not say which"
                 .to_owned(),
         ),
     ];
