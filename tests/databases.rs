@@ -208,30 +208,33 @@ fn postgres_primary_and_standby_by_recovery() {
     assert_eq!(sluice.log_count("backend is down"), 0);
 }
 
-#[test]
-fn mariadb_read_only_is_a_replica() {
+/// A MariaDB server behind a `role: primary` check: up, then down for
+/// `reason` once `down_sql` runs, up again after `up_sql`.
+fn down_and_back(server: &Server, name: &str, (down_sql, reason): (&str, &str), up_sql: &str) {
     let password = password_file();
-    let server = mariadb_with_probe();
     let (sluice, _) = start(
         &role_check("mysql", "primary", &password),
-        &[("mariadb", server.addr)],
+        &[(name, server.addr)],
     );
+    wait_for_backend(&sluice, name, "backend is up: its first probe succeeded");
+    mariadb_sql(server, down_sql);
     wait_for_backend(
         &sluice,
-        "mariadb",
-        "backend is up: its first probe succeeded",
+        name,
+        &format!("backend is down: {reason} (1 probes in a row failed)"),
     );
-    mariadb_sql(&server, "SET GLOBAL read_only = 1");
-    wait_for_backend(
-        &sluice,
+    mariadb_sql(server, up_sql);
+    wait_for_backend(&sluice, name, "backend is up: 1 probes in a row succeeded");
+}
+
+#[test]
+fn mariadb_read_only_is_a_replica() {
+    let server = mariadb_with_probe();
+    down_and_back(
+        &server,
         "mariadb",
-        "backend is down: read_only=1 (1 probes in a row failed)",
-    );
-    mariadb_sql(&server, "SET GLOBAL read_only = 0");
-    wait_for_backend(
-        &sluice,
-        "mariadb",
-        "backend is up: 1 probes in a row succeeded",
+        ("SET GLOBAL read_only = 1", "read_only=1"),
+        "SET GLOBAL read_only = 0",
     );
 }
 
@@ -551,27 +554,14 @@ fn redis_sentinel_names_the_master() {
 /// it is back.
 #[test]
 fn a_galera_node_out_of_sync_is_down() {
-    let password = password_file();
     let node = galera_with_probe();
-    let (sluice, _) = start(
-        &role_check("mysql", "primary", &password),
-        &[("galera", node.addr)],
-    );
-    wait_for_backend(
-        &sluice,
+    down_and_back(
+        &node,
         "galera",
-        "backend is up: its first probe succeeded",
-    );
-    mariadb_sql(&node, "SET GLOBAL wsrep_desync = ON");
-    wait_for_backend(
-        &sluice,
-        "galera",
-        "backend is down: Galera node not synced: wsrep_local_state=2",
-    );
-    mariadb_sql(&node, "SET GLOBAL wsrep_desync = OFF");
-    wait_for_backend(
-        &sluice,
-        "galera",
-        "backend is up: 1 probes in a row succeeded",
+        (
+            "SET GLOBAL wsrep_desync = ON",
+            "Galera node not synced: wsrep_local_state=2",
+        ),
+        "SET GLOBAL wsrep_desync = OFF",
     );
 }
