@@ -102,13 +102,32 @@ def machine() -> dict[str, str]:
     model = re.search(r"^model name\s*:\s*(.*)$", cpuinfo, re.M)
     memory = re.search(r"^MemTotal:\s*(\d+) kB", Path("/proc/meminfo").read_text(), re.M)
     release = re.search(r'^PRETTY_NAME="?([^"\n]*)', Path("/etc/os-release").read_text(), re.M)
+    microcode = re.search(r"^microcode\s*:\s*(.*)$", cpuinfo, re.M)
     return {
         "CPUs": f"{len(os.sched_getaffinity(0))} x {model.group(1) if model else 'unknown'}",
+        "microcode": microcode.group(1) if microcode else "unknown",
+        "mitigations": mitigations(),
         "memory": f"{int(memory.group(1)) / 2**20:.1f} GiB" if memory else "unknown",
         "kernel": os.uname().release,
         "distribution": release.group(1) if release else "unknown",
         "load average at start": " ".join(f"{load:.2f}" for load in os.getloadavg()),
     }
+
+
+def mitigations() -> str:
+    """What the kernel says of each CPU vulnerability it mitigates (the
+    ones that cost system calls and context switches), in short."""
+    directory = Path("/sys/devices/system/cpu/vulnerabilities")
+    try:
+        entries = sorted(directory.iterdir())
+    except OSError:
+        return "unknown"
+    said = []
+    for entry in entries:
+        text = entry.read_text().strip()
+        if text != "Not affected":
+            said.append(f"{entry.name}: {text}")
+    return "; ".join(said) or "none needed"
 
 
 def source_revision() -> str:
