@@ -351,6 +351,20 @@ impl Dice {
     }
 }
 
+/// How a client's connect to sluice failed, as the report says it.
+fn connect_failure(error: &std::io::Error) -> &'static str {
+    match error.kind() {
+        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => {
+            "connect to sluice failed: timed out"
+        }
+        std::io::ErrorKind::ConnectionRefused => "connect to sluice failed: refused",
+        std::io::ErrorKind::AddrInUse | std::io::ErrorKind::AddrNotAvailable => {
+            "connect to sluice failed: no local port (the client's, not sluice's)"
+        }
+        _ => "connect to sluice failed: other",
+    }
+}
+
 fn connect(from: u32, to: SocketAddr) -> std::io::Result<TcpStream> {
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
     socket.bind(&SocketAddr::new(client_ip(from), 0).into())?;
@@ -363,9 +377,9 @@ fn connect(from: u32, to: SocketAddr) -> std::io::Result<TcpStream> {
 
 /// Echo round trips of 64 bytes, `per_connection` on each connection.
 fn round_trips(to: SocketAddr, from: u32, per_connection: u32, tally: &Tally) {
-    let Ok(mut stream) = connect(from, to) else {
-        tally.add("connect failed", 1);
-        return;
+    let mut stream = match connect(from, to) {
+        Ok(stream) => stream,
+        Err(e) => return tally.add(connect_failure(&e), 1),
     };
     tally.add("connections", 1);
     if stream.write_all(b"E").is_err() {
@@ -405,9 +419,9 @@ fn round_trips(to: SocketAddr, from: u32, per_connection: u32, tally: &Tally) {
 
 /// One bulk transfer both ways; the client half-closes first.
 fn bulk(to: SocketAddr, from: u32, seed: u64, up: u64, down: u64, tally: &Tally) {
-    let Ok(mut stream) = connect(from, to) else {
-        tally.add("connect failed", 1);
-        return;
+    let mut stream = match connect(from, to) {
+        Ok(stream) => stream,
+        Err(e) => return tally.add(connect_failure(&e), 1),
     };
     tally.add("connections", 1);
     let mut header = vec![b'B'];
@@ -449,9 +463,9 @@ fn bulk(to: SocketAddr, from: u32, seed: u64, up: u64, down: u64, tally: &Tally)
 
 /// Connects, sends a little, resets.
 fn reset_midway(to: SocketAddr, from: u32, tally: &Tally) {
-    let Ok(mut stream) = connect(from, to) else {
-        tally.add("connect failed", 1);
-        return;
+    let mut stream = match connect(from, to) {
+        Ok(stream) => stream,
+        Err(e) => return tally.add(connect_failure(&e), 1),
     };
     tally.add("connections", 1);
     let _ = stream.write_all(b"E hello, and goodbye");
