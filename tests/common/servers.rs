@@ -289,10 +289,20 @@ fn mariadb_with(init: &str, extra: impl FnOnce(SocketAddr) -> Vec<String>) -> Se
     );
     let dir = data_dir("mysql");
     let data = dir.path().join("data");
+    // A temporary directory of its own: servers bootstrapped at the same
+    // time in a shared /tmp trip over each other's temporary tables.
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    if running_as_root() {
+        let mut chown = Command::new("chown");
+        chown.arg("mysql:").arg(&tmp);
+        run_to_completion(chown);
+    }
     let mut install = command_as("mysql", Path::new("mariadb-install-db"));
     install
         .args(["--no-defaults", "--skip-test-db", "--skip-name-resolve"])
-        .arg(format!("--datadir={}", data.display()));
+        .arg(format!("--datadir={}", data.display()))
+        .arg(format!("--tmpdir={}", tmp.display()));
     run_to_completion(install);
     let init_file = dir.path().join("init.sql");
     std::fs::write(&init_file, init).unwrap();
@@ -302,6 +312,7 @@ fn mariadb_with(init: &str, extra: impl FnOnce(SocketAddr) -> Vec<String>) -> Se
         .arg("--no-defaults")
         .arg(format!("--datadir={}", data.display()))
         .arg(format!("--socket={}", dir.path().join("sock").display()))
+        .arg(format!("--tmpdir={}", tmp.display()))
         .arg(format!("--init-file={}", init_file.display()))
         .arg(format!("--bind-address={}", addr.ip()))
         .arg(format!("--port={}", addr.port()))
