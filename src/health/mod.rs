@@ -147,18 +147,19 @@ pub async fn probe(addr: SocketAddr, settings: &HealthProbe) -> Result<(), Probe
     let addr = SocketAddr::new(addr.ip(), settings.port.unwrap_or(addr.port()));
     let conversation = async {
         let stream = connect(addr, settings).await?;
-        let login = settings.auth.as_ref();
-        match (settings.preset, &settings.http) {
-            (_, Some(http)) => http::check(Wire::new(stream)?, http, addr).await,
-            (Some(Preset::Redis), _) if login.is_some() || settings.role != Role::Any => {
-                redis::check(Wire::new(stream)?, settings.role, login).await
+        let (role, login) = (settings.role, settings.auth.as_ref());
+        match (settings.preset, &settings.http, login) {
+            (_, Some(http), _) => http::check(Wire::new(stream)?, http, addr).await,
+            (Some(Preset::Redis), _, _) if login.is_some() || role != Role::Any => {
+                redis::check(Wire::new(stream)?, role, login).await
             }
-            (Some(Preset::Postgres), _) if login.is_some() => {
-                postgres::check(Wire::new(stream)?, settings.role, login.expect("tested")).await
+            (Some(Preset::Postgres), _, Some(login)) => {
+                postgres::check(Wire::new(stream)?, role, login).await
             }
-            (Some(Preset::Mysql), _) if login.is_some() => {
-                mysql::check(Wire::new(stream)?, settings.role, login.expect("tested")).await
+            (Some(Preset::Mysql), _, Some(login)) => {
+                mysql::check(Wire::new(stream)?, role, login).await
             }
+            // Connecting, `send`/`expect`, or a preset that needs no login.
             _ => reply::converse(stream, settings).await,
         }
     };
