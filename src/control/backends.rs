@@ -93,7 +93,7 @@ impl Backends {
         config: &Config,
         metrics: &Metrics,
         events: Option<&UnboundedSender<Event>>,
-    ) -> Vec<u64> {
+    ) -> Vec<(u64, String)> {
         let mut present = HashSet::new();
         self.waiting
             .retain(|pool, _| config.pools.contains_key(pool));
@@ -161,7 +161,7 @@ impl Backends {
             }
             self.ids.remove(&entry.id);
             if entry.on_down == OnDown::Close {
-                closing.push(entry.id);
+                closing.push((entry.id, key.name));
             }
         }
         closing

@@ -288,7 +288,7 @@ impl Controller {
             self.publish_pool(&key.pool);
         }
         match change {
-            Change::Flipped { up: false } => self.backend_down(&key.pool, id),
+            Change::Flipped { up: false } => self.backend_down(&key.pool, id, &key.name),
             Change::Flipped { up: true } | Change::Judged { up: true } => self.dispatch(),
             _ => {}
         }

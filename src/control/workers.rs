@@ -16,33 +16,28 @@ impl Controller {
     /// connections are reset if the pool says so, unless the pool now
     /// routes over all its backends (failing open), which keeps every
     /// connection where it is.
-    pub(super) fn backend_down(&self, pool: &str, id: u64) {
+    pub(super) fn backend_down(&self, pool: &str, id: u64, name: &str) {
         let snapshot = self.shared.snapshot.load();
         let Some(pool) = snapshot.pool(pool) else {
             return;
         };
         if pool.on_down == OnDown::Close && !pool.panic {
-            self.close_sessions(vec![id]);
+            self.close_sessions(vec![(id, name.to_owned())]);
         }
     }
 
     /// The workers reset both sides of every connection relaying to one of
-    /// `backends`.
-    pub(super) fn close_sessions(&self, backends: Vec<u64>) {
+    /// `backends` (identifier, name).
+    pub(super) fn close_sessions(&self, backends: Vec<(u64, String)>) {
         if backends.is_empty() {
             return;
         }
-        let names: Vec<String> = backends
-            .iter()
-            .filter_map(|id| self.backends.key(*id).map(|key| key.name.clone()))
-            .collect();
-        if !names.is_empty() {
-            info!(
-                backends = %names.join(", "),
-                "on_down: close: resetting the connections of backends that went down"
-            );
-        }
-        let backends: Arc<[u64]> = backends.into();
+        let (ids, names): (Vec<u64>, Vec<String>) = backends.into_iter().unzip();
+        info!(
+            backends = %names.join(", "),
+            "on_down: close: resetting the connections of backends that went down or left"
+        );
+        let backends: Arc<[u64]> = ids.into();
         for worker in &self.workers {
             worker.send(Command::CloseBackends(backends.clone()));
         }
