@@ -60,7 +60,9 @@ run: build
 	scripts/run-demo
 
 bench: build
+	$(CARGO) build --release --example minirelay
 	benches/compare
+	benches/yardstick
 	benches/scaling
 	$(CARGO) bench --bench maglev
 
