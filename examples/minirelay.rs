@@ -119,7 +119,10 @@ impl Relay {
             Some(Protocol::TCP),
         )
         .expect("socket");
-        for socket in [socket2::SockRef::from(&client), socket2::SockRef::from(&backend)] {
+        for socket in [
+            socket2::SockRef::from(&client),
+            socket2::SockRef::from(&backend),
+        ] {
             socket.set_nodelay(true).expect("TCP_NODELAY");
         }
         let backend = OwnedFd::from(backend);
@@ -248,7 +251,9 @@ fn main() {
     };
     let listen: SocketAddr = listen.parse().expect("LISTEN: ip:port");
     let backend: SocketAddr = backend.parse().expect("BACKEND: ip:port");
-    let threads: usize = rest.first().map_or(2, |t| t.parse().expect("THREADS: a number"));
+    let threads: usize = rest
+        .first()
+        .map_or(2, |t| t.parse().expect("THREADS: a number"));
     let workers: Vec<_> = (0..threads)
         .map(|_| std::thread::spawn(move || serve(listen, backend)))
         .collect();
