@@ -30,6 +30,16 @@ fn start(pool: &str, backends: &[(&str, SocketAddr)]) -> (Sluice, SocketAddr) {
     (Sluice::start(&text), admin)
 }
 
+/// The connections of `backend` that `on_down: close` has reset.
+fn closed_on_down(admin: SocketAddr, backend: &str) -> Option<f64> {
+    let backend = format!(r#"backend="{backend}""#);
+    sample(
+        &scrape(admin),
+        "sluice_connections_closed_on_down_total",
+        &[&backend],
+    )
+}
+
 /// Waits until `backend` has had `n` probes with `result` (ok, fail).
 fn wait_for_probes(admin: SocketAddr, backend: &str, result: &str, n: f64) {
     let backend = format!(r#"backend="{backend}""#);
@@ -412,15 +422,7 @@ fn mariadb_made_read_only_loses_its_sessions() {
         }
     };
     assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset);
-    let labels = [r#"pool="back""#, r#"backend="mariadb""#];
-    assert_eq!(
-        sample(
-            &scrape(admin),
-            "sluice_connections_closed_on_down_total",
-            &labels
-        ),
-        Some(1.0)
-    );
+    assert_eq!(closed_on_down(admin, "mariadb"), Some(1.0));
     let mut late = connect_from(client_ip(4), sluice.listen_addr());
     assert!(
         greeting(&mut late).is_err(),
@@ -477,15 +479,7 @@ fn redis_switchover_moves_writers_to_the_new_master() {
     wait_for_backend(&sluice, "first", "backend is down: role:slave, not master");
 
     writes_move_to_the_new_master(&sluice, writer);
-    let labels = [r#"backend="first""#];
-    assert_eq!(
-        sample(
-            &scrape(admin),
-            "sluice_connections_closed_on_down_total",
-            &labels
-        ),
-        Some(1.0)
-    );
+    assert_eq!(closed_on_down(admin, "first"), Some(1.0));
 }
 
 /// Three Sentinels watch a master and its replica; the pool has no
