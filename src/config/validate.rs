@@ -9,8 +9,8 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use super::schema::{
-    AcceptProxy, Backend, Balance, Config, Health, HttpProbe, Listener, Pool, Preset, Role, Secret,
-    SendProxy, Sentinel,
+    AcceptProxy, Backend, Balance, Config, Health, HttpProbe, Listener, Pool, Preset, ProbeAuth,
+    Role, Secret, SendProxy, Sentinel,
 };
 use super::Problem;
 use crate::balancer::maglev;
@@ -366,18 +366,28 @@ fn check_health(pool: &str, health: &mut Health) -> Result<(), Problem> {
         ));
     }
     if let Some(auth) = &mut probe.auth {
-        if probe.preset == Some(Preset::Redis) && auth.password_file.is_none() {
-            return Err(Problem::new(
-                field("auth.password_file"),
-                "Redis logs in with a password: give the file that holds it",
-            ));
-        }
-        if let Some(path) = &auth.password_file {
-            let password =
-                read_password(path).map_err(|m| Problem::new(field("auth.password_file"), m))?;
-            auth.password = Some(Secret(password));
-        }
+        let required = (probe.preset == Some(Preset::Redis))
+            .then_some("Redis logs in with a password: give the file that holds it");
+        load_password(auth, required, &field)?;
     }
+    Ok(())
+}
+
+/// Reads the password file of `auth` into it. `required`: what to say if
+/// there is none and one is needed.
+fn load_password(
+    auth: &mut ProbeAuth,
+    required: Option<&str>,
+    field: &impl Fn(&str) -> String,
+) -> Result<(), Problem> {
+    let Some(path) = &auth.password_file else {
+        return match required {
+            Some(why) => Err(Problem::new(field("auth.password_file"), why)),
+            None => Ok(()),
+        };
+    };
+    let password = read_password(path).map_err(|m| Problem::new(field("auth.password_file"), m))?;
+    auth.password = Some(Secret(password));
     Ok(())
 }
 
@@ -413,15 +423,8 @@ fn check_sentinel(pool: &str, sentinel: &mut Sentinel, resolver: Resolver) -> Re
         ));
     }
     if let Some(auth) = &mut sentinel.auth {
-        let path = auth.password_file.as_ref().ok_or_else(|| {
-            Problem::new(
-                field("auth.password_file"),
-                "Sentinels log in with a password: give the file that holds it",
-            )
-        })?;
-        let password =
-            read_password(path).map_err(|m| Problem::new(field("auth.password_file"), m))?;
-        auth.password = Some(Secret(password));
+        let required = "Sentinels log in with a password: give the file that holds it";
+        load_password(auth, Some(required), &field)?;
     }
     Ok(())
 }
