@@ -124,11 +124,8 @@ async fn connect(addr: SocketAddr, auth: Option<&ProbeAuth>) -> Result<Wire, Str
     }
     let mut wire = Wire::new(socket).map_err(|e| e.to_string())?;
     if let Some(auth) = auth {
-        let mut words = vec!["AUTH"];
-        words.extend(auth.user.as_deref());
-        words.extend(auth.password.as_ref().map(|p| p.0.as_str()));
         let mut request = Vec::new();
-        resp::command(&mut request, &words);
+        resp::auth(&mut request, auth);
         wire.send(&request).await.map_err(|e| e.to_string())?;
         match health::next_reply(&mut wire)
             .await

@@ -4,6 +4,8 @@
 //! Sentinel discovery; parsing is incremental (a reply may come in pieces)
 //! and bounded in depth.
 
+use crate::config::schema::ProbeAuth;
+
 /// Appends `words` as a RESP array of bulk strings: safe for any byte in a
 /// password.
 pub fn command(out: &mut Vec<u8>, words: &[&str]) {
@@ -11,6 +13,14 @@ pub fn command(out: &mut Vec<u8>, words: &[&str]) {
     for word in words {
         out.extend_from_slice(format!("${}\r\n{word}\r\n", word.len()).as_bytes());
     }
+}
+
+/// Appends `AUTH [user] password` for `auth` (no user: the default one).
+pub fn auth(out: &mut Vec<u8>, auth: &ProbeAuth) {
+    let mut words = vec!["AUTH"];
+    words.extend(auth.user.as_deref());
+    words.extend(auth.password.as_ref().map(|p| p.0.as_str()));
+    command(out, &words);
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

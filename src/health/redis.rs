@@ -15,10 +15,7 @@ pub(super) async fn check(
 ) -> Result<(), ProbeFailure> {
     let mut request = Vec::new();
     if let Some(auth) = auth {
-        let mut words = vec!["AUTH"];
-        words.extend(auth.user.as_deref());
-        words.extend(auth.password.as_ref().map(|p| p.0.as_str()));
-        command(&mut request, &words);
+        resp::auth(&mut request, auth);
     }
     let ask: &[&str] = match role {
         Role::Any => &["PING"],
