@@ -13,18 +13,20 @@
 //! connection of its own closing, and every [`RECHECK`] while any wait (a
 //! place freed on another worker).
 
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use metrics::Gauge;
 
+use crate::balancer::load::{Lease, Load};
+
 /// How often a worker with waiting clients tries them again unasked.
 pub const RECHECK: Duration = Duration::from_millis(50);
 
-/// The clients waiting in one pool's queue, over every worker.
+/// The clients waiting in one pool's queue, over every worker: counted as
+/// a backend counts its connections.
 pub struct Waiting {
-    count: AtomicU32,
+    clients: Arc<Load>,
     length: Gauge,
 }
 
@@ -38,25 +40,28 @@ impl Default for Waiting {
 impl Waiting {
     pub fn new(length: Gauge) -> Waiting {
         Waiting {
-            count: AtomicU32::new(0),
+            clients: Arc::default(),
             length,
         }
     }
 
-    /// A place in the queue, unless `size` clients wait already.
+    /// A place in the queue, unless `size` clients wait already (size 0:
+    /// nobody waits).
     pub fn join(self: &Arc<Waiting>, size: u32) -> Option<Ticket> {
-        self.count
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < size).then_some(n + 1)
-            })
-            .ok()?;
+        if size == 0 {
+            return None;
+        }
+        let lease = self.clients.lease(size)?;
         self.length.increment(1.0);
-        Some(Ticket(self.clone()))
+        Some(Ticket {
+            _lease: lease,
+            queue: self.clone(),
+        })
     }
 
     /// Clients waiting now.
     pub fn len(&self) -> u32 {
-        self.count.load(Ordering::Acquire)
+        self.clients.open()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -65,12 +70,14 @@ impl Waiting {
 }
 
 /// A client's place in its pool's queue, given back when dropped.
-pub struct Ticket(Arc<Waiting>);
+pub struct Ticket {
+    _lease: Lease,
+    queue: Arc<Waiting>,
+}
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        self.0.count.fetch_sub(1, Ordering::AcqRel);
-        self.0.length.decrement(1.0);
+        self.queue.length.decrement(1.0);
     }
 }
 
