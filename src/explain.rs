@@ -305,13 +305,7 @@ fn load(path: &Path, pool: &str, balances: &[Balance]) -> Result<Config, String>
         ));
     }
     if !balances.contains(&settings.balance) {
-        let names: Vec<&str> = balances
-            .iter()
-            .map(|b| match b {
-                Balance::First => "first",
-                _ => "maglev",
-            })
-            .collect();
+        let names: Vec<&str> = balances.iter().map(|b| b.name()).collect();
         return Err(format!(
             "pool {pool:?} is not balanced by {}, and its algorithm does not map \
              clients to backends deterministically",

@@ -311,6 +311,21 @@ pub enum Balance {
     First,
 }
 
+impl Balance {
+    /// As the configuration spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Balance::Maglev => "maglev",
+            Balance::RoundRobin => "round_robin",
+            Balance::WeightedRoundRobin => "weighted_round_robin",
+            Balance::LeastConnections => "least_connections",
+            Balance::Random => "random",
+            Balance::PowerOfTwo => "power_of_two",
+            Balance::First => "first",
+        }
+    }
+}
+
 /// What part of the client's address Maglev hashes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -189,7 +189,7 @@ pub struct Worker {
     /// Accepted while at capacity: served once there is room.
     held: VecDeque<(OwnedFd, SocketAddr)>,
     /// Clients waiting in a pool's queue.
-    waiting: queue::Waiting,
+    waiting: queue::Waiters,
     /// Paused at the descriptor capacity.
     pause: Pause,
     inbox: Inbox,
@@ -259,7 +259,7 @@ impl Worker {
             starved: VecDeque::new(),
             marks: Vec::new(),
             held: VecDeque::new(),
-            waiting: queue::Waiting::default(),
+            waiting: queue::Waiters::default(),
             pause: Pause::default(),
             inbox,
             wake: Box::new(0),

@@ -14,7 +14,7 @@ use crate::net;
 
 /// This worker's clients in a queue, in arrival order, and when they were
 /// last tried.
-pub(super) struct Waiting {
+pub(super) struct Waiters {
     /// (Slot, generation) of each.
     clients: VecDeque<(u32, u32)>,
     /// Something may have freed a backend: try them at the next turn's end.
@@ -22,9 +22,9 @@ pub(super) struct Waiting {
     tried: Instant,
 }
 
-impl Default for Waiting {
-    fn default() -> Waiting {
-        Waiting {
+impl Default for Waiters {
+    fn default() -> Waiters {
+        Waiters {
             clients: VecDeque::new(),
             due: false,
             tried: Instant::now(),
@@ -32,7 +32,7 @@ impl Default for Waiting {
     }
 }
 
-impl Waiting {
+impl Waiters {
     /// When the loop must wake to try them again unasked, if any wait.
     pub(super) fn next_try(&self) -> Option<Instant> {
         (!self.clients.is_empty()).then(|| self.tried + RECHECK)
