@@ -101,7 +101,7 @@ pub fn client(
         .unwrap(),
         false => write_route(&mut out, &order),
     }
-    if rebuilt.panic {
+    if rebuilt.panic() {
         writeln!(
             out,
             "note:    every backend is down: sluice routes over all of them"

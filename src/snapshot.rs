@@ -65,14 +65,9 @@ pub struct Pool {
     pub retries: u32,
     /// Every endpoint of the pool, up or down, in file order.
     pub backends: Vec<Backend>,
-    /// Backends with a weight exist but none is up, and the pool is
-    /// `fail_open`, so the table routes over all of them rather than refuse
-    /// every client (Envoy's panic threshold at 0%). A pool whose backends
-    /// all have weight 0 is drained, not in panic: it routes nowhere.
-    pub panic: bool,
     /// Backends with a weight exist but none may take clients: none is up
-    /// (or known yet). With `panic`, the pool routes over all of them;
-    /// without, it routes nowhere and clients wait in its queue.
+    /// (or known yet). In [`panic`](Pool::panic) the pool routes over all
+    /// of them; if not, it routes nowhere and clients wait in its queue.
     pub all_down: bool,
     /// With every backend down, route over all of them (`panic`); if not,
     /// a client whose connects all failed waits in the queue too.
@@ -241,7 +236,6 @@ impl Pool {
             idle_timeout: config.idle_timeout,
             send_proxy: config.send_proxy,
             retries: config.retries,
-            panic,
             all_down,
             fail_open: config.fail_open(),
             on_down: config.on_down(),
@@ -262,6 +256,14 @@ impl Pool {
     /// [`candidates`](Pool::candidates) as indices into `backends`.
     pub fn candidate_indices(&self, client: SocketAddr) -> impl Iterator<Item = usize> + '_ {
         self.balancer.candidates(client)
+    }
+
+    /// Every backend with a weight is down and the pool is `fail_open`, so
+    /// the table routes over all of them rather than refuse every client
+    /// (Envoy's panic threshold at 0%). A pool whose backends all have
+    /// weight 0 is drained, not in panic: it routes nowhere.
+    pub fn panic(&self) -> bool {
+        self.all_down && self.fail_open
     }
 
     /// The Maglev table's size; 0 for other algorithms.

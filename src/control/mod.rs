@@ -482,7 +482,7 @@ impl Controller {
     /// follows.
     fn note_all_down(&mut self, pool: &Pool) {
         if pool.all_down && self.pools_down.insert(pool.name.clone()) {
-            match pool.panic {
+            match pool.panic() {
                 true => warn!(
                     pool = %pool.name,
                     "every backend is down: routing over all of them until one is back"

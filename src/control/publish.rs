@@ -93,11 +93,11 @@ mod tests {
         backends.eject(1);
         let snapshot = publish(&config, &backends, None);
         assert_eq!(first_choices(&snapshot), ["b", "c"]);
-        assert!(!snapshot.pool("p").unwrap().panic);
+        assert!(!snapshot.pool("p").unwrap().panic());
         backends.eject(2);
         backends.eject(3);
         let snapshot = publish(&config, &backends, None);
-        assert!(snapshot.pool("p").unwrap().panic);
+        assert!(snapshot.pool("p").unwrap().panic());
         assert_eq!(first_choices(&snapshot), ["a", "b", "c"]);
     }
 

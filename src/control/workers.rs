@@ -21,7 +21,7 @@ impl Controller {
         let Some(pool) = snapshot.pool(pool) else {
             return;
         };
-        if pool.on_down == OnDown::Close && !pool.panic {
+        if pool.on_down == OnDown::Close && !pool.panic() {
             self.close_sessions(vec![(id, name.to_owned())]);
         }
     }
