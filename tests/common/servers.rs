@@ -293,11 +293,7 @@ fn mariadb_with(init: &str, extra: impl FnOnce(SocketAddr) -> Vec<String>) -> Se
     // time in a shared /tmp trip over each other's temporary tables.
     let tmp = dir.path().join("tmp");
     std::fs::create_dir(&tmp).unwrap();
-    if running_as_root() {
-        let mut chown = Command::new("chown");
-        chown.arg("mysql:").arg(&tmp);
-        run_to_completion(chown);
-    }
+    give_to("mysql", &tmp);
     let mut install = command_as("mysql", Path::new("mariadb-install-db"));
     install
         .args(["--no-defaults", "--skip-test-db", "--skip-name-resolve"])
@@ -447,11 +443,7 @@ impl PatroniNode {
             ),
         )
         .unwrap();
-        if running_as_root() {
-            let mut chown = Command::new("chown");
-            chown.arg("-R").arg("postgres:").arg(dir.path());
-            run_to_completion(chown);
-        }
+        give_to("postgres", dir.path());
         let mut command = command_as("postgres", Path::new("patroni"));
         command.arg(&config);
         // SIGKILL would leave its postgres running: SIGTERM stops both.
@@ -504,12 +496,18 @@ pub fn running_as_root() -> bool {
 /// run as root.
 fn data_dir(user: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
+    give_to(user, dir.path());
+    dir
+}
+
+/// Makes `path`, and all below it, `user`'s when the tests run as root:
+/// the database servers run as their own users.
+fn give_to(user: &str, path: &Path) {
     if running_as_root() {
         let mut chown = Command::new("chown");
-        chown.arg(format!("{user}:")).arg(dir.path());
+        chown.arg("-R").arg(format!("{user}:")).arg(path);
         run_to_completion(chown);
     }
-    dir
 }
 
 /// `program` run as `user` when the tests run as root, since database
