@@ -112,6 +112,11 @@ fn read_name(stream: &mut TcpStream) -> Result<String, ErrorKind> {
     }
 }
 
+/// Clients in pool `back`'s queue now.
+fn queue_length(admin: SocketAddr) -> Option<f64> {
+    sample(&scrape(admin), "sluice_queue_length", &[r#"pool="back""#])
+}
+
 fn errors(admin: SocketAddr, reason: &str) -> f64 {
     sample(
         &scrape(admin),
@@ -167,7 +172,7 @@ fn the_queue_holds_clients_until_a_backend_comes_up() {
         .map(|_| connect_from(client_ip(9), sluice.listen_addr()))
         .collect();
     wait_until("three clients in the queue", || {
-        sample(&scrape(admin), "sluice_queue_length", &[r#"pool="back""#]) == Some(3.0)
+        queue_length(admin) == Some(3.0)
     });
     // The fourth finds the queue full.
     let started = Instant::now();
@@ -181,10 +186,7 @@ fn the_queue_holds_clients_until_a_backend_comes_up() {
     for stream in &mut waiting {
         assert_eq!(read_name(stream).as_deref(), Ok("b0"));
     }
-    assert_eq!(
-        sample(&scrape(admin), "sluice_queue_length", &[r#"pool="back""#]),
-        Some(0.0)
-    );
+    assert_eq!(queue_length(admin), Some(0.0));
     assert_eq!(errors(admin, "queue_timeout"), 0.0);
 }
 
@@ -223,12 +225,10 @@ fn clients_wait_for_a_place_at_a_full_backend() {
     let mut holder = connect_from(client_ip(9), sluice.listen_addr());
     assert_eq!(read_name(&mut holder).as_deref(), Ok("b0"));
     let mut second = connect_from(client_ip(9), sluice.listen_addr());
-    wait_until("a client in the queue", || {
-        sample(&scrape(admin), "sluice_queue_length", &[r#"pool="back""#]) == Some(1.0)
-    });
+    wait_until("a client in the queue", || queue_length(admin) == Some(1.0));
     let mut third = connect_from(client_ip(9), sluice.listen_addr());
     wait_until("two clients in the queue", || {
-        sample(&scrape(admin), "sluice_queue_length", &[r#"pool="back""#]) == Some(2.0)
+        queue_length(admin) == Some(2.0)
     });
     drop(holder);
     assert_eq!(
