@@ -26,9 +26,10 @@ BIN     ?= target/release/sluice
 # Debian packages the tests talk to or use: the servers behind sluice (the
 # tests start their own on loopback ports, whatever services the packages
 # start), systemd-analyze to verify the unit file, and Prometheus with
-# promtool to scrape sluice and check the alert rules. (`make deb`, which the
+# promtool to scrape sluice and check the alert rules, Chromium to load the
+# status page in a real browser. (`make deb`, which the
 # package test runs, installs cargo-deb itself.)
-TEST_PACKAGES := redis-server redis-sentinel redis-tools memcached postgresql mariadb-server patroni etcd-server systemd prometheus iproute2 nftables bird2 curl
+TEST_PACKAGES := redis-server redis-sentinel redis-tools memcached postgresql mariadb-server patroni etcd-server systemd prometheus iproute2 nftables bird2 curl chromium
 
 CARGO_DEB_VERSION := 3.8.0
 

@@ -27,9 +27,12 @@
 //!   [`health`]: probes and the passive failure count; [`discovery`]: a
 //!   pool's backend as Redis Sentinel names it; [`resp`]: the little of
 //!   the Redis protocol that probes and discovery speak.
-//! - [`admin`]: the admin endpoint (`/metrics`, `/ready`).
+//! - [`admin`]: the admin endpoint (`/metrics`, `/ready`, the JSON API, the
+//!   status page); [`state`]: operator states (drain, maint) and the file
+//!   that keeps them across restarts.
 //! - [`signals`], [`systemd`], [`logging`]: process plumbing.
-//! - [`explain`]: `sluice explain`, routing computed from the file alone.
+//! - [`explain`]: `sluice explain`, routing computed from the file alone;
+//!   [`ctl`]: `sluice ctl`, a client of a running sluice's admin API.
 
 pub mod admin;
 pub mod balancer;
@@ -37,6 +40,7 @@ pub mod capacity;
 pub mod config;
 pub mod connection;
 pub mod control;
+pub mod ctl;
 pub mod discovery;
 pub mod driver;
 pub mod explain;
@@ -52,5 +56,6 @@ pub mod resp;
 pub mod shared;
 pub mod signals;
 pub mod snapshot;
+pub mod state;
 pub mod systemd;
 pub mod worker;

@@ -14,6 +14,8 @@ use tracing::{error, info};
 
 use sluice::config::{self, Config, Workers};
 use sluice::control::Controller;
+use sluice::ctl::{self, Action};
+use sluice::state::OperatorState;
 use sluice::worker::{self, Driver, WorkerError};
 use sluice::{capacity, explain, logging, mailbox, signals};
 
@@ -63,6 +65,60 @@ Examples:
         #[arg(long, value_name = "NEWFILE")]
         remap: Option<PathBuf>,
     },
+    /// Talk to the running sluice through its admin endpoint (admin.listen
+    /// and admin.token_file of the configuration file).
+    #[command(after_help = "\
+Examples:
+  sluice ctl status
+  sluice ctl drain pg db1 --wait 10m && patch-db1 && sluice ctl ready pg db1
+  sluice ctl maint redis cache-b")]
+    Ctl {
+        #[command(subcommand)]
+        command: CtlCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// Every pool and backend: state, health, open connections, queue.
+    Status,
+    /// Take no new client on BACKEND; open connections stay and probes go
+    /// on. With --wait, exit 0 once it has no open connection, or 1 when
+    /// DURATION has passed with connections still open.
+    Drain {
+        pool: String,
+        backend: String,
+        /// How long to wait for its connections to end (e.g. 30s, 10m).
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        wait: Option<std::time::Duration>,
+    },
+    /// Take no client and stop probing BACKEND; with `on_down: close` its
+    /// open connections are reset.
+    Maint { pool: String, backend: String },
+    /// End a drain or maintenance: BACKEND takes clients as its health
+    /// allows.
+    Ready { pool: String, backend: String },
+}
+
+impl CtlCommand {
+    fn action(&self) -> Action {
+        let set = |pool: &String, backend: &String, state, wait| Action::Set {
+            pool: pool.clone(),
+            backend: backend.clone(),
+            state,
+            wait,
+        };
+        match self {
+            CtlCommand::Status => Action::Status,
+            CtlCommand::Drain {
+                pool,
+                backend,
+                wait,
+            } => set(pool, backend, OperatorState::Drain, *wait),
+            CtlCommand::Maint { pool, backend } => set(pool, backend, OperatorState::Maint, None),
+            CtlCommand::Ready { pool, backend } => set(pool, backend, OperatorState::Ready, None),
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -88,6 +144,9 @@ fn main() -> ExitCode {
         }
         .map(|text| print!("{text}"))
         .map_err(Into::into),
+        Some(Command::Ctl { command }) => ctl::run(&cli.config, &command.action())
+            .map(|text| print!("{text}"))
+            .map_err(Into::into),
         None if cli.check => check(&cli.config).map_err(Into::into),
         None => run(&cli.config),
     };

@@ -101,10 +101,11 @@ pub enum Family {
     ListenerMaxConnections,
     ClosedOnDown,
     QueueLength,
+    BackendState,
 }
 
 impl Family {
-    const ALL: [Family; 15] = [
+    const ALL: [Family; 16] = [
         Family::ConnectionsTotal,
         Family::ConnectionsActive,
         Family::ConnectionErrors,
@@ -120,6 +121,7 @@ impl Family {
         Family::ListenerMaxConnections,
         Family::ClosedOnDown,
         Family::QueueLength,
+        Family::BackendState,
     ];
 
     /// Name, Prometheus type and help text.
@@ -199,6 +201,11 @@ impl Family {
                 "sluice_queue_length",
                 "gauge",
                 "Clients waiting in the pool's queue for a backend.",
+            ),
+            Family::BackendState => (
+                "sluice_backend_state",
+                "gauge",
+                "1 for the backend's operator state (ready, drain, maint), 0 for the others.",
             ),
         }
     }

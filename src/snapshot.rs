@@ -29,6 +29,7 @@ use crate::connection::queue::Waiting;
 use crate::health::PassiveHealth;
 use crate::limits::Gate;
 use crate::metrics::{BackendStats, ListenerStats, Metrics};
+use crate::state::OperatorState;
 
 #[derive(Clone, Default)]
 pub struct Snapshot {
@@ -94,6 +95,8 @@ pub struct Backend {
     pub up: bool,
     /// Gets clients only while no other backend of the pool is up.
     pub backup: bool,
+    /// What the operator said: only a `ready` backend takes new clients.
+    pub state: OperatorState,
     /// 0: no limit; a full backend is passed over like a down one.
     pub max_connections: u32,
     /// Shared with the control plane; survive rebuilds and reloads.
@@ -123,6 +126,7 @@ impl Snapshot {
                         Backend::new(
                             &e,
                             true,
+                            OperatorState::Ready,
                             Arc::new(PassiveHealth::new(0)),
                             Arc::default(),
                             stats,
@@ -204,25 +208,30 @@ pub fn listeners_of<'a>(config: &'a Config, pool: &str) -> Vec<&'a str> {
 }
 
 impl Pool {
-    /// Builds the pool's table from the backends that may take clients: up,
-    /// with a weight, and not a backup while another backend is up. If
-    /// none may and the pool fails open, from all of them.
+    /// Builds the pool's table from the backends that may take clients: in
+    /// rotation (with a weight, and `ready`), up, and not a backup while
+    /// another backend is up. If none may and the pool fails open, from all
+    /// of those in rotation.
     pub fn build(
         name: &str,
         config: &config::Pool,
         backends: Vec<Backend>,
         waiting: Arc<Waiting>,
     ) -> Pool {
-        let weighted = backends.iter().filter(|b| b.weight > 0);
-        let regular_up = weighted.clone().any(|b| b.up && !b.backup);
+        let in_rotation = |b: &Backend| b.weight > 0 && b.state == OperatorState::Ready;
+        let rotation = backends.iter().filter(|b| in_rotation(b));
+        let regular_up = rotation.clone().any(|b| b.up && !b.backup);
         let usable = |b: &Backend| b.up && !(b.backup && regular_up);
-        let all_down = weighted.clone().next().is_some() && !weighted.clone().any(usable);
+        let all_down = rotation.clone().next().is_some() && !rotation.clone().any(usable);
         let panic = all_down && config.fail_open();
         let choices: Vec<Choice> = backends
             .iter()
             .map(|b| Choice {
                 name: &b.name,
-                weight: if usable(b) || panic { b.weight } else { 0 },
+                weight: match in_rotation(b) && (usable(b) || panic) {
+                    true => b.weight,
+                    false => 0,
+                },
                 load: &b.load,
             })
             .collect();
@@ -258,10 +267,11 @@ impl Pool {
         self.balancer.candidates(client)
     }
 
-    /// Every backend with a weight is down and the pool is `fail_open`, so
+    /// Every backend in rotation is down and the pool is `fail_open`, so
     /// the table routes over all of them rather than refuse every client
     /// (Envoy's panic threshold at 0%). A pool whose backends all have
-    /// weight 0 is drained, not in panic: it routes nowhere.
+    /// weight 0, or are in drain or maint, is drained, not in panic: it
+    /// routes nowhere.
     pub fn panic(&self) -> bool {
         self.all_down && self.fail_open
     }
@@ -290,6 +300,7 @@ impl Backend {
     pub fn new(
         endpoint: &config::Endpoint,
         up: bool,
+        state: OperatorState,
         passive: Arc<PassiveHealth>,
         load: Arc<Load>,
         stats: Arc<BackendStats>,
@@ -300,6 +311,7 @@ impl Backend {
             weight: endpoint.weight,
             max_connections: endpoint.max_connections,
             backup: endpoint.backup,
+            state,
             up,
             passive,
             load,

@@ -108,7 +108,7 @@ fn unknown_keys() {
     );
     assert_eq!(
         rejected(&format!("wokers: 2\n{VALID}")),
-        "sluice: sluice.yaml:1:1: unknown field `wokers`, expected one of `workers`, `io`, `pin_workers`, `shutdown_timeout`, `shutdown_delay`, `admin`, `log`, `listeners`, `pools`"
+        "sluice: sluice.yaml:1:1: unknown field `wokers`, expected one of `workers`, `io`, `pin_workers`, `shutdown_timeout`, `shutdown_delay`, `admin`, `state_file`, `log`, `listeners`, `pools`"
     );
 }
 
@@ -587,4 +587,24 @@ fn explain_reports_bad_input() {
     let out = sluice_command(&["explain", "-c", path, "redis", "not-an-ip"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid client address \"not-an-ip\""));
+}
+
+#[test]
+fn an_admin_token_file_that_cannot_be_read() {
+    let text = format!(
+        "admin:\n  listen: 127.0.0.1:9137\n  token_file: /nonexistent/sluice.token\n{VALID}"
+    );
+    let stderr = rejected(&text);
+    assert!(
+        stderr.contains("admin.token_file: cannot read /nonexistent/sluice.token"),
+        "{stderr}"
+    );
+    assert!(stderr.starts_with("sluice: sluice.yaml:3:"), "{stderr}");
+    let unknown = rejected(&format!(
+        "admin:\n  listen: 127.0.0.1:9137\n  token: x\n{VALID}"
+    ));
+    assert!(
+        unknown.contains("unknown field `token`, expected `listen` or `token_file`"),
+        "{unknown}"
+    );
 }

@@ -174,14 +174,15 @@ fn clients_turned_away_are_counted_by_reason() {
 }
 
 #[test]
-fn the_admin_endpoint_answers_only_get_metrics() {
+fn the_admin_endpoint_serves_its_pages_and_refuses_other_methods() {
     let (_servers, backends) = name_servers(1);
     let admin = free_addr(unique_loopback());
     let sluice = Sluice::start(&format!(
         "admin:\n  listen: {admin}\n{}",
         config(free_addr(unique_loopback()), &backends, "")
     ));
-    assert_eq!(get(admin, "/").0, "HTTP/1.1 404 Not Found");
+    assert_eq!(get(admin, "/").0, "HTTP/1.1 200 OK");
+    assert_eq!(get(admin, "/nothing").0, "HTTP/1.1 404 Not Found");
     let mut stream = TcpStream::connect(admin).unwrap();
     stream.write_all(b"POST /metrics HTTP/1.1\r\n\r\n").unwrap();
     let mut response = String::new();

@@ -6,18 +6,25 @@
 //! connects until it closes: `least_connections`, `power_of_two`, bounded
 //! load and `max_connections` all read the same counter.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 #[derive(Default)]
 pub struct Load {
     open: AtomicU32,
+    /// Leases ever given: what the admin API shows as a backend's total.
+    total: AtomicU64,
 }
 
 impl Load {
     /// Connections open now.
     pub fn open(&self) -> u32 {
         self.open.load(Ordering::Relaxed)
+    }
+
+    /// Connections counted since this load was made.
+    pub fn total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
     }
 
     /// Counts one more connection, unless `limit` (0: none) are open
@@ -28,6 +35,7 @@ impl Load {
                 (limit == 0 || open < limit).then_some(open + 1)
             })
             .ok()?;
+        self.total.fetch_add(1, Ordering::Relaxed);
         Some(Lease(self.clone()))
     }
 }
@@ -56,5 +64,6 @@ mod tests {
         let _third = load.lease(2).expect("the place given back");
         assert_eq!(load.open(), 2);
         assert!(load.lease(0).is_some(), "0 is no limit");
+        assert_eq!(load.total(), 4);
     }
 }

@@ -21,7 +21,7 @@ pub use bounds::{check_depth, MAX_DEPTH, MAX_FILE_BYTES};
 pub use schema::{
     Balance, Config, Endpoint, Engine, HashKey, HealthProbe, Io, LogFormat, LogLevel, Pool, Workers,
 };
-pub use validate::{resolve, Resolver};
+pub use validate::{read_password, resolve, Resolver};
 
 /// Where `sluice` looks for its configuration when `-c` is not given.
 pub const DEFAULT_PATH: &str = "/etc/sluice/sluice.yaml";

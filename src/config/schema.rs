@@ -34,6 +34,10 @@ pub struct Config {
     #[serde(default, with = "duration")]
     pub shutdown_delay: Duration,
     pub admin: Option<Admin>,
+    /// Where operator states (drain, maint) are kept across restarts;
+    /// empty: nowhere.
+    #[serde(default = "defaults::state_file")]
+    pub state_file: std::path::PathBuf,
     #[serde(default)]
     pub log: Log,
     #[serde(deserialize_with = "unique_map")]
@@ -62,10 +66,17 @@ pub enum Io {
     Epoll,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Admin {
     pub listen: Option<ListenAddr>,
+    /// The file holding the bearer token that state changes need; empty:
+    /// state changes are refused. Read like a probe's password file.
+    #[serde(default)]
+    pub token_file: std::path::PathBuf,
+    /// The file's contents, read by validation at start and at each reload.
+    #[serde(skip)]
+    pub token: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -622,6 +633,9 @@ pub struct ListenAddr(pub SocketAddr);
 mod defaults {
     use std::time::Duration;
 
+    pub fn state_file() -> std::path::PathBuf {
+        "/var/lib/sluice/state.json".into()
+    }
     pub fn shutdown_timeout() -> Duration {
         Duration::from_secs(30)
     }

@@ -45,6 +45,13 @@ pub fn validate(config: &mut Config, resolver: Resolver) -> Result<(), Problem> 
         check_listener(name, listener, &config.pools)?;
     }
     check_listen_addresses(&config.listeners)?;
+    if let Some(admin) = &mut config.admin {
+        if !admin.token_file.as_os_str().is_empty() {
+            let token = read_password(&admin.token_file)
+                .map_err(|m| Problem::new("admin.token_file", m))?;
+            admin.token = Some(Secret(token));
+        }
+    }
     for (name, pool) in &mut config.pools {
         check_name("pools", name)?;
         check_pool(name, pool, resolver)?;

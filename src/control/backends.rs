@@ -10,6 +10,10 @@
 //! or a DNS answer keeps all of it; one that goes takes all of it away (its
 //! series with it, at the next sweep); one whose address changes under the
 //! same name is a new server, with a fresh verdict.
+//!
+//! The registry also holds the operator states ([`States`]), which belong
+//! to a backend's pool and name: a backend in `maint` runs no probe, and
+//! leaves maintenance as a new backend would start, judged afresh.
 
 use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, HashSet};
@@ -21,14 +25,16 @@ use std::time::Duration;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::task::JoinHandle;
 
+use crate::admin::api::{BackendView, Health, PoolView, PoolsView};
 use crate::balancer::load::Load;
-use crate::config::schema::OnDown;
+use crate::config::schema::{OnDown, Role};
 use crate::config::{Config, Endpoint, HealthProbe};
 use crate::connection::queue::Waiting;
 use crate::health::{self, PassiveHealth, ProbeFailure, Verdict};
 use crate::metrics::{BackendStats, Metrics, PoolStats};
 use crate::shared::Event;
 use crate::snapshot::{self, Backend};
+use crate::state::{OperatorState, Place, States};
 
 /// A backend's identity.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -48,6 +54,8 @@ pub struct Backends {
     /// Each pool's queue: it outlives snapshots, and reloads that keep the
     /// pool.
     waiting: HashMap<String, Arc<Waiting>>,
+    /// Operator states, by pool and backend name.
+    states: States,
     next_id: u64,
 }
 
@@ -62,8 +70,10 @@ struct Entry {
     verdict: Verdict,
     /// What its pool does with its connections when it goes down.
     on_down: OnDown,
-    /// Why its probes fail, as last logged: a new reason is logged once.
+    /// Why its last probe failed, if it did: a new reason is logged once.
     failing: Option<String>,
+    /// What the operator said of it.
+    state: OperatorState,
     /// The running probe task and the settings it runs with.
     prober: Option<(HealthProbe, JoinHandle<()>)>,
 }
@@ -127,22 +137,29 @@ impl Backends {
                         passive: Arc::new(PassiveHealth::new(id)),
                         load: Arc::default(),
                         stats: stats.clone(),
-                        verdict: if pool.fail_open() {
-                            Verdict::up()
-                        } else {
-                            Verdict::unknown()
-                        },
+                        verdict: Verdict::first(pool.fail_open()),
                         on_down: pool.on_down(),
                         failing: None,
+                        state: OperatorState::Ready,
                         prober: None,
                     };
                     self.entries.insert(key.clone(), entry);
                 }
                 let entry = self.entries.get_mut(&key).expect("inserted above");
                 entry.on_down = pool.on_down();
+                let state = self.states.get(pool_name, &endpoint.name);
+                if entry.state == OperatorState::Maint && state != OperatorState::Maint {
+                    // Out of maintenance: judged afresh, like a new backend.
+                    entry.verdict = Verdict::first(pool.fail_open());
+                    entry.failing = None;
+                }
+                entry.state = state;
                 stats.up.set(if entry.verdict.up { 1.0 } else { 0.0 });
+                stats.operator_state(state);
                 entry.stats = stats;
-                if let Some(events) = events {
+                if state == OperatorState::Maint {
+                    entry.stop_prober();
+                } else if let Some(events) = events {
                     entry.run_prober(settings.as_ref(), endpoint.addr, events);
                 }
             }
@@ -155,16 +172,85 @@ impl Backends {
             .collect();
         let mut closing = Vec::new();
         for key in gone {
-            let entry = self.entries.remove(&key).expect("listed above");
-            if let Some((_, task)) = entry.prober {
-                task.abort();
-            }
+            let mut entry = self.entries.remove(&key).expect("listed above");
+            entry.stop_prober();
             self.ids.remove(&entry.id);
             if entry.on_down == OnDown::Close {
                 closing.push((entry.id, key.name));
             }
         }
         closing
+    }
+
+    /// Sets backend `name` of `pool`'s operator state, to take effect at
+    /// the next [`sync`](Backends::sync): the state it had, and the
+    /// identifier of each of its addresses; `None` if there is no such
+    /// backend.
+    pub fn set_state(
+        &mut self,
+        pool: &str,
+        name: &str,
+        state: OperatorState,
+    ) -> Option<(OperatorState, Vec<u64>)> {
+        let ids: Vec<u64> = self
+            .entries
+            .iter()
+            .filter(|(key, _)| key.pool == pool && key.name == name)
+            .map(|(_, entry)| entry.id)
+            .collect();
+        if ids.is_empty() {
+            return None;
+        }
+        Some((self.states.set(pool, name, state), ids))
+    }
+
+    /// Every operator state, to be written to the state file.
+    pub fn states(&self) -> &States {
+        &self.states
+    }
+
+    /// Takes the operator states read from the state file, before the
+    /// first sync.
+    pub fn restore(&mut self, states: States) {
+        self.states = states;
+    }
+
+    /// Whether the registry has a backend at `place`.
+    pub fn has(&self, place: &Place) -> bool {
+        self.entries
+            .keys()
+            .any(|key| key.pool == place.0 && key.name == place.1)
+    }
+
+    /// What `GET /api/pools` shows, in the file's order.
+    pub fn view(&self, config: &Config) -> PoolsView {
+        let pools = config
+            .pools
+            .iter()
+            .map(|(pool_name, pool)| {
+                let role = pool.health.probe().map(|probe| probe.role);
+                let backends = pool
+                    .endpoints()
+                    .iter()
+                    .filter_map(|endpoint| {
+                        let key = BackendKey {
+                            pool: pool_name.clone(),
+                            name: endpoint.name.clone(),
+                            addr: endpoint.addr,
+                        };
+                        let entry = self.entries.get(&key)?;
+                        Some(entry.view(endpoint, role))
+                    })
+                    .collect();
+                PoolView {
+                    name: pool_name.clone(),
+                    balance: pool.balance.name().to_owned(),
+                    queued: self.waiting.get(pool_name).map_or(0, |w| w.len()),
+                    backends,
+                }
+            })
+            .collect();
+        PoolsView { pools }
     }
 
     /// The queue of pool `pool`, of the configuration last synced.
@@ -189,7 +275,9 @@ impl Backends {
         let Some(entry) = self.ids.get(&id).and_then(|key| self.entries.get_mut(key)) else {
             return Change::None;
         };
-        if matches!(outcome, Err(ProbeFailure::Local(_))) {
+        // A probe that was under way when the backend entered maintenance.
+        let in_maint = entry.state == OperatorState::Maint;
+        if in_maint || matches!(outcome, Err(ProbeFailure::Local(_))) {
             return Change::None;
         }
         entry.stats.probed(match outcome {
@@ -244,6 +332,7 @@ impl Backends {
         Backend::new(
             endpoint,
             entry.verdict.up,
+            entry.state,
             entry.passive.clone(),
             entry.load.clone(),
             entry.stats.clone(),
@@ -258,6 +347,45 @@ impl Backends {
 }
 
 impl Entry {
+    /// The backend as `GET /api/pools` shows it; `role`: what its pool's
+    /// probes check, if they run.
+    fn view(&self, endpoint: &Endpoint, role: Option<Role>) -> BackendView {
+        let maint = self.state == OperatorState::Maint;
+        let health = match self.verdict {
+            _ if maint => Health::Unknown,
+            Verdict { unknown: true, .. } => Health::Unknown,
+            Verdict { up: true, .. } => Health::Up,
+            Verdict { up: false, .. } => Health::Down,
+        };
+        let reason = match maint {
+            true => Some("in maintenance: not probed".to_owned()),
+            false => self.failing.clone(),
+        };
+        let role = match (health, role) {
+            (Health::Up, Some(Role::Primary)) => Some("primary".to_owned()),
+            (Health::Up, Some(Role::Replica)) => Some("replica".to_owned()),
+            _ => None,
+        };
+        BackendView {
+            name: endpoint.name.clone(),
+            address: endpoint.addr.to_string(),
+            weight: endpoint.weight,
+            backup: endpoint.backup,
+            state: self.state,
+            health,
+            reason,
+            role,
+            active: self.load.open(),
+            total: self.load.total(),
+        }
+    }
+
+    fn stop_prober(&mut self) {
+        if let Some((_, task)) = self.prober.take() {
+            task.abort();
+        }
+    }
+
     fn flipped(&self) -> Change {
         let up = self.verdict.up;
         self.stats.up.set(if up { 1.0 } else { 0.0 });

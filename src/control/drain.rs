@@ -78,6 +78,7 @@ impl Controller {
                     self.close_all().await;
                     return;
                 }
+                Some(ask) = self.asks.1.recv() => self.answer(ask),
                 request = signals.next() => if self.stops_now(request) {
                     return;
                 },
@@ -95,6 +96,7 @@ impl Controller {
             tokio::select! {
                 _ = &mut sleep => return true,
                 Some(event) = self.events.recv() => self.handle(event),
+                Some(ask) = self.asks.1.recv() => self.answer(ask),
                 request = signals.next() => if self.stops_now(request) {
                     return false;
                 },

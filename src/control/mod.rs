@@ -13,7 +13,8 @@
 //!   health, load, probe and metric series;
 //! - [`publish`]: the next snapshot, a pure function of the configuration,
 //!   the registries and the snapshot in use;
-//! - `drain`: stopping; `resolve`: re-resolving host names.
+//! - `drain`: stopping; `resolve`: re-resolving host names;
+//! - `operator`: the admin API's asks, operator states and the state file.
 //!
 //! A reload reads as: load (on a thread of its own), bind the new
 //! listeners (which can fail, so first), apply listeners, publish.
@@ -28,6 +29,7 @@ mod backends;
 mod drain;
 mod error;
 mod listeners;
+mod operator;
 mod publish;
 mod resolve;
 mod workers;
@@ -40,11 +42,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::mpsc::{self, UnboundedReceiver};
 use tokio::sync::oneshot;
 use tracing::{debug, error, info, warn};
 
-use crate::admin::{self, Readiness};
+use crate::admin::api::Ask;
+use crate::admin::{self, Endpoint, Readiness};
 use crate::capacity::{Budget, Connections};
 use crate::config::{self, Config, ConfigError};
 use crate::health::ProbeFailure;
@@ -54,6 +57,7 @@ use crate::metrics::{ListenerStats, Metrics, ProcessStats};
 use crate::shared::{Event, Shared};
 use crate::signals::{Request, Signals};
 use crate::snapshot::{Pool, Snapshot};
+use crate::state;
 use crate::systemd::Notifier;
 use crate::worker::{self, Driver};
 
@@ -92,6 +96,10 @@ pub struct Controller {
     /// The admin endpoint's socket, until `run` serves it, and how many
     /// connections it may have open at once.
     admin: Option<(TcpListener, usize)>,
+    /// What the admin endpoint asks (`asks.0` goes to it).
+    asks: (mpsc::Sender<Ask>, mpsc::Receiver<Ask>),
+    /// Writes `state_file`.
+    state_writer: state::Writer,
     reloads: (u64, u64),
     notifier: Notifier,
     /// The descriptor limit, shared out again when a reload changes the
@@ -174,11 +182,15 @@ impl Controller {
             pools_down: HashSet::new(),
             readiness: Readiness::default(),
             admin,
+            asks: mpsc::channel(64),
+            state_writer: state::Writer::start(),
             reloads: (0, 0),
             notifier: Notifier::from_env(),
             descriptor_limit,
         };
+        controller.restore_states();
         controller.publish_all();
+        controller.note_unknown_states();
         Ok((controller, bound))
     }
 
@@ -202,13 +214,13 @@ impl Controller {
                 let address = socket.local_addr().map_err(ControlError::AdminSocket)?;
                 let socket =
                     tokio::net::TcpListener::from_std(socket).map_err(ControlError::AdminSocket)?;
-                tokio::task::spawn_local(admin::serve(
-                    socket,
-                    self.metrics.clone(),
-                    self.readiness.clone(),
-                    room,
-                ));
-                info!(%address, "metrics at http://{address}/metrics, readiness at http://{address}/ready");
+                let endpoint = Endpoint {
+                    metrics: self.metrics.clone(),
+                    readiness: self.readiness.clone(),
+                    asks: self.asks.0.clone(),
+                };
+                tokio::task::spawn_local(admin::serve(socket, endpoint, room));
+                info!(%address, "status page at http://{address}/, metrics at /metrics, readiness at /ready, API at /api/pools");
             }
             self.probing = true;
             self.backends
@@ -248,6 +260,7 @@ impl Controller {
                         }
                     }
                     Some(event) = self.events.recv() => self.handle(event),
+                    Some(ask) = self.asks.1.recv() => self.answer(ask),
                     loaded = loaded(&mut reloading) => {
                         let again = reloading.take().is_some_and(|r| r.again);
                         self.finish_reload(loaded);
@@ -429,7 +442,12 @@ impl Controller {
         config.io = running.io;
         config.pin_workers = running.pin_workers;
         config.log = running.log.clone();
-        config.admin = running.admin;
+        // The token may change with a reload; the address may not.
+        let token = config.admin.take().and_then(|admin| admin.token);
+        config.admin = running
+            .admin
+            .clone()
+            .map(|admin| config::schema::Admin { token, ..admin });
     }
 
     /// Rebuilds the whole routing state from the configuration: the backend

@@ -229,6 +229,15 @@ impl Verdict {
         }
     }
 
+    /// How a new backend starts: up in a pool that fails open, unknown in
+    /// one that fails closed.
+    pub fn first(fail_open: bool) -> Verdict {
+        match fail_open {
+            true => Verdict::up(),
+            false => Verdict::unknown(),
+        }
+    }
+
     /// Applies one probe outcome; true if the backend flipped, or was
     /// judged for the first time.
     pub fn observe(&mut self, success: bool, rise: u32, fall: u32) -> bool {

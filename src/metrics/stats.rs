@@ -8,6 +8,7 @@ use std::sync::Arc;
 use metrics::{Counter, Gauge, Histogram};
 
 use super::{ErrorReason, Family, Metrics, PROBE_RESULTS, REASONS};
+use crate::state::OperatorState;
 
 /// Handles of one listener.
 pub struct ListenerStats {
@@ -58,6 +59,8 @@ pub struct BackendStats {
     /// Connections reset by `on_down: close`.
     pub closed_on_down: Counter,
     probes: [Counter; PROBE_RESULTS.len()],
+    /// One series per operator state, in [`OperatorState::ALL`]'s order.
+    states: [Gauge; OperatorState::ALL.len()],
     routes: Vec<(Arc<str>, RouteStats)>,
 }
 
@@ -104,7 +107,19 @@ impl BackendStats {
                 labels.push(("result", result.to_owned()));
                 metrics.counter(Family::HealthChecks, labels)
             }),
+            states: OperatorState::ALL.map(|state| {
+                let mut labels = of_backend();
+                labels.push(("state", state.name().to_owned()));
+                metrics.gauge(Family::BackendState, labels)
+            }),
             routes,
+        }
+    }
+
+    /// Shows `state` as the backend's operator state.
+    pub fn operator_state(&self, state: OperatorState) {
+        for (gauge, each) in self.states.iter().zip(OperatorState::ALL) {
+            gauge.set(if each == state { 1.0 } else { 0.0 });
         }
     }
 

@@ -846,16 +846,60 @@ pub fn get(admin: SocketAddr, path: &str) -> (String, String) {
 }
 
 /// GETs `path` from an HTTP server at `addr`: (status line, body), or
-/// `None` if nothing answered. HTTP/1.0, so that the body is never chunked
-/// and the server closes when done.
+/// `None` if nothing answered. With `Connection: close`, so that the
+/// server closes when done (sluice's bodies have a length, never chunks).
 pub fn try_get(addr: SocketAddr, path: &str) -> Option<(String, String)> {
+    let (status, _, body) = try_request(addr, "GET", path, &[], "")?;
+    Some((status, body))
+}
+
+/// One HTTP/1.1 request with `headers` and `body`: (status line, head,
+/// body), or `None` if nothing answered.
+pub fn try_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: &str,
+) -> Option<(String, String, String)> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
     stream.set_read_timeout(Some(DEADLINE)).ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: test\r\n\r\n").ok()?;
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
+    for header in headers {
+        request.push_str(&format!("{header}\r\n"));
+    }
+    if !body.is_empty() || method == "POST" {
+        request.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    request.push_str("\r\n");
+    request.push_str(body);
+    stream.write_all(request.as_bytes()).ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
     let (head, body) = response.split_once("\r\n\r\n")?;
-    Some((head.lines().next()?.to_owned(), body.to_owned()))
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    let body = match chunked {
+        true => dechunk(body)?,
+        false => body.to_owned(),
+    };
+    Some((head.lines().next()?.to_owned(), head.to_owned(), body))
+}
+
+/// The body of a chunked HTTP/1.1 response (servers other than sluice send
+/// them).
+fn dechunk(mut chunks: &str) -> Option<String> {
+    let mut body = String::new();
+    loop {
+        let (size, rest) = chunks.split_once("\r\n")?;
+        let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
+        if size == 0 {
+            return Some(body);
+        }
+        body.push_str(rest.get(..size)?);
+        chunks = rest.get(size + 2..)?;
+    }
 }
 
 /// The value of the sample of `family` whose labels contain every one of

@@ -1,0 +1,104 @@
+//! What the admin endpoint asks of the control plane: the state of every
+//! pool and backend, and operator state changes (drain, maint, ready),
+//! which are checked against the bearer token, applied by publishing a new
+//! snapshot, and written to the state file.
+
+use tracing::{info, warn};
+
+use super::Controller;
+use crate::admin::api::{self, Ask, Refusal};
+use crate::config::schema::OnDown;
+use crate::state::{OperatorState, States};
+
+impl Controller {
+    /// Answers one ask of the admin endpoint.
+    pub(super) fn answer(&mut self, ask: Ask) {
+        match ask {
+            Ask::Pools(reply) => {
+                let _ = reply.send(self.backends.view(&self.config));
+            }
+            Ask::SetState {
+                pool,
+                backend,
+                state,
+                token,
+                done,
+            } => {
+                let _ = done.send(self.set_state(&pool, &backend, state, token.as_deref()));
+            }
+        }
+    }
+
+    /// Puts backend `name` of `pool` in `state`, if `token` is the
+    /// configured one: the state it had.
+    fn set_state(
+        &mut self,
+        pool: &str,
+        name: &str,
+        state: OperatorState,
+        token: Option<&str>,
+    ) -> Result<OperatorState, Refusal> {
+        let expected = self
+            .config
+            .admin
+            .as_ref()
+            .and_then(|admin| admin.token.as_ref())
+            .ok_or(Refusal::NoToken)?;
+        if !token.is_some_and(|token| api::token_matches(token, &expected.0)) {
+            return Err(Refusal::BadToken);
+        }
+        let Some(settings) = self.config.pools.get(pool) else {
+            return Err(Refusal::UnknownPool(pool.to_owned()));
+        };
+        let on_down = settings.on_down();
+        let (before, ids) =
+            self.backends
+                .set_state(pool, name, state)
+                .ok_or_else(|| Refusal::UnknownBackend {
+                    pool: pool.to_owned(),
+                    backend: name.to_owned(),
+                })?;
+        if before == state {
+            return Ok(before);
+        }
+        info!(%pool, backend = %name, "operator state {before} -> {state}");
+        self.publish_all();
+        if state == OperatorState::Maint && on_down == OnDown::Close {
+            self.close_sessions(ids.into_iter().map(|id| (id, name.to_owned())).collect());
+        }
+        self.save_states();
+        Ok(before)
+    }
+
+    /// Takes the operator states of `state_file` (before the first
+    /// snapshot, so that a backend left in maint takes no client at start).
+    pub(super) fn restore_states(&mut self) {
+        let path = &self.config.state_file;
+        if path.as_os_str().is_empty() {
+            return;
+        }
+        self.backends.restore(States::load(path));
+    }
+
+    /// Logs the states of backends the configuration does not have.
+    pub(super) fn note_unknown_states(&self) {
+        let backends = &self.backends;
+        for (pool, backend) in backends.states().unknown(|place| backends.has(place)) {
+            warn!(
+                %pool, %backend,
+                "the state file names a backend the configuration does not have: its state is ignored"
+            );
+        }
+    }
+
+    /// Writes every operator state to `state_file`, in the background.
+    pub(super) fn save_states(&self) {
+        let path = &self.config.state_file;
+        if path.as_os_str().is_empty() {
+            return;
+        }
+        let backends = &self.backends;
+        self.state_writer
+            .write(path, backends.states(), |place| backends.has(place));
+    }
+}
