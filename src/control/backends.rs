@@ -114,6 +114,8 @@ impl Backends {
                 .entry(pool_name.clone())
                 .or_insert_with(|| Arc::new(Waiting::new(stats.queue_length)));
             let settings = pool.health.probe();
+            // Without probes nothing would ever judge an unknown backend.
+            let wait_for_probe = settings.is_some() && !pool.fail_open();
             let listeners = snapshot::listeners_of(config, pool_name);
             for endpoint in pool.endpoints() {
                 let key = BackendKey {
@@ -137,7 +139,7 @@ impl Backends {
                         passive: Arc::new(PassiveHealth::new(id)),
                         load: Arc::default(),
                         stats: stats.clone(),
-                        verdict: Verdict::first(pool.fail_open()),
+                        verdict: Verdict::first(wait_for_probe),
                         on_down: pool.on_down(),
                         failing: None,
                         state: OperatorState::Ready,
@@ -150,7 +152,7 @@ impl Backends {
                 let state = self.states.get(pool_name, &endpoint.name);
                 if entry.state == OperatorState::Maint && state != OperatorState::Maint {
                     // Out of maintenance: judged afresh, like a new backend.
-                    entry.verdict = Verdict::first(pool.fail_open());
+                    entry.verdict = Verdict::first(wait_for_probe);
                     entry.failing = None;
                 }
                 entry.state = state;
@@ -518,6 +520,24 @@ mod tests {
             None,
             "reports about the old one are ignored"
         );
+    }
+
+    #[test]
+    fn without_probes_a_pool_that_fails_closed_starts_up() {
+        let metrics = Metrics::new(true);
+        let mut backends = Backends::default();
+        let closed = TWO.replace(
+            "health: { fall: 3, rise: 2 }",
+            "health: off\n    fail_open: false",
+        );
+        backends.sync(&config(&closed), &metrics, None);
+        assert_eq!(backends.up(), (2, 2));
+        // Nor does leaving maintenance wait for a probe that never runs.
+        backends.set_state("p", "a", OperatorState::Maint).unwrap();
+        backends.sync(&config(&closed), &metrics, None);
+        backends.set_state("p", "a", OperatorState::Ready).unwrap();
+        backends.sync(&config(&closed), &metrics, None);
+        assert_eq!(backends.up(), (2, 2));
     }
 
     #[test]

@@ -229,12 +229,12 @@ impl Verdict {
         }
     }
 
-    /// How a new backend starts: up in a pool that fails open, unknown in
-    /// one that fails closed.
-    pub fn first(fail_open: bool) -> Verdict {
-        match fail_open {
-            true => Verdict::up(),
-            false => Verdict::unknown(),
+    /// How a new backend starts: unknown if a probe must judge it first
+    /// (its pool fails closed and probes), up otherwise.
+    pub fn first(wait_for_probe: bool) -> Verdict {
+        match wait_for_probe {
+            true => Verdict::unknown(),
+            false => Verdict::up(),
         }
     }
 
