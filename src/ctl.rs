@@ -22,8 +22,8 @@ use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use serde::Deserialize;
 
 use crate::admin::api::{PoolsView, StateChange};
+use crate::config;
 use crate::config::schema::ListenAddr;
-use crate::config::{self, MAX_FILE_BYTES};
 use crate::state::OperatorState;
 
 /// How long one request to sluice may take.
@@ -66,12 +66,8 @@ struct Target {
 
 impl Target {
     fn from_file(path: &Path) -> Result<Target, String> {
-        let text =
-            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        if text.len() as u64 > MAX_FILE_BYTES {
-            return Err(format!("{} is over {MAX_FILE_BYTES} bytes", path.display()));
-        }
-        let file: File = serde_yaml::from_slice(&text)
+        let text = config::read(path).map_err(|e| e.to_string())?;
+        let file: File = serde_yaml::from_str(&text)
             .map_err(|e| format!("{}: {e} (try sluice --check)", path.display()))?;
         let admin = file.admin.unwrap_or(AdminKeys {
             listen: None,

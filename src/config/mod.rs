@@ -71,6 +71,12 @@ impl Problem {
 
 /// Reads, parses, validates and resolves the configuration at `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    parse(path, &read(path)?, Resolver::Dns)
+}
+
+/// The text of the configuration file at `path`, read within
+/// [`MAX_FILE_BYTES`].
+pub fn read(path: &Path) -> Result<String, ConfigError> {
     let error = |message: String| ConfigError {
         file: path.to_owned(),
         position: None,
@@ -90,12 +96,11 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
             MAX_FILE_BYTES / 1024
         )));
     }
-    let text = String::from_utf8(bytes).map_err(|e| {
+    String::from_utf8(bytes).map_err(|e| {
         error(format!(
             "cannot read the configuration: it is not UTF-8 text ({e})"
         ))
-    })?;
-    parse(path, &text, Resolver::Dns)
+    })
 }
 
 /// Parses and validates `text` as if read from `path` (used in messages),
