@@ -16,6 +16,7 @@
 //! over it would turn a bad disk into an outage. States of backends the
 //! configuration does not have are ignored, and dropped at the next write.
 
+use std::cell::OnceCell;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io::{self, Write};
@@ -181,42 +182,46 @@ impl States {
     }
 }
 
-/// Writes the state file, on a thread of its own: the newest states win,
-/// and a write that fails is logged and tried again at the next change.
+/// Writes the state file, on a thread of its own, started at the first
+/// change (most processes never make one): the newest states win, and a
+/// write that fails is logged and tried again at the next change.
+#[derive(Default)]
 pub struct Writer {
-    latest: mpsc::Sender<(PathBuf, Vec<u8>)>,
+    latest: OnceCell<mpsc::Sender<(PathBuf, Vec<u8>)>>,
 }
 
 impl Writer {
-    pub fn start() -> Writer {
-        let (latest, pending) = mpsc::channel::<(PathBuf, Vec<u8>)>();
-        let started = std::thread::Builder::new()
-            .name("sluice-state".into())
-            .spawn(move || {
-                while let Ok(mut next) = pending.recv() {
-                    // Only the newest of what queued up meanwhile matters.
-                    while let Ok(newer) = pending.try_recv() {
-                        next = newer;
-                    }
-                    let (path, text) = next;
-                    if let Err(e) = write_atomically(&path, &text) {
-                        warn!(
-                            "cannot write the state file {}: {e}; drain and maint states will not survive a restart",
-                            path.display()
-                        );
-                    }
-                }
-            });
-        if let Err(e) = started {
-            warn!("cannot start the state file writer: {e}; states will not be kept");
-        }
-        Writer { latest }
-    }
-
     /// Writes `states` of the backends `present` says exist to `path`.
     pub fn write(&self, path: &Path, states: &States, present: impl Fn(&Place) -> bool) {
-        let _ = self.latest.send((path.to_owned(), states.render(present)));
+        let latest = self.latest.get_or_init(start_writing);
+        let _ = latest.send((path.to_owned(), states.render(present)));
     }
+}
+
+/// Starts the thread that writes what is sent to it.
+fn start_writing() -> mpsc::Sender<(PathBuf, Vec<u8>)> {
+    let (latest, pending) = mpsc::channel::<(PathBuf, Vec<u8>)>();
+    let started = std::thread::Builder::new()
+        .name("sluice-state".into())
+        .spawn(move || {
+            while let Ok(mut next) = pending.recv() {
+                // Only the newest of what queued up meanwhile matters.
+                while let Ok(newer) = pending.try_recv() {
+                    next = newer;
+                }
+                let (path, text) = next;
+                if let Err(e) = write_atomically(&path, &text) {
+                    warn!(
+                        "cannot write the state file {}: {e}; drain and maint states will not survive a restart",
+                        path.display()
+                    );
+                }
+            }
+        });
+    if let Err(e) = started {
+        warn!("cannot start the state file writer: {e}; states will not be kept");
+    }
+    latest
 }
 
 /// Replaces `path` with `text` so that a crash leaves the old file or the

@@ -183,7 +183,7 @@ impl Controller {
             readiness: Readiness::default(),
             admin,
             asks: mpsc::channel(64),
-            state_writer: state::Writer::start(),
+            state_writer: state::Writer::default(),
             reloads: (0, 0),
             notifier: Notifier::from_env(),
             descriptor_limit,
