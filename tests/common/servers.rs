@@ -216,6 +216,16 @@ impl Postgres {
         // An immediate shutdown: killed, postgres would leave its shared
         // memory segment behind.
         let server = start_server(command, addr, Some(dir), Signal::SIGQUIT);
+        // Postgres listens before it takes logins: a standby answers "the
+        // database system is starting up" until its recovery is consistent.
+        wait_until("postgres to accept logins", || {
+            Command::new(postgres_bin_dir().join("pg_isready"))
+                .args(["-q", "-h", &addr.ip().to_string()])
+                .args(["-p", &addr.port().to_string()])
+                .status()
+                .expect("pg_isready: `make test` installs the postgresql package")
+                .success()
+        });
         Postgres { server, data }
     }
 
