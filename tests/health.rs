@@ -14,6 +14,10 @@ use common::*;
 
 const CLIENTS: u32 = 200;
 
+/// What a detection or a recovery may take beyond its bound: the log line
+/// travels through a pipe and a reader thread, and CI hosts are busy.
+const SLACK_MS: u64 = 1000;
+
 fn routes(sluice: &Sluice) -> HashMap<u32, String> {
     (0..CLIENTS)
         .map(|i| (i, backend_for(client_ip(i), sluice.listen_addr())))
@@ -43,9 +47,8 @@ fn a_dead_backend_leaves_within_fall_intervals_and_its_clients_return() {
         "detection: {detection:?} (bound {}ms)",
         fall * interval + timeout
     );
-    // One interval of slack for scheduling on a loaded machine.
     assert!(
-        detection <= Duration::from_millis(fall * interval + timeout + interval),
+        detection <= Duration::from_millis(fall * interval + timeout + SLACK_MS),
         "took {detection:?} to mark the backend down"
     );
 
@@ -72,7 +75,7 @@ fn a_dead_backend_leaves_within_fall_intervals_and_its_clients_return() {
         "recovery: {recovery:?} (bound {}ms)",
         rise * interval + timeout
     );
-    assert!(recovery <= Duration::from_millis(rise * interval + timeout + interval));
+    assert!(recovery <= Duration::from_millis(rise * interval + timeout + SLACK_MS));
     let after = routes(&sluice);
     let strays: Vec<u32> = (0..CLIENTS).filter(|i| after[i] != before[i]).collect();
     assert!(

@@ -309,6 +309,8 @@ fn slow_admin_clients_keep_no_scrape_waiting() {
     trickler.join().unwrap();
     for (answer, took) in scrapes {
         assert_eq!(answer.as_deref(), Some("HTTP/1.1 200 OK"));
-        assert!(took < Duration::from_secs(1), "a scrape took {took:?}");
+        // Waiting behind the slow clients took 10 s; a busy host takes
+        // a second or two.
+        assert!(took < Duration::from_secs(3), "a scrape took {took:?}");
     }
 }

@@ -638,9 +638,9 @@ fn instances_behind_ecmp_keep_every_client_on_its_backend() {
     let converged = *out_after.iter().max().unwrap();
     eprintln!("backend-1 died: out of every instance after {out_after:?}");
     // The probe in flight when it died may have just passed: one more
-    // interval, and scheduling on a loaded machine.
+    // interval, and a second for scheduling on a loaded machine.
     assert!(
-        converged <= EJECTION_BOUND + Duration::from_millis(200) + Duration::from_millis(300),
+        converged <= EJECTION_BOUND + Duration::from_millis(200) + Duration::from_secs(1),
         "converged after {converged:?}"
     );
     let after = topology.explain(&["backend-1"]);

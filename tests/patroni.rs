@@ -106,6 +106,11 @@ fn switch_under_load(
     }
 }
 
+/// How long a Patroni node may take to bootstrap (initdb, election) or to
+/// rejoin as a replica (base backup, streaming): seconds here, longer on a
+/// slow, busy host.
+const BOOTSTRAP: Duration = Duration::from_secs(90);
+
 /// A sluice over the two nodes, the one that does not lead listed first
 /// (`first` would pick it were it up), probing as `health` says.
 fn sluice_over(nodes: [(&PatroniNode, &str); 2], health: &str) -> (Sluice, SocketAddr) {
@@ -133,9 +138,11 @@ fn a_patroni_switchover_sends_no_client_to_a_replica() {
     let api_port = free_addr(ip1).port();
     let pg_port = free_addr(ip1).port();
     let node1 = PatroniNode::start("node1", ip1, pg_port, api_port, etcd.addr);
-    wait_until("node1 to lead", || node1.status("/primary") == Some(200));
+    wait_until_within(BOOTSTRAP, "node1 to lead", || {
+        node1.status("/primary") == Some(200)
+    });
     let node2 = PatroniNode::start("node2", ip2, pg_port, api_port, etcd.addr);
-    wait_until("node2 to replicate", || {
+    wait_until_within(BOOTSTRAP, "node2 to replicate", || {
         node2.status("/replica") == Some(200)
     });
 
@@ -152,7 +159,7 @@ fn a_patroni_switchover_sends_no_client_to_a_replica() {
         (&node2, "node2"),
     );
     drop(sluice);
-    wait_until("node1 to replicate", || {
+    wait_until_within(BOOTSTRAP, "node1 to replicate", || {
         node1.status("/replica") == Some(200)
     });
 

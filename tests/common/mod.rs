@@ -777,8 +777,14 @@ pub fn accepted(client: &TcpStream) -> bool {
 }
 
 /// Polls `condition` every 10 ms until it holds; panics after the deadline.
-pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + DEADLINE;
+pub fn wait_until(what: &str, condition: impl FnMut() -> bool) {
+    wait_until_within(DEADLINE, what, condition)
+}
+
+/// [`wait_until`] for what takes longer than [`DEADLINE`] on a slow host
+/// (a cluster that bootstraps itself).
+pub fn wait_until_within(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
     while !condition() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         thread::sleep(Duration::from_millis(10));

@@ -324,7 +324,18 @@ fn mariadb_with(init: &str, extra: impl FnOnce(SocketAddr) -> Vec<String>) -> Se
         .arg(format!("--port={}", addr.port()))
         .arg("--skip-name-resolve")
         .args(extra(addr));
-    start_server(command, addr, Some(dir), Signal::SIGKILL)
+    let server = start_server(command, addr, Some(dir), Signal::SIGKILL);
+    // mariadbd listens before it runs the init file; it greets (or refuses
+    // with an error packet) once it serves connections.
+    wait_until("mariadbd to greet", || {
+        TcpStream::connect(addr).is_ok_and(|mut stream| {
+            stream
+                .set_read_timeout(Some(std::time::Duration::from_secs(1)))
+                .unwrap();
+            stream.read_exact(&mut [0u8; 5]).is_ok()
+        })
+    });
+    server
 }
 
 /// Runs `sql` with psql as the superuser at `addr` (sluice, most often):
@@ -348,7 +359,7 @@ pub fn psql(addr: SocketAddr, sql: &str) -> Result<String, String> {
 /// and synced, with the users of [`mariadb_with_probe`]. Galera's group
 /// port is on the server's own address.
 pub fn galera_with_probe() -> Server {
-    mariadb_with(&probe_users(), |addr| {
+    let node = mariadb_with(&probe_users(), |addr| {
         let group = free_addr(addr.ip());
         vec![
             "--wsrep-on=ON".into(),
@@ -359,7 +370,12 @@ pub fn galera_with_probe() -> Server {
             "--binlog-format=ROW".into(),
             "--innodb-autoinc-lock-mode=2".into(),
         ]
-    })
+    });
+    wait_until("the Galera node to be synced", || {
+        mariadb_query(&node, "SHOW GLOBAL STATUS LIKE 'wsrep_local_state'")
+            .is_ok_and(|out| out.split_whitespace().last() == Some("4"))
+    });
+    node
 }
 
 /// A MariaDB server with a `probe` user that logs in with
@@ -379,17 +395,24 @@ fn probe_users() -> String {
 
 /// Runs `sql` as the `admin` user of [`mariadb_with_probe`].
 pub fn mariadb_sql(server: &Server, sql: &str) {
+    if let Err(error) = mariadb_query(server, sql) {
+        panic!("{sql}: {error}");
+    }
+}
+
+/// Runs `sql` as the `admin` user: what it printed (tab-separated, no
+/// column names), or why it failed.
+fn mariadb_query(server: &Server, sql: &str) -> Result<String, String> {
     let out = Command::new("mariadb")
         .args(["-h", &server.addr.ip().to_string()])
         .args(["-P", &server.addr.port().to_string()])
-        .args(["-u", "admin", "-e", sql])
+        .args(["-u", "admin", "-N", "-B", "-e", sql])
         .output()
         .expect("mariadb: `make test` installs the mariadb-server package");
-    assert!(
-        out.status.success(),
-        "{sql}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    match out.status.success() {
+        true => Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned()),
+        false => Err(String::from_utf8_lossy(&out.stderr).trim().to_owned()),
+    }
 }
 
 /// An etcd (Debian's etcd-server) for Patroni, with the v2 API Debian's
