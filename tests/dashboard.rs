@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 
 use serde_json::Value;
 
-const FAMILIES: [&str; 13] = [
+const FAMILIES: [&str; 14] = [
     "sluice_connections_total",
     "sluice_connections_active",
     "sluice_connection_errors_total",
@@ -20,6 +20,7 @@ const FAMILIES: [&str; 13] = [
     "sluice_listener_max_connections",
     "sluice_connections_closed_on_down_total",
     "sluice_queue_length",
+    "sluice_backend_state",
 ];
 
 /// Every `expr` and `query` string in the dashboard.

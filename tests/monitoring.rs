@@ -24,7 +24,7 @@ const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
 /// Every family of the SPEC, the labels each series has (besides the
 /// `job` and `instance` Prometheus adds), and the series name to query.
-const FAMILIES: [(&str, &[&str]); 13] = [
+const FAMILIES: [(&str, &[&str]); 14] = [
     ("sluice_connections_total", &["listener", "backend"]),
     ("sluice_connections_active", &["listener", "backend"]),
     ("sluice_connection_errors_total", &["listener", "reason"]),
@@ -44,7 +44,11 @@ const FAMILIES: [(&str, &[&str]); 13] = [
         &["pool", "backend"],
     ),
     ("sluice_queue_length", &["pool"]),
+    ("sluice_backend_state", &["pool", "backend", "state"]),
 ];
+
+/// The alert rules in conf/prometheus-alerts.yml.
+const ALERT_RULES: usize = 13;
 
 /// A Prometheus server (Debian's `prometheus`) scraping one target every
 /// second as job `sluice`; stopped when dropped.
@@ -162,7 +166,10 @@ fn promtool(args: &[&str], stdin: Option<&str>) -> String {
 #[test]
 fn the_alert_rules_pass_promtool_and_their_unit_tests() {
     let checked = promtool(&["check", "rules", "conf/prometheus-alerts.yml"], None);
-    assert!(checked.contains("SUCCESS: 12 rules found"), "{checked}");
+    assert!(
+        checked.contains(&format!("SUCCESS: {ALERT_RULES} rules found")),
+        "{checked}"
+    );
     let tested = promtool(&["test", "rules", "tests/prometheus-alerts.test.yml"], None);
     assert!(tested.contains("SUCCESS"), "{tested}");
 }
@@ -301,7 +308,7 @@ fn a_real_prometheus_scrapes_every_family_and_runs_the_dashboard_and_the_alerts(
             .flatten()
             .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
             .collect();
-        rules.len() == 12 && rules.iter().all(|r| r["health"] == "ok")
+        rules.len() == ALERT_RULES && rules.iter().all(|r| r["health"] == "ok")
     });
     wait_until("SluiceBackendDown for the dead backend", || {
         let alerts = prometheus.api("/api/v1/alerts");
