@@ -75,16 +75,23 @@ pub fn redis_server() -> Server {
 /// A redis-server with extra arguments, e.g. `--replicaof HOST PORT`.
 pub fn redis_server_with(extra: &[&str]) -> Server {
     let addr = free_addr(unique_loopback());
+    // A directory of its own: a replica's full sync writes the master's
+    // snapshot there as dump.rdb.
+    let dir = tempfile::tempdir().unwrap();
     let mut command = Command::new("redis-server");
     command
+        .arg("--dir")
+        .arg(dir.path())
         .args(["--bind", &addr.ip().to_string()])
         .args(["--port", &addr.port().to_string()])
         .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+        // A replica syncs at once, not after the 5 s Redis waits for more.
+        .args(["--repl-diskless-sync-delay", "0"])
         // As a replica, it names this address to its master (and so to the
         // Sentinels), not the loopback address it connects from.
         .args(["--replica-announce-ip", &addr.ip().to_string()])
         .args(extra);
-    start_server(command, addr, None, Signal::SIGKILL)
+    start_server(command, addr, Some(dir), Signal::SIGKILL)
 }
 
 /// Sends one command as a RESP array and reads a one-line reply.
