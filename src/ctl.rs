@@ -275,13 +275,12 @@ fn status_table(view: &PoolsView) -> String {
     .map(String::from)];
     for pool in &view.pools {
         for b in &pool.backends {
-            let health = serde_json::to_value(b.health).expect("plain data serializes");
             rows.push([
                 pool.name.clone(),
                 b.name.clone(),
                 b.address.clone(),
                 b.state.to_string(),
-                health.as_str().unwrap_or_default().to_owned(),
+                b.health.to_string(),
                 b.active.to_string(),
                 b.total.to_string(),
                 pool.queued.to_string(),

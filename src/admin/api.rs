@@ -8,6 +8,8 @@
 //! fields are added, never renamed or removed. `sluice ctl` reads it with
 //! the same types.
 
+use std::fmt;
+
 use percent_encoding::percent_decode_str;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
@@ -129,6 +131,16 @@ pub enum Health {
     Unknown,
 }
 
+impl fmt::Display for Health {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(match self {
+            Health::Up => "up",
+            Health::Down => "down",
+            Health::Unknown => "unknown",
+        })
+    }
+}
+
 /// What the admin endpoint asks the control plane; each ask carries the
 /// channel for its answer.
 pub enum Ask {
@@ -197,6 +209,13 @@ pub fn token_matches(offered: &str, expected: &str) -> bool {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn health_reads_the_same_in_the_api_and_in_ctl() {
+        for health in [Health::Up, Health::Down, Health::Unknown] {
+            assert_eq!(serde_json::to_value(health).unwrap(), health.to_string());
+        }
+    }
 
     #[test]
     fn paths_name_resources_and_names_are_percent_decoded() {
