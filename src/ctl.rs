@@ -89,11 +89,25 @@ impl Target {
         let token = match admin.token_file.as_os_str().is_empty() {
             true => None,
             false => Some(
-                config::read_password(&admin.token_file)
+                config::read_password(&service_credential(admin.token_file))
                     .map_err(|e| format!("admin.token_file: {e}"))?,
             ),
         };
         Ok(Target { addr, token })
+    }
+}
+
+/// Where systemd puts the credentials of the service (`LoadCredential=`),
+/// readable by root.
+const SERVICE_CREDENTIALS: &str = "/run/credentials/sluice.service";
+
+/// `token_file` as the service reads it: a relative name is one of its
+/// credentials, which outside the service (no `$CREDENTIALS_DIRECTORY`)
+/// are in [`SERVICE_CREDENTIALS`].
+fn service_credential(token_file: PathBuf) -> PathBuf {
+    match token_file.is_relative() && std::env::var_os("CREDENTIALS_DIRECTORY").is_none() {
+        true => Path::new(SERVICE_CREDENTIALS).join(token_file),
+        false => token_file,
     }
 }
 
@@ -127,7 +141,9 @@ pub fn run(config_path: &Path, action: &Action) -> Result<String, String> {
 }
 
 /// Polls until backend `backend` of `pool` has no open connection, at most
-/// `limit`.
+/// `limit`. A poll that fails (sluice busy, or restarting) is tried again
+/// until then; a backend that leaves the configuration ends the wait, since
+/// its connections are no longer counted.
 async fn wait_for_drain(
     target: &Target,
     pool: &str,
@@ -136,15 +152,26 @@ async fn wait_for_drain(
 ) -> Result<(), String> {
     let deadline = Instant::now() + limit;
     loop {
-        let view = pools(target).await?;
-        let open = view
+        let view = match pools(target).await {
+            Ok(view) => view,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(POLL).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let Some(open) = view
             .pools
             .iter()
             .filter(|p| p.name == pool)
             .flat_map(|p| &p.backends)
-            .filter(|b| b.name == backend)
+            .find(|b| b.name == backend)
             .map(|b| b.active)
-            .sum::<u32>();
+        else {
+            return Err(format!(
+                "{pool}/{backend} left the configuration while it drained: its connections are no longer counted"
+            ));
+        };
         if open == 0 {
             return Ok(());
         }

@@ -70,6 +70,10 @@ pub struct Pool {
     /// (or known yet). In [`panic`](Pool::panic) the pool routes over all
     /// of them; if not, it routes nowhere and clients wait in its queue.
     pub all_down: bool,
+    /// A backend with a weight is up but held out by its operator (drain,
+    /// maint): when none may take clients, that is the operator's doing,
+    /// not the backends' health, and `/ready` stays 200.
+    pub held_out_up: bool,
     /// With every backend down, route over all of them (`panic`); if not,
     /// a client whose connects all failed waits in the queue too.
     pub fail_open: bool,
@@ -103,6 +107,14 @@ pub struct Backend {
     pub passive: Arc<PassiveHealth>,
     pub load: Arc<Load>,
     pub stats: Arc<BackendStats>,
+}
+
+impl Backend {
+    /// Whether it may take new clients at all, health aside: a weight
+    /// above 0, and `ready`.
+    pub fn in_rotation(&self) -> bool {
+        self.weight > 0 && self.state == OperatorState::Ready
+    }
 }
 
 impl Snapshot {
@@ -218,17 +230,19 @@ impl Pool {
         backends: Vec<Backend>,
         waiting: Arc<Waiting>,
     ) -> Pool {
-        let in_rotation = |b: &Backend| b.weight > 0 && b.state == OperatorState::Ready;
-        let rotation = backends.iter().filter(|b| in_rotation(b));
+        let rotation = backends.iter().filter(|b| b.in_rotation());
         let regular_up = rotation.clone().any(|b| b.up && !b.backup);
         let usable = |b: &Backend| b.up && !(b.backup && regular_up);
         let all_down = rotation.clone().next().is_some() && !rotation.clone().any(usable);
+        let held_out_up = backends
+            .iter()
+            .any(|b| b.weight > 0 && b.up && b.state != OperatorState::Ready);
         let panic = all_down && config.fail_open();
         let choices: Vec<Choice> = backends
             .iter()
             .map(|b| Choice {
                 name: &b.name,
-                weight: match in_rotation(b) && (usable(b) || panic) {
+                weight: match b.in_rotation() && (usable(b) || panic) {
                     true => b.weight,
                     false => 0,
                 },
@@ -246,6 +260,7 @@ impl Pool {
             send_proxy: config.send_proxy,
             retries: config.retries,
             all_down,
+            held_out_up,
             fail_open: config.fail_open(),
             on_down: config.on_down(),
             queue: config.queue.clone(),

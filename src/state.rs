@@ -3,18 +3,23 @@
 //! restarts.
 //!
 //! A state belongs to a backend's name within its pool, not to its address:
-//! the operator drained "db1", whatever db1 resolves to today. States are
-//! kept in memory by the control plane ([`States`]), survive a reload for
-//! the backends that remain, and are written to `state_file` after every
-//! change, atomically (a temporary file in the same directory, written,
-//! synced, renamed over the old one), by a thread of their own so that a
-//! slow disk never holds up the control plane. Only states other than
-//! `ready` are written: an empty file means every backend is ready.
+//! the operator drained "db1", and db1 stays drained if a reload gives it
+//! another address. An address of a host-name entry is a backend of its
+//! own, `NAME/IP`, with a state of its own. States are kept in memory by
+//! the control plane ([`States`]) for the backends the configuration has:
+//! they survive a reload for the backends that remain, and leave with the
+//! others. They are written to `state_file` after every change, atomically
+//! (a temporary file in the same directory, written, synced, renamed over
+//! the old one), by a thread of their own so that a slow disk never holds
+//! up the control plane; at exit the control plane waits for the last
+//! write. Only states other than `ready` are written: an empty file means
+//! every backend is ready. The file and the memory hold the same states.
 //!
 //! Reading the file is forgiving: a missing file is a first start, and a
 //! corrupt or unreadable one is logged and ignored, since refusing to start
 //! over it would turn a bad disk into an outage. States of backends the
-//! configuration does not have are ignored, and dropped at the next write.
+//! configuration does not have are logged, forgotten, and dropped from the
+//! file.
 
 use std::cell::OnceCell;
 use std::collections::BTreeMap;
@@ -22,6 +27,8 @@ use std::fmt;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -138,14 +145,13 @@ impl States {
         ))
     }
 
-    /// The file's text for the states of the backends `present` says exist.
-    fn render(&self, present: impl Fn(&Place) -> bool) -> Vec<u8> {
+    /// The file's text.
+    fn render(&self) -> Vec<u8> {
         let file = File {
             version: VERSION,
             backends: self
                 .0
                 .iter()
-                .filter(|(place, _)| present(place))
                 .map(|((pool, backend), state)| Entry {
                     pool: pool.clone(),
                     backend: backend.clone(),
@@ -175,10 +181,20 @@ impl States {
         before.unwrap_or_default()
     }
 
-    /// The places with a state that `present` says the configuration does
-    /// not have.
-    pub fn unknown(&self, present: impl Fn(&Place) -> bool) -> Vec<&Place> {
-        self.0.keys().filter(|place| !present(place)).collect()
+    /// Forgets the states of the places `present` says the configuration
+    /// does not have: those places, with their states.
+    pub fn forget_absent(
+        &mut self,
+        present: impl Fn(&Place) -> bool,
+    ) -> Vec<(Place, OperatorState)> {
+        let absent: Vec<Place> = self.0.keys().filter(|p| !present(p)).cloned().collect();
+        absent
+            .into_iter()
+            .map(|place| {
+                let state = self.0.remove(&place).expect("listed above");
+                (place, state)
+            })
+            .collect()
     }
 }
 
@@ -187,19 +203,44 @@ impl States {
 /// write that fails is logged and tried again at the next change.
 #[derive(Default)]
 pub struct Writer {
-    latest: OnceCell<mpsc::Sender<(PathBuf, Vec<u8>)>>,
+    thread: OnceCell<WriterThread>,
+}
+
+/// The writer thread and the channel to it; the thread ends once the
+/// channel closes and what was sent is written.
+struct WriterThread {
+    latest: mpsc::Sender<(PathBuf, Vec<u8>)>,
+    thread: Option<JoinHandle<()>>,
 }
 
 impl Writer {
-    /// Writes `states` of the backends `present` says exist to `path`.
-    pub fn write(&self, path: &Path, states: &States, present: impl Fn(&Place) -> bool) {
-        let latest = self.latest.get_or_init(start_writing);
-        let _ = latest.send((path.to_owned(), states.render(present)));
+    /// Writes `states` to `path`.
+    pub fn write(&self, path: &Path, states: &States) {
+        let writer = self.thread.get_or_init(start_writing);
+        let _ = writer.latest.send((path.to_owned(), states.render()));
+    }
+
+    /// Waits up to `limit` for the writes sent so far, so that a state set
+    /// just before a stop is in the file the next start reads.
+    pub fn finish(&mut self, limit: Duration) {
+        let Some(WriterThread { latest, thread }) = self.thread.take() else {
+            return;
+        };
+        drop(latest);
+        let Some(thread) = thread else { return };
+        let deadline = Instant::now() + limit;
+        while !thread.is_finished() {
+            if Instant::now() >= deadline {
+                warn!("the state file is still being written after {limit:?}: the last drain or maint change may be lost");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 }
 
 /// Starts the thread that writes what is sent to it.
-fn start_writing() -> mpsc::Sender<(PathBuf, Vec<u8>)> {
+fn start_writing() -> WriterThread {
     let (latest, pending) = mpsc::channel::<(PathBuf, Vec<u8>)>();
     let started = std::thread::Builder::new()
         .name("sluice-state".into())
@@ -218,15 +259,17 @@ fn start_writing() -> mpsc::Sender<(PathBuf, Vec<u8>)> {
                 }
             }
         });
-    if let Err(e) = started {
-        warn!("cannot start the state file writer: {e}; states will not be kept");
-    }
-    latest
+    let thread = started
+        .map_err(|e| warn!("cannot start the state file writer: {e}; states will not be kept"))
+        .ok();
+    WriterThread { latest, thread }
 }
 
 /// Replaces `path` with `text` so that a crash leaves the old file or the
 /// new one, never half of one: a temporary file beside it, written and
-/// synced, renamed over it, and the directory synced.
+/// synced, renamed over it, and the directory synced. The temporary file
+/// is named after the process, so two processes sharing the file (during
+/// an upgrade) never write into each other's.
 pub fn write_atomically(path: &Path, text: &[u8]) -> io::Result<()> {
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
@@ -235,7 +278,11 @@ pub fn write_atomically(path: &Path, text: &[u8]) -> io::Result<()> {
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not a file name"))?;
-    let temporary = dir.join(format!(".{}.tmp", name.to_string_lossy()));
+    let temporary = dir.join(format!(
+        ".{}.{}.tmp",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     let result = (|| {
         let mut file = std::fs::File::create(&temporary)?;
         file.write_all(text)?;
@@ -263,14 +310,17 @@ mod tests {
             states.set("redis", "a", OperatorState::Ready),
             OperatorState::Maint
         );
-        let text = states.render(|_| true);
+        let text = states.render();
         assert_eq!(States::parse(&text).unwrap(), states);
         assert_eq!(states.get("pg", "db2"), OperatorState::Maint);
         assert_eq!(states.get("redis", "a"), OperatorState::Ready);
-        let only_pg = States::parse(&states.render(|(pool, _)| pool == "pg")).unwrap();
-        assert_eq!(only_pg, states);
-        let none = States::parse(&states.render(|(_, b)| b == "db1")).unwrap();
-        assert_eq!(none.get("pg", "db2"), OperatorState::Ready);
+        let forgotten = states.forget_absent(|(_, b)| b == "db1");
+        assert_eq!(
+            forgotten,
+            [(("pg".into(), "db2".into()), OperatorState::Maint)]
+        );
+        assert_eq!(states.get("pg", "db2"), OperatorState::Ready);
+        assert_eq!(states.get("pg", "db1"), OperatorState::Drain);
     }
 
     #[test]
@@ -285,6 +335,21 @@ mod tests {
         ] {
             assert!(States::parse(text).is_err(), "{}", text.escape_ascii());
         }
+    }
+
+    #[test]
+    fn finish_waits_for_the_last_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let mut states = States::default();
+        let mut writer = Writer::default();
+        for state in [OperatorState::Drain, OperatorState::Maint] {
+            states.set("pg", "db1", state);
+            writer.write(&path, &states);
+        }
+        writer.finish(Duration::from_secs(10));
+        assert_eq!(States::load(&path), states);
+        writer.finish(Duration::from_secs(10));
     }
 
     #[test]

@@ -47,12 +47,23 @@ impl Setup {
     /// The configuration, with `extra_pool` in the pool (see
     /// [`common::config`]) and `top` at the top level.
     fn config(&self, top: &str, extra_pool: &str) -> String {
+        self.config_without(&[], top, extra_pool)
+    }
+
+    /// [`Setup::config`] without the backends named `left_out`.
+    fn config_without(&self, left_out: &[&str], top: &str, extra_pool: &str) -> String {
+        let backends: Vec<(String, SocketAddr)> = self
+            .backends
+            .iter()
+            .filter(|(name, _)| !left_out.contains(&name.as_str()))
+            .cloned()
+            .collect();
         format!(
             "{top}state_file: {}\nadmin:\n  listen: {}\n  token_file: {}\n{}",
             self.state_file().display(),
             self.admin,
             self.dir.path().join("token").display(),
-            config(self.front, &self.backends, extra_pool)
+            config(self.front, &backends, extra_pool)
         )
     }
 }
@@ -256,6 +267,55 @@ fn a_drained_backend_takes_no_new_client_and_keeps_relaying_for_open_ones() {
     let ready = ctl(config, &["ready", "back", "backend-0"]);
     assert!(ready.status.success(), "{}", said(&ready));
     assert_eq!(backend_for(client, setup.front), "backend-0");
+
+    // A reload that removes the backend ends a wait with 1: its
+    // connections, still open, are no longer counted.
+    let (_, mut open) = client_of(setup.front, "backend-0");
+    let waiting = Command::new(SLUICE)
+        .args(["ctl", "-c", config.to_str().unwrap()])
+        .args(["drain", "back", "backend-0", "--wait", "20s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("backend-0 drained", || {
+        backend(setup.admin, "backend-0")["state"] == "drain"
+    });
+    sluice.reload(&setup.config_without(&["backend-0"], "", ""));
+    let left = waiting.wait_with_output().unwrap();
+    assert_eq!(left.status.code(), Some(1), "{}", said(&left));
+    assert!(
+        said(&left).contains("back/backend-0 left the configuration while it drained"),
+        "{}",
+        said(&left)
+    );
+    echoes(&mut open, b"kept by on_down: keep");
+    drop(sluice);
+}
+
+/// Draining the backends that are up leaves nothing to route to, but the
+/// pool is not down: `/ready` stays 200 and the log says whose doing it
+/// is. Once the drained backend is down too, the pool is.
+#[test]
+fn draining_the_backends_up_does_not_make_the_pool_down() {
+    let mut setup = Setup::new(2);
+    let pool = "    health: { interval: 100ms, timeout: 100ms, fall: 1, rise: 1 }\n";
+    let sluice = Sluice::start(&setup.config("", pool));
+    let health = |name: &str| backend(setup.admin, name)["health"].clone();
+    setup.servers[1].stop();
+    wait_until("backend-1 down", || health("backend-1") == "down");
+    change(setup.admin, "backend-0", "drain");
+    sluice.wait_for_log("no backend in rotation is up (those up are drained or in maint)");
+    assert_eq!(get(setup.admin, "/ready").0, "HTTP/1.1 200 OK");
+
+    setup.servers[0].stop();
+    wait_until("backend-0 down", || health("backend-0") == "down");
+    wait_until("not ready", || {
+        get(setup.admin, "/ready").0 == "HTTP/1.1 503 Service Unavailable"
+    });
+    let (_, body) = get(setup.admin, "/ready");
+    assert!(body.contains("no backend up in pool back"), "{body}");
+    sluice.wait_for_log("every backend is down");
     drop(sluice);
 }
 
@@ -328,9 +388,7 @@ fn operator_states_survive_a_reload_and_a_restart() {
         })
     };
     assert_eq!(states(), ["drain", "maint", "ready"]);
-    wait_until("the state file written", || {
-        std::fs::read_to_string(setup.state_file()).is_ok_and(|t| t.contains("maint"))
-    });
+    // Stopped at once: sluice waits for the state file's last write.
     drop(sluice);
 
     // A new process reads the states before its first client.
@@ -340,6 +398,16 @@ fn operator_states_survive_a_reload_and_a_restart() {
         assert_eq!(backend_for(client_ip(i), setup.front), "backend-2");
     }
     sluice.wait_for_log("backends in drain or maint");
+
+    // A reload that removes a backend forgets its state, in the file too:
+    // a server added back later under its name starts ready.
+    sluice.reload(&setup.config_without(&["backend-1"], "", ""));
+    sluice.wait_for_log("its operator state maint is forgotten pool=back backend=backend-1");
+    wait_until("the state file without backend-1", || {
+        std::fs::read_to_string(setup.state_file()).is_ok_and(|t| !t.contains("backend-1"))
+    });
+    sluice.reload(&text);
+    assert_eq!(states(), ["drain", "ready", "ready"]);
     drop(sluice);
 }
 
@@ -364,18 +432,16 @@ fn a_state_file_that_is_corrupt_or_from_another_configuration_is_ignored() {
     )
     .unwrap();
     let sluice = Sluice::start(&text);
-    sluice.wait_for_log("the state file names a backend the configuration does not have");
-    assert_eq!(backend(setup.admin, "backend-1")["state"], "drain");
-    // The next write keeps only what the configuration has.
-    change(setup.admin, "backend-0", "maint");
-    wait_until("the state file rewritten", || {
-        std::fs::read_to_string(setup.state_file()).is_ok_and(|t| t.contains("backend-0"))
-    });
-    let written = std::fs::read_to_string(setup.state_file()).unwrap();
-    assert!(
-        !written.contains("retired") && !written.contains("gone"),
-        "{written}"
+    sluice.wait_for_log(
+        "the configuration has no such backend: its operator state maint is forgotten pool=back backend=retired",
     );
+    sluice.wait_for_log("its operator state drain is forgotten pool=gone backend=x");
+    assert_eq!(backend(setup.admin, "backend-1")["state"], "drain");
+    // The file is rewritten with only what the configuration has.
+    wait_until("the state file rewritten", || {
+        std::fs::read_to_string(setup.state_file())
+            .is_ok_and(|t| !t.contains("retired") && !t.contains("gone") && t.contains("backend-1"))
+    });
     drop(sluice);
 }
 
@@ -409,6 +475,21 @@ fn state_changes_need_the_token_and_name_what_exists() {
     assert_eq!(
         status("backend-0", drain, None),
         "HTTP/1.1 401 Unauthorized"
+    );
+    // The token is judged first: without it, the body's fate is not told.
+    let (line, head, _) = try_request(
+        setup.admin,
+        "POST",
+        "/api/pools/back/backends/backend-0/state",
+        &[],
+        "not json",
+    )
+    .unwrap();
+    assert_eq!(line, "HTTP/1.1 401 Unauthorized");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("www-authenticate: bearer"),
+        "{head}"
     );
     assert_eq!(
         status("backend-0", drain, Some("wrong")),
@@ -444,10 +525,16 @@ fn state_changes_need_the_token_and_name_what_exists() {
         status("backend-0", &huge, Some(TOKEN)),
         "HTTP/1.1 413 Payload Too Large"
     );
-    assert_eq!(
-        get(setup.admin, "/api/pools/back/backends/backend-0/state").0,
-        "HTTP/1.1 405 Method Not Allowed"
-    );
+    let (line, head, _) = try_request(
+        setup.admin,
+        "GET",
+        "/api/pools/back/backends/backend-0/state",
+        &[],
+        "",
+    )
+    .unwrap();
+    assert_eq!(line, "HTTP/1.1 405 Method Not Allowed");
+    assert!(head.to_ascii_lowercase().contains("allow: post"), "{head}");
     assert_eq!(
         backend(setup.admin, "backend-0")["state"],
         "ready",

@@ -148,10 +148,12 @@ pub enum Ask {
     SetState {
         pool: String,
         backend: String,
-        state: OperatorState,
+        /// The state the body asks for, or why the body is not one.
+        change: Result<OperatorState, String>,
         /// The bearer token the request offered, if any.
         token: Option<String>,
-        done: oneshot::Sender<Result<OperatorState, Refusal>>,
+        /// The state set and the one it replaced.
+        done: oneshot::Sender<Result<(OperatorState, OperatorState), Refusal>>,
     },
 }
 
@@ -162,6 +164,8 @@ pub enum Refusal {
     NoToken,
     /// The request has no token, or the wrong one.
     BadToken,
+    /// The body is not a state change.
+    BadBody(String),
     UnknownPool(String),
     UnknownBackend {
         pool: String,
@@ -181,6 +185,7 @@ impl Refusal {
                 401,
                 "a state change needs the header `Authorization: Bearer TOKEN` with the token of admin.token_file".into(),
             ),
+            Refusal::BadBody(why) => (400, why.clone()),
             Refusal::UnknownPool(pool) => (404, format!("no pool {pool:?}")),
             Refusal::UnknownBackend { pool, backend } => {
                 (404, format!("pool {pool:?} has no backend {backend:?}"))

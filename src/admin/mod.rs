@@ -193,6 +193,10 @@ impl Endpoint {
     async fn respond(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
         let resource = Resource::parse(request.uri().path());
         let method = request.method().clone();
+        let allowed = match resource {
+            Resource::BackendState { .. } => "POST",
+            _ => "GET",
+        };
         let (status, content_type, body) = match (&resource, &method) {
             (Resource::Page, &Method::GET) => {
                 let mut response = text(StatusCode::OK, page::CONTENT_TYPE, page::html());
@@ -223,10 +227,24 @@ impl Endpoint {
                 "text/plain",
                 "not found: try /, /metrics, /ready or /api/pools\n".into(),
             ),
-            (Resource::BackendState { .. }, _) => not_allowed("POST"),
-            _ => not_allowed("GET"),
+            _ => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                format!("method not allowed: use {allowed}\n").into(),
+            ),
         };
-        text(status, content_type, body)
+        let mut response = text(status, content_type, body);
+        let headers = response.headers_mut();
+        match status {
+            StatusCode::METHOD_NOT_ALLOWED => {
+                headers.insert(header::ALLOW, HeaderValue::from_static(allowed));
+            }
+            StatusCode::UNAUTHORIZED => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            _ => {}
+        }
+        response
     }
 
     async fn pools(&self) -> Answer {
@@ -260,20 +278,19 @@ impl Endpoint {
                 )
             }
         };
-        let state = match StateChange::parse(&body) {
-            Ok(change) => change.state,
-            Err(why) => return failure(StatusCode::BAD_REQUEST, &why),
-        };
+        // Judged by the control plane after the token: a client without
+        // the token learns nothing from the body's fate.
+        let change = StateChange::parse(&body).map(|change| change.state);
         let (done, answer) = oneshot::channel();
         let ask = Ask::SetState {
             pool: pool.clone(),
             backend: backend.clone(),
-            state,
+            change,
             token,
             done,
         };
         match self.ask(ask, answer).await {
-            Ok(Ok(before)) => json(
+            Ok(Ok((state, before))) => json(
                 StatusCode::OK,
                 &serde_json::json!({ "pool": pool, "backend": backend, "state": state, "was": before }),
             ),
@@ -328,12 +345,4 @@ fn json(status: StatusCode, value: &impl serde::Serialize) -> Answer {
 /// An error as JSON: `{"error": "..."}`.
 fn failure(status: StatusCode, why: &str) -> Answer {
     json(status, &serde_json::json!({ "error": why }))
-}
-
-fn not_allowed(allowed: &str) -> Answer {
-    (
-        StatusCode::METHOD_NOT_ALLOWED,
-        "text/plain",
-        format!("method not allowed: use {allowed}\n").into(),
-    )
 }

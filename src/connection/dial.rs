@@ -26,7 +26,7 @@ use crate::logging::Throttle;
 use crate::metrics::{BackendStats, ErrorReason};
 use crate::proxy_protocol::{self, Carried};
 use crate::shared::Shared;
-use crate::snapshot::{Pool, Route};
+use crate::snapshot::{Backend, Pool, Route};
 
 use super::admit::turn_away;
 use super::ending::{self, Classified, Ending};
@@ -263,11 +263,18 @@ impl Dialer {
             Some(error) => (ErrorReason::NoBackend, error),
             None if self.pool.all_down => (
                 ErrorReason::NoBackend,
-                io::Error::other("no backend of the pool is up"),
+                io::Error::other(match self.pool.held_out_up {
+                    true => "no backend in rotation is up (those up are drained or in maint)",
+                    false => "no backend of the pool is up",
+                }),
             ),
-            None if self.pool.backends.iter().any(|b| b.weight > 0) => (
+            None if self.pool.backends.iter().any(Backend::in_rotation) => (
                 ErrorReason::OverLimit,
                 io::Error::other("every backend is at its max_connections"),
+            ),
+            None if self.pool.backends.iter().any(|b| b.weight > 0) => (
+                ErrorReason::NoBackend,
+                io::Error::other("every backend is drained or in maint"),
             ),
             None => (
                 ErrorReason::NoBackend,

@@ -217,11 +217,16 @@ impl Backends {
         self.states = states;
     }
 
-    /// Whether the registry has a backend at `place`.
-    pub fn has(&self, place: &Place) -> bool {
-        self.entries
-            .keys()
-            .any(|key| key.pool == place.0 && key.name == place.1)
+    /// Forgets the operator states of backends the registry does not have
+    /// (a reload or a DNS answer took them away, or the state file named
+    /// them): those backends, with their states.
+    pub fn forget_absent_states(&mut self) -> Vec<(Place, OperatorState)> {
+        let entries = &self.entries;
+        self.states.forget_absent(|(pool, name)| {
+            entries
+                .keys()
+                .any(|key| &key.pool == pool && &key.name == name)
+        })
     }
 
     /// What `GET /api/pools` shows, in the file's order.

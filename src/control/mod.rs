@@ -34,7 +34,7 @@ mod publish;
 mod resolve;
 mod workers;
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicUsize;
@@ -88,9 +88,11 @@ pub struct Controller {
     probing: bool,
     metrics: Metrics,
     process: ProcessStats,
-    /// Pools with no backend up: routing over all of them (fail open) or
-    /// none (fail closed).
-    pools_down: HashSet<String>,
+    /// Pools where no backend may take clients: routing over all of them
+    /// (fail open) or none (fail closed). True where a backend up is held
+    /// out by its operator (drain, maint): that pool is not down for
+    /// `/ready`.
+    pools_down: HashMap<String, bool>,
     /// What `/ready` answers.
     readiness: Readiness,
     /// The admin endpoint's socket, until `run` serves it, and how many
@@ -179,7 +181,7 @@ impl Controller {
             probing: false,
             metrics,
             process,
-            pools_down: HashSet::new(),
+            pools_down: HashMap::new(),
             readiness: Readiness::default(),
             admin,
             asks: mpsc::channel(64),
@@ -190,7 +192,6 @@ impl Controller {
         };
         controller.restore_states();
         controller.publish_all();
-        controller.note_unknown_states();
         Ok((controller, bound))
     }
 
@@ -254,6 +255,7 @@ impl Controller {
                                     info!("the reload under way is abandoned");
                                 }
                                 self.drain(signal, &signals).await;
+                                self.state_writer.finish(Duration::from_secs(2));
                                 self.notifier.flush(Duration::from_secs(1)).await;
                                 return Ok(());
                             }
@@ -457,6 +459,7 @@ impl Controller {
         self.metrics.renew();
         let events = self.probing.then_some(&self.shared.events);
         let removed = self.backends.sync(&self.config, &self.metrics, events);
+        self.forget_absent_states();
         self.listeners.renew_stats(&self.metrics);
         for (name, listener) in &self.config.listeners {
             ListenerStats::limit(&self.metrics, name, listener.max_connections);
@@ -471,7 +474,7 @@ impl Controller {
         );
         self.metrics.sweep();
         self.pools_down
-            .retain(|name| self.config.pools.contains_key(name));
+            .retain(|name, _| self.config.pools.contains_key(name));
         for pool in snapshot.pools() {
             self.note_all_down(pool);
         }
@@ -496,29 +499,52 @@ impl Controller {
         self.notifier.status(&self.status());
     }
 
-    /// Logs a pool losing its last backend, or getting one back; `/ready`
-    /// follows.
+    /// Logs a pool losing its last backend that may take clients, or
+    /// getting one back; `/ready` follows, unless it is the operator who
+    /// held out the backends up.
     fn note_all_down(&mut self, pool: &Pool) {
-        if pool.all_down && self.pools_down.insert(pool.name.clone()) {
-            match pool.panic() {
-                true => warn!(
-                    pool = %pool.name,
-                    "every backend is down: routing over all of them until one is back"
-                ),
-                false if pool.queue.size > 0 => warn!(
-                    pool = %pool.name,
-                    "no backend is up: new clients wait in the queue (up to {}) until one is",
-                    humantime::format_duration(pool.queue.timeout)
-                ),
-                false => warn!(
-                    pool = %pool.name,
-                    "no backend is up: new clients are turned away until one is"
-                ),
+        let now = pool.all_down.then_some(pool.held_out_up);
+        let before = match now {
+            Some(held_out) => self.pools_down.insert(pool.name.clone(), held_out),
+            None => self.pools_down.remove(&pool.name),
+        };
+        if now != before {
+            match now {
+                Some(held_out) => {
+                    let cause = match held_out {
+                        true => "no backend in rotation is up (those up are drained or in maint)",
+                        false if pool.panic() => "every backend is down",
+                        false => "no backend is up",
+                    };
+                    match pool.panic() {
+                        true => warn!(
+                            pool = %pool.name,
+                            "{cause}: routing over all of them until one is back"
+                        ),
+                        false if pool.queue.size > 0 => warn!(
+                            pool = %pool.name,
+                            "{cause}: new clients wait in the queue (up to {}) until one is",
+                            humantime::format_duration(pool.queue.timeout)
+                        ),
+                        false => warn!(
+                            pool = %pool.name,
+                            "{cause}: new clients are turned away until one is"
+                        ),
+                    }
+                }
+                None => info!(pool = %pool.name, "a backend is up again"),
             }
-        } else if !pool.all_down && self.pools_down.remove(&pool.name) {
-            info!(pool = %pool.name, "a backend is up again");
         }
-        self.readiness.pools_down(&self.pools_down);
+        self.readiness.pools_down(self.pools_without_backend_up());
+    }
+
+    /// The pools down for `/ready`: no backend may take clients, and none
+    /// up is held out by its operator.
+    fn pools_without_backend_up(&self) -> impl Iterator<Item = &String> {
+        self.pools_down
+            .iter()
+            .filter(|(_, held_out)| !**held_out)
+            .map(|(name, _)| name)
     }
 
     /// One line for systemd's STATUS.
@@ -531,8 +557,11 @@ impl Controller {
             self.reloads.0,
             self.reloads.1
         );
-        if !self.pools_down.is_empty() {
-            let mut pools: Vec<&str> = self.pools_down.iter().map(String::as_str).collect();
+        let mut pools: Vec<&str> = self
+            .pools_without_backend_up()
+            .map(String::as_str)
+            .collect();
+        if !pools.is_empty() {
             pools.sort();
             status.push_str(&format!(", all backends down in: {}", pools.join(", ")));
         }

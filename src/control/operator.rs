@@ -20,24 +20,24 @@ impl Controller {
             Ask::SetState {
                 pool,
                 backend,
-                state,
+                change,
                 token,
                 done,
             } => {
-                let _ = done.send(self.set_state(&pool, &backend, state, token.as_deref()));
+                let _ = done.send(self.set_state(&pool, &backend, change, token.as_deref()));
             }
         }
     }
 
-    /// Puts backend `name` of `pool` in `state`, if `token` is the
-    /// configured one: the state it had.
+    /// Puts backend `name` of `pool` in the state `change` asks for, if
+    /// `token` is the configured one: that state and the one it had.
     fn set_state(
         &mut self,
         pool: &str,
         name: &str,
-        state: OperatorState,
+        change: Result<OperatorState, String>,
         token: Option<&str>,
-    ) -> Result<OperatorState, Refusal> {
+    ) -> Result<(OperatorState, OperatorState), Refusal> {
         let expected = self
             .config
             .admin
@@ -47,6 +47,7 @@ impl Controller {
         if !token.is_some_and(|token| api::token_matches(token, &expected.0)) {
             return Err(Refusal::BadToken);
         }
+        let state = change.map_err(Refusal::BadBody)?;
         let Some(settings) = self.config.pools.get(pool) else {
             return Err(Refusal::UnknownPool(pool.to_owned()));
         };
@@ -59,7 +60,7 @@ impl Controller {
                     backend: name.to_owned(),
                 })?;
         if before == state {
-            return Ok(before);
+            return Ok((state, before));
         }
         info!(%pool, backend = %name, "operator state {before} -> {state}");
         self.publish_all();
@@ -67,7 +68,7 @@ impl Controller {
             self.close_sessions(ids.into_iter().map(|id| (id, name.to_owned())).collect());
         }
         self.save_states();
-        Ok(before)
+        Ok((state, before))
     }
 
     /// Takes the operator states of `state_file` (before the first
@@ -80,14 +81,19 @@ impl Controller {
         self.backends.restore(States::load(path));
     }
 
-    /// Logs the states of backends the configuration does not have.
-    pub(super) fn note_unknown_states(&self) {
-        let backends = &self.backends;
-        for (pool, backend) in backends.states().unknown(|place| backends.has(place)) {
+    /// Forgets the operator states of backends the configuration no
+    /// longer has (or never had, for states read from the file), and
+    /// writes the file without them: memory and file hold the same states.
+    pub(super) fn forget_absent_states(&mut self) {
+        let forgotten = self.backends.forget_absent_states();
+        for ((pool, backend), state) in &forgotten {
             warn!(
                 %pool, %backend,
-                "the state file names a backend the configuration does not have: its state is ignored"
+                "the configuration has no such backend: its operator state {state} is forgotten"
             );
+        }
+        if !forgotten.is_empty() {
+            self.save_states();
         }
     }
 
@@ -97,8 +103,6 @@ impl Controller {
         if path.as_os_str().is_empty() {
             return;
         }
-        let backends = &self.backends;
-        self.state_writer
-            .write(path, backends.states(), |place| backends.has(place));
+        self.state_writer.write(path, self.backends.states());
     }
 }
