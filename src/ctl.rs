@@ -334,3 +334,23 @@ fn status_table(view: &PoolsView) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_relative_token_file_is_the_service_credential() {
+        if std::env::var_os("CREDENTIALS_DIRECTORY").is_some() {
+            return; // run inside a service: the name stays for read_password
+        }
+        assert_eq!(
+            service_credential(PathBuf::from("admin.token")),
+            Path::new("/run/credentials/sluice.service/admin.token")
+        );
+        assert_eq!(
+            service_credential(PathBuf::from("/etc/sluice/admin.token")),
+            Path::new("/etc/sluice/admin.token")
+        );
+    }
+}

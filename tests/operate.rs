@@ -319,6 +319,33 @@ fn draining_the_backends_up_does_not_make_the_pool_down() {
     drop(sluice);
 }
 
+/// With every backend drained, a client is turned away as `no_backend`,
+/// and the log says why; `/ready` stays 200.
+#[test]
+fn a_pool_drained_whole_turns_clients_away_as_no_backend() {
+    let setup = Setup::new(1);
+    let sluice = Sluice::start(&setup.config("", ""));
+    change(setup.admin, "backend-0", "drain");
+    let mut client = connect_from(client_ip(5), setup.front);
+    client.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut byte = [0u8; 1];
+    assert!(!matches!(client.read(&mut byte), Ok(1)), "turned away");
+    sluice.wait_for_log(
+        "no backend reachable, closing the client: every backend is drained or in maint",
+    );
+    let turned_away = |reason: &str| {
+        sample(
+            &scrape(setup.admin),
+            "sluice_connection_errors_total",
+            &[&format!(r#"reason="{reason}""#)],
+        )
+    };
+    assert_eq!(turned_away("no_backend"), Some(1.0));
+    assert_eq!(turned_away("over_limit"), Some(0.0));
+    assert_eq!(get(setup.admin, "/ready").0, "HTTP/1.1 200 OK");
+    drop(sluice);
+}
+
 #[test]
 fn maint_stops_probes_and_closes_connections_with_on_down_close() {
     let setup = Setup::new(2);
