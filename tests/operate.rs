@@ -319,6 +319,36 @@ fn draining_the_backends_up_does_not_make_the_pool_down() {
     drop(sluice);
 }
 
+/// Each address of a host-name entry is a backend of its own, `NAME/IP`,
+/// addressed percent-encoded; the entry's bare name is not one, and the
+/// 404 says which are.
+#[test]
+fn the_addresses_of_a_host_name_are_drained_one_by_one() {
+    let setup = Setup::new(1);
+    let text = setup.config("", "").replace(
+        &setup.backends[0].1.to_string(),
+        &format!("localhost:{}", setup.backends[0].1.port()),
+    );
+    let sluice = Sluice::start(&text);
+    let (status, body) = set_state(
+        setup.admin,
+        "backend-0",
+        r#"{"state": "drain"}"#,
+        Some(TOKEN),
+    );
+    assert_eq!(status, "HTTP/1.1 404 Not Found");
+    assert!(
+        body.contains("each address of a host name is a backend of its own: backend-0/127.0.0.1"),
+        "{body}"
+    );
+    change(setup.admin, "backend-0%2F127.0.0.1", "drain");
+    assert_eq!(
+        backend(setup.admin, "backend-0/127.0.0.1")["state"],
+        "drain"
+    );
+    drop(sluice);
+}
+
 /// With every backend drained, a client is turned away as `no_backend`,
 /// and the log says why; `/ready` stays 200.
 #[test]

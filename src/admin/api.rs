@@ -170,6 +170,9 @@ pub enum Refusal {
     UnknownBackend {
         pool: String,
         backend: String,
+        /// The backends the pool makes of a host-name entry so named, each
+        /// of its addresses `NAME/IP`.
+        addresses: Vec<String>,
     },
 }
 
@@ -187,8 +190,19 @@ impl Refusal {
             ),
             Refusal::BadBody(why) => (400, why.clone()),
             Refusal::UnknownPool(pool) => (404, format!("no pool {pool:?}")),
-            Refusal::UnknownBackend { pool, backend } => {
-                (404, format!("pool {pool:?} has no backend {backend:?}"))
+            Refusal::UnknownBackend {
+                pool,
+                backend,
+                addresses,
+            } => {
+                let mut why = format!("pool {pool:?} has no backend {backend:?}");
+                if !addresses.is_empty() {
+                    why.push_str(&format!(
+                        "; each address of a host name is a backend of its own: {}",
+                        addresses.join(", ")
+                    ));
+                }
+                (404, why)
             }
         }
     }

@@ -206,6 +206,20 @@ impl Backends {
         Some((self.states.set(pool, name, state), ids))
     }
 
+    /// The backends of `pool` made of its host-name entry `name`: `NAME/IP`
+    /// for each address, sorted.
+    pub fn addresses_of(&self, pool: &str, name: &str) -> Vec<String> {
+        let prefix = format!("{name}/");
+        let mut names: Vec<String> = self
+            .entries
+            .keys()
+            .filter(|key| key.pool == pool && key.name.starts_with(&prefix))
+            .map(|key| key.name.clone())
+            .collect();
+        names.sort();
+        names
+    }
+
     /// Every operator state, to be written to the state file.
     pub fn states(&self) -> &States {
         &self.states

@@ -58,6 +58,7 @@ impl Controller {
                 .ok_or_else(|| Refusal::UnknownBackend {
                     pool: pool.to_owned(),
                     backend: name.to_owned(),
+                    addresses: self.backends.addresses_of(pool, name),
                 })?;
         if before == state {
             return Ok((state, before));
