@@ -8,7 +8,7 @@ mod common;
 use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -126,6 +126,23 @@ fn ctl(config: &Path, args: &[&str]) -> Output {
     sluice_command(&all)
 }
 
+/// `sluice ctl -c CONFIG drain back BACKEND --wait 20s`, started.
+fn drain_and_wait(config: &Path, backend: &str) -> Child {
+    Command::new(SLUICE)
+        .args(["ctl", "-c", config.to_str().unwrap()])
+        .args(["drain", "back", backend, "--wait", "20s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Asserts that a `sluice ctl` run exited with `code`, saying `text`.
+fn assert_ended(output: &Output, code: i32, text: &str) {
+    assert_eq!(output.status.code(), Some(code), "{}", said(output));
+    assert!(said(output).contains(text), "{}", said(output));
+}
+
 fn said(output: &Output) -> String {
     format!(
         "{}{}",
@@ -230,38 +247,14 @@ fn a_drained_backend_takes_no_new_client_and_keeps_relaying_for_open_ones() {
     // `ctl drain --wait` at its limit: 1, with the count left.
     let config = sluice.config_path();
     let late = ctl(config, &["drain", "back", "backend-0", "--wait", "300ms"]);
-    assert_eq!(late.status.code(), Some(1), "{}", said(&late));
-    assert!(
-        said(&late).contains("1 connections still open after 300ms"),
-        "{}",
-        said(&late)
-    );
+    assert_ended(&late, 1, "1 connections still open after 300ms");
 
     // `ctl drain --wait` returns 0 once the last connection closes.
-    let waiting = Command::new(SLUICE)
-        .args([
-            "ctl",
-            "-c",
-            config.to_str().unwrap(),
-            "drain",
-            "back",
-            "backend-0",
-            "--wait",
-            "20s",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let waiting = drain_and_wait(config, "backend-0");
     echoes(&mut open, b"one more");
     drop(open);
     let done = waiting.wait_with_output().unwrap();
-    assert_eq!(done.status.code(), Some(0), "{}", said(&done));
-    assert!(
-        said(&done).contains("back/backend-0: no connection left"),
-        "{}",
-        said(&done)
-    );
+    assert_ended(&done, 0, "back/backend-0: no connection left");
 
     // Ready again: its clients come back (maglev keeps them).
     let ready = ctl(config, &["ready", "back", "backend-0"]);
@@ -271,23 +264,16 @@ fn a_drained_backend_takes_no_new_client_and_keeps_relaying_for_open_ones() {
     // A reload that removes the backend ends a wait with 1: its
     // connections, still open, are no longer counted.
     let (_, mut open) = client_of(setup.front, "backend-0");
-    let waiting = Command::new(SLUICE)
-        .args(["ctl", "-c", config.to_str().unwrap()])
-        .args(["drain", "back", "backend-0", "--wait", "20s"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let waiting = drain_and_wait(config, "backend-0");
     wait_until("backend-0 drained", || {
         backend(setup.admin, "backend-0")["state"] == "drain"
     });
     sluice.reload(&setup.config_without(&["backend-0"], "", ""));
     let left = waiting.wait_with_output().unwrap();
-    assert_eq!(left.status.code(), Some(1), "{}", said(&left));
-    assert!(
-        said(&left).contains("back/backend-0 left the configuration while it drained"),
-        "{}",
-        said(&left)
+    assert_ended(
+        &left,
+        1,
+        "back/backend-0 left the configuration while it drained",
     );
     echoes(&mut open, b"kept by on_down: keep");
     drop(sluice);
@@ -446,7 +432,8 @@ fn operator_states_survive_a_reload_and_a_restart() {
     };
     assert_eq!(states(), ["drain", "maint", "ready"]);
     // Stopped at once: sluice waits for the state file's last write.
-    drop(sluice);
+    sluice.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(sluice.wait_exit().success());
 
     // A new process reads the states before its first client.
     let sluice = Sluice::start(&text);
