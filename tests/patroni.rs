@@ -88,15 +88,28 @@ fn switch_under_load(
         .filter_map(|(_, a)| a.clone().err())
         .collect();
     // A query fails only if its session was on the old leader as it
-    // stopped.
+    // stopped, or was reset there by `on_down: close` (before psql's
+    // start-up finished, psql says the connection failed).
     for error in &failed {
         assert!(
             error.contains("shutting down")
                 || error.contains("terminating connection")
                 || error.contains("server closed the connection")
-                || error.contains("connection to server was lost"),
+                || error.contains("connection to server was lost")
+                || error.contains("Connection reset by peer"),
             "{error}"
         );
+    }
+    if failed
+        .iter()
+        .any(|e| e.contains("Connection reset by peer"))
+    {
+        let closed = sample(
+            &scrape(admin),
+            "sluice_connections_closed_on_down_total",
+            &[&format!(r#"backend="{from_name}""#)],
+        );
+        assert!(closed > Some(0.0), "a reset, but none by on_down: close");
     }
     Switched {
         queries: answers.len(),
