@@ -58,10 +58,11 @@ struct AdminKeys {
     token_file: PathBuf,
 }
 
-/// Where the running sluice answers, and the token it wants.
+/// Where the running sluice answers, and where the token it wants for a
+/// state change is (read only for one: `status` needs none).
 struct Target {
     addr: SocketAddr,
-    token: Option<String>,
+    token_file: Option<PathBuf>,
 }
 
 impl Target {
@@ -86,14 +87,25 @@ impl Target {
                 IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
             });
         }
-        let token = match admin.token_file.as_os_str().is_empty() {
+        let token_file = match admin.token_file.as_os_str().is_empty() {
             true => None,
-            false => Some(
-                config::read_password(&service_credential(admin.token_file))
-                    .map_err(|e| format!("admin.token_file: {e}"))?,
-            ),
+            false => Some(service_credential(admin.token_file)),
         };
-        Ok(Target { addr, token })
+        Ok(Target { addr, token_file })
+    }
+
+    /// The token of `admin.token_file`, if one is set.
+    fn token(&self) -> Result<Option<String>, String> {
+        let Some(path) = &self.token_file else {
+            return Ok(None);
+        };
+        config::read_password(path).map(Some).map_err(|e| {
+            let hint = match path.starts_with(SERVICE_CREDENTIALS) {
+                true => " (systemd keeps it there while sluice.service runs, readable by root)",
+                false => "",
+            };
+            format!("admin.token_file: {e}{hint}")
+        })
     }
 }
 
@@ -186,7 +198,7 @@ async fn wait_for_drain(
 }
 
 async fn pools(target: &Target) -> Result<PoolsView, String> {
-    let (status, body) = request(target, Method::GET, "/api/pools", None).await?;
+    let (status, body) = request(target, Method::GET, "/api/pools", None, None).await?;
     if status != StatusCode::OK {
         return Err(refused(status, &body));
     }
@@ -211,7 +223,9 @@ async fn set_state(
         utf8_percent_encode(backend, NON_ALPHANUMERIC)
     );
     let body = serde_json::to_vec(&StateChange { state }).expect("plain data serializes");
-    let (status, answer) = request(target, Method::POST, &path, Some(body)).await?;
+    let token = target.token()?;
+    let (status, answer) =
+        request(target, Method::POST, &path, Some(body), token.as_deref()).await?;
     if status != StatusCode::OK {
         return Err(refused(status, &answer));
     }
@@ -242,12 +256,14 @@ fn refused(status: StatusCode, body: &[u8]) -> String {
     format!("sluice refused ({status}): {why}{hint}")
 }
 
-/// One HTTP/1.1 exchange with sluice, within [`REQUEST_DEADLINE`].
+/// One HTTP/1.1 exchange with sluice, within [`REQUEST_DEADLINE`], with
+/// `token` as its bearer token.
 async fn request(
     target: &Target,
     method: Method,
     path: &str,
     body: Option<Vec<u8>>,
+    token: Option<&str>,
 ) -> Result<(StatusCode, Bytes), String> {
     let addr = target.addr;
     let exchange = async {
@@ -262,7 +278,7 @@ async fn request(
             .method(method)
             .uri(path)
             .header(header::HOST, addr.to_string());
-        if let Some(token) = &target.token {
+        if let Some(token) = token {
             request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
         }
         if body.is_some() {

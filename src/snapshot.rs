@@ -70,10 +70,11 @@ pub struct Pool {
     /// (or known yet). In [`panic`](Pool::panic) the pool routes over all
     /// of them; if not, it routes nowhere and clients wait in its queue.
     pub all_down: bool,
-    /// A backend with a weight is up but held out by its operator (drain,
-    /// maint): when none may take clients, that is the operator's doing,
-    /// not the backends' health, and `/ready` stays 200.
-    pub held_out_up: bool,
+    /// A backend with a weight is up but drained by its operator: when none
+    /// may take clients, that is the operator's doing, not the backends'
+    /// health, and `/ready` stays 200. (One in `maint` is not probed: its
+    /// health is unknown, and does not count.)
+    pub drained_up: bool,
     /// With every backend down, route over all of them (`panic`); if not,
     /// a client whose connects all failed waits in the queue too.
     pub fail_open: bool,
@@ -234,9 +235,9 @@ impl Pool {
         let regular_up = rotation.clone().any(|b| b.up && !b.backup);
         let usable = |b: &Backend| b.up && !(b.backup && regular_up);
         let all_down = rotation.clone().next().is_some() && !rotation.clone().any(usable);
-        let held_out_up = backends
+        let drained_up = backends
             .iter()
-            .any(|b| b.weight > 0 && b.up && b.state != OperatorState::Ready);
+            .any(|b| b.weight > 0 && b.up && b.state == OperatorState::Drain);
         let panic = all_down && config.fail_open();
         let choices: Vec<Choice> = backends
             .iter()
@@ -260,7 +261,7 @@ impl Pool {
             send_proxy: config.send_proxy,
             retries: config.retries,
             all_down,
-            held_out_up,
+            drained_up,
             fail_open: config.fail_open(),
             on_down: config.on_down(),
             queue: config.queue.clone(),

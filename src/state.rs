@@ -268,20 +268,19 @@ fn start_writing() -> WriterThread {
 /// Replaces `path` with `text` so that a crash leaves the old file or the
 /// new one, never half of one: a temporary file beside it, written and
 /// synced, renamed over it, and the directory synced. The temporary file
-/// is named after the process, so two processes sharing the file (during
-/// an upgrade) never write into each other's.
+/// is named after the process and the moment, so two processes sharing the
+/// file (during an upgrade, in containers both PID 1) never write into
+/// each other's; one a crash leaves is removed at the next start
+/// ([`remove_stale_temporaries`]).
 pub fn write_atomically(path: &Path, text: &[u8]) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not a file name"))?;
+    let (dir, prefix) = temporaries_of(path)?;
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     let temporary = dir.join(format!(
-        ".{}.{}.tmp",
-        name.to_string_lossy(),
-        std::process::id()
+        "{prefix}{}-{}.tmp",
+        std::process::id(),
+        since_epoch.as_nanos()
     ));
     let result = (|| {
         let mut file = std::fs::File::create(&temporary)?;
@@ -294,6 +293,40 @@ pub fn write_atomically(path: &Path, text: &[u8]) -> io::Result<()> {
         let _ = std::fs::remove_file(&temporary);
     }
     result
+}
+
+/// The directory of `path` and the prefix of its temporary files there.
+fn temporaries_of(path: &Path) -> io::Result<(&Path, String)> {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not a file name"))?;
+    Ok((dir, format!(".{}.", name.to_string_lossy())))
+}
+
+/// Removes the temporary files of `path` that a crash left behind: those
+/// older than a minute (a younger one may be another process's write).
+pub fn remove_stale_temporaries(path: &Path) {
+    let Ok((dir, prefix)) = temporaries_of(path) else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let stale = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|at| at.elapsed().is_ok_and(|age| age > Duration::from_secs(60)));
+        if name.starts_with(&prefix) && name.ends_with(".tmp") && stale {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 #[cfg(test)]
@@ -350,6 +383,29 @@ mod tests {
         writer.finish(Duration::from_secs(10));
         assert_eq!(States::load(&path), states);
         writer.finish(Duration::from_secs(10));
+    }
+
+    #[test]
+    fn stale_temporary_files_are_removed_and_fresh_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let stale = dir.path().join(".state.json.1-2.tmp");
+        let fresh = dir.path().join(".state.json.3-4.tmp");
+        let other = dir.path().join(".other.json.1-2.tmp");
+        for file in [&stale, &fresh, &other] {
+            std::fs::write(file, "x").unwrap();
+        }
+        let old = std::time::SystemTime::now() - Duration::from_secs(120);
+        for file in [&stale, &other] {
+            std::fs::File::options()
+                .write(true)
+                .open(file)
+                .unwrap()
+                .set_modified(old)
+                .unwrap();
+        }
+        remove_stale_temporaries(&path);
+        assert!(!stale.exists() && fresh.exists() && other.exists());
     }
 
     #[test]

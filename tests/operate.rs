@@ -291,7 +291,7 @@ fn draining_the_backends_up_does_not_make_the_pool_down() {
     setup.servers[1].stop();
     wait_until("backend-1 down", || health("backend-1") == "down");
     change(setup.admin, "backend-0", "drain");
-    sluice.wait_for_log("no backend in rotation is up (those up are drained or in maint)");
+    sluice.wait_for_log("no backend in rotation is up (those up are drained)");
     assert_eq!(get(setup.admin, "/ready").0, "HTTP/1.1 200 OK");
 
     setup.servers[0].stop();
@@ -302,6 +302,24 @@ fn draining_the_backends_up_does_not_make_the_pool_down() {
     let (_, body) = get(setup.admin, "/ready");
     assert!(body.contains("no backend up in pool back"), "{body}");
     sluice.wait_for_log("every backend is down");
+    drop(sluice);
+
+    // A backend in maint is not probed: its health is unknown, and the
+    // pool with nothing else up is down.
+    let mut setup = Setup::new(2);
+    let sluice = Sluice::start(&setup.config("", pool));
+    setup.servers[1].stop();
+    wait_until("backend-1 down", || {
+        backend(setup.admin, "backend-1")["health"] == "down"
+    });
+    change(setup.admin, "backend-0", "maint");
+    wait_until("not ready", || {
+        get(setup.admin, "/ready").0 == "HTTP/1.1 503 Service Unavailable"
+    });
+    // Out of rotation entirely, the pool is the operator's doing.
+    change(setup.admin, "backend-1", "drain");
+    sluice.wait_for_log("no backend is in rotation (each is drained, in maint or at weight 0)");
+    assert_eq!(get(setup.admin, "/ready").0, "HTTP/1.1 200 OK");
     drop(sluice);
 }
 
@@ -332,6 +350,43 @@ fn the_addresses_of_a_host_name_are_drained_one_by_one() {
         backend(setup.admin, "backend-0/127.0.0.1")["state"],
         "drain"
     );
+    drop(sluice);
+}
+
+/// An address of a host-name entry keeps its state while a DNS answer
+/// leaves it out for a while (Consul drops an instance that is down for
+/// its maintenance), and has it again when the address comes back.
+#[test]
+fn an_address_left_out_by_dns_keeps_its_state() {
+    let setup = Setup::new(1);
+    let (first, port) = (setup.backends[0].1.ip(), setup.backends[0].1.port());
+    let second = unique_loopback();
+    let host = format!("sluice-state-{}.invalid", std::process::id());
+    let hosts = HostsEntry::set(&host, &[first, second]);
+    let text = setup
+        .config("", "    resolve_interval: 100ms\n")
+        .replace(&setup.backends[0].1.to_string(), &format!("{host}:{port}"));
+    let sluice = Sluice::start(&text);
+    let name = format!("backend-0/{second}");
+    change(setup.admin, &format!("backend-0%2F{second}"), "maint");
+    let state_of = |name: &str| {
+        pools(setup.admin)["pools"][0]["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["name"] == name)
+            .map(|b| b["state"].clone())
+    };
+
+    hosts.write(&[first]);
+    wait_until("the address gone", || state_of(&name).is_none());
+    assert_eq!(sluice.log_count("is forgotten"), 0);
+    let file = std::fs::read_to_string(setup.state_file()).unwrap();
+    assert!(file.contains(&name), "{file}");
+
+    hosts.write(&[first, second]);
+    wait_until("the address back", || state_of(&name).is_some());
+    assert_eq!(state_of(&name), Some(Value::from("maint")));
     drop(sluice);
 }
 

@@ -263,8 +263,8 @@ impl Dialer {
             Some(error) => (ErrorReason::NoBackend, error),
             None if self.pool.all_down => (
                 ErrorReason::NoBackend,
-                io::Error::other(match self.pool.held_out_up {
-                    true => "no backend in rotation is up (those up are drained or in maint)",
+                io::Error::other(match self.pool.drained_up {
+                    true => "no backend in rotation is up (those up are drained)",
                     false => "no backend of the pool is up",
                 }),
             ),

@@ -231,15 +231,29 @@ impl Backends {
         self.states = states;
     }
 
-    /// Forgets the operator states of backends the registry does not have
-    /// (a reload or a DNS answer took them away, or the state file named
-    /// them): those backends, with their states.
-    pub fn forget_absent_states(&mut self) -> Vec<(Place, OperatorState)> {
+    /// Forgets the operator states of backends that neither the registry
+    /// has nor `config` names (a reload took them away, or the state file
+    /// named them): those backends, with their states. An address of a
+    /// host-name entry keeps its state while the entry stays, also when a
+    /// DNS answer leaves it out for a while (Consul drops an instance that
+    /// is down for its maintenance, and lists it again once it is back).
+    pub fn forget_absent_states(&mut self, config: &Config) -> Vec<(Place, OperatorState)> {
         let entries = &self.entries;
         self.states.forget_absent(|(pool, name)| {
-            entries
+            let registered = entries
                 .keys()
-                .any(|key| &key.pool == pool && &key.name == name)
+                .any(|key| &key.pool == pool && &key.name == name);
+            let of_host_name = || {
+                let Some((entry, _)) = name.split_once('/') else {
+                    return false;
+                };
+                config.pools.get(pool).is_some_and(|pool| {
+                    pool.backends
+                        .iter()
+                        .any(|b| b.has_host_name() && b.name() == entry)
+                })
+            };
+            registered || of_host_name()
         })
     }
 

@@ -56,7 +56,7 @@ use crate::mailbox::{BoundListener, Command, Mailbox};
 use crate::metrics::{ListenerStats, Metrics, ProcessStats};
 use crate::shared::{Event, Shared};
 use crate::signals::{Request, Signals};
-use crate::snapshot::{Pool, Snapshot};
+use crate::snapshot::{Backend, Pool, Snapshot};
 use crate::state;
 use crate::systemd::Notifier;
 use crate::worker::{self, Driver};
@@ -89,9 +89,8 @@ pub struct Controller {
     metrics: Metrics,
     process: ProcessStats,
     /// Pools where no backend may take clients: routing over all of them
-    /// (fail open) or none (fail closed). True where a backend up is held
-    /// out by its operator (drain, maint): that pool is not down for
-    /// `/ready`.
+    /// (fail open) or none (fail closed). True where a backend up is
+    /// drained by its operator: that pool is not down for `/ready`.
     pools_down: HashMap<String, bool>,
     /// What `/ready` answers.
     readiness: Readiness,
@@ -501,25 +500,28 @@ impl Controller {
 
     /// Logs a pool losing its last backend that may take clients, or
     /// getting one back; `/ready` follows, unless it is the operator who
-    /// held out the backends up.
+    /// drained the backends up.
     fn note_all_down(&mut self, pool: &Pool) {
-        let now = pool.all_down.then_some(pool.held_out_up);
+        let now = pool.all_down.then_some(pool.drained_up);
         let before = match now {
-            Some(held_out) => self.pools_down.insert(pool.name.clone(), held_out),
+            Some(drained) => self.pools_down.insert(pool.name.clone(), drained),
             None => self.pools_down.remove(&pool.name),
         };
         if now != before {
             match now {
-                Some(held_out) => {
-                    let cause = match held_out {
-                        true => "no backend in rotation is up (those up are drained or in maint)",
-                        false if pool.panic() => "every backend is down",
-                        false => "no backend is up",
+                Some(drained) => {
+                    let (cause, over) = match drained {
+                        true => (
+                            "no backend in rotation is up (those up are drained)",
+                            "those in rotation",
+                        ),
+                        false if pool.panic() => ("every backend is down", "all of them"),
+                        false => ("no backend is up", "all of them"),
                     };
                     match pool.panic() {
                         true => warn!(
                             pool = %pool.name,
-                            "{cause}: routing over all of them until one is back"
+                            "{cause}: routing over {over} until one is back"
                         ),
                         false if pool.queue.size > 0 => warn!(
                             pool = %pool.name,
@@ -532,18 +534,24 @@ impl Controller {
                         ),
                     }
                 }
-                None => info!(pool = %pool.name, "a backend is up again"),
+                None if pool.backends.iter().any(Backend::in_rotation) => {
+                    info!(pool = %pool.name, "a backend is up again")
+                }
+                None => info!(
+                    pool = %pool.name,
+                    "no backend is in rotation (each is drained, in maint or at weight 0): new clients get none"
+                ),
             }
         }
         self.readiness.pools_down(self.pools_without_backend_up());
     }
 
     /// The pools down for `/ready`: no backend may take clients, and none
-    /// up is held out by its operator.
+    /// up is drained by its operator.
     fn pools_without_backend_up(&self) -> impl Iterator<Item = &String> {
         self.pools_down
             .iter()
-            .filter(|(_, held_out)| !**held_out)
+            .filter(|(_, drained)| !**drained)
             .map(|(name, _)| name)
     }
 

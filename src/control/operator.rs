@@ -8,7 +8,7 @@ use tracing::{info, warn};
 use super::Controller;
 use crate::admin::api::{self, Ask, Refusal};
 use crate::config::schema::OnDown;
-use crate::state::{OperatorState, States};
+use crate::state::{self, OperatorState, States};
 
 impl Controller {
     /// Answers one ask of the admin endpoint.
@@ -80,13 +80,15 @@ impl Controller {
             return;
         }
         self.backends.restore(States::load(path));
+        state::remove_stale_temporaries(path);
     }
 
     /// Forgets the operator states of backends the configuration no
     /// longer has (or never had, for states read from the file), and
     /// writes the file without them: memory and file hold the same states.
+    /// See [`Backends::forget_absent_states`](super::backends::Backends::forget_absent_states).
     pub(super) fn forget_absent_states(&mut self) {
-        let forgotten = self.backends.forget_absent_states();
+        let forgotten = self.backends.forget_absent_states(&self.config);
         for ((pool, backend), state) in &forgotten {
             warn!(
                 %pool, %backend,

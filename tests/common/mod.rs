@@ -1024,3 +1024,40 @@ impl ClientLoops {
             .collect()
     }
 }
+
+/// An /etc/hosts entry for the length of a test.
+pub struct HostsEntry {
+    name: String,
+}
+
+impl HostsEntry {
+    pub fn set(name: &str, addrs: &[IpAddr]) -> HostsEntry {
+        let entry = HostsEntry {
+            name: name.to_owned(),
+        };
+        entry.write(addrs);
+        entry
+    }
+
+    pub fn write(&self, addrs: &[IpAddr]) {
+        // Tests edit the file one at a time: each reads it, changes its own
+        // line and writes it back.
+        static EDITING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _editing = EDITING.lock().unwrap_or_else(|e| e.into_inner());
+        let hosts = std::fs::read_to_string("/etc/hosts").unwrap();
+        let mut lines: Vec<String> = hosts
+            .lines()
+            .filter(|l| !l.ends_with(&format!(" {}", self.name)))
+            .map(str::to_owned)
+            .collect();
+        lines.extend(addrs.iter().map(|ip| format!("{ip} {}", self.name)));
+        // One write, in place: /etc/hosts may be a mount point.
+        std::fs::write("/etc/hosts", lines.join("\n") + "\n").unwrap();
+    }
+}
+
+impl Drop for HostsEntry {
+    fn drop(&mut self) {
+        self.write(&[]);
+    }
+}
