@@ -400,6 +400,22 @@ def cpu_seconds(pids: list[int]) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def measured_cpu(pid: int | None, measure):
+    """Runs `measure()`: its result, and the CPU seconds the process tree of
+    `pid` used meanwhile (0 without a pid: nothing to charge)."""
+    tree = process_tree(pid) if pid else []
+    before = cpu_seconds(tree)
+    result = measure()
+    return result, cpu_seconds(tree) - before
+
+
+def rotated(items: list, round_: int) -> list:
+    """`items` in round `round_`'s order: shifted by one each round, so
+    that none always runs first (on a warmer or a colder machine)."""
+    shift = round_ % len(items)
+    return items[shift:] + items[:shift]
+
+
 def thread_count(pids: list[int]) -> int:
     return sum(len(os.listdir(f"/proc/{pid}/task")) for pid in pids)
 
