@@ -187,14 +187,15 @@ impl States {
         &mut self,
         present: impl Fn(&Place) -> bool,
     ) -> Vec<(Place, OperatorState)> {
-        let absent: Vec<Place> = self.0.keys().filter(|p| !present(p)).cloned().collect();
-        absent
-            .into_iter()
-            .map(|place| {
-                let state = self.0.remove(&place).expect("listed above");
-                (place, state)
-            })
-            .collect()
+        let mut forgotten = Vec::new();
+        self.0.retain(|place, state| {
+            let keep = present(place);
+            if !keep {
+                forgotten.push((place.clone(), *state));
+            }
+            keep
+        });
+        forgotten
     }
 }
 
@@ -319,11 +320,14 @@ pub fn remove_stale_temporaries(path: &Path) {
     for entry in entries.flatten() {
         let name = entry.file_name();
         let name = name.to_string_lossy();
+        if !(name.starts_with(&prefix) && name.ends_with(".tmp")) {
+            continue;
+        }
         let stale = entry
             .metadata()
             .and_then(|m| m.modified())
             .is_ok_and(|at| at.elapsed().is_ok_and(|age| age > Duration::from_secs(60)));
-        if name.starts_with(&prefix) && name.ends_with(".tmp") && stale {
+        if stale {
             let _ = std::fs::remove_file(entry.path());
         }
     }

@@ -151,6 +151,19 @@ fn said(output: &Output) -> String {
     )
 }
 
+/// Asserts that each new client of `clients` (see [`client_ip`]) is sent
+/// to `name`.
+fn every_client_goes_to(front: SocketAddr, clients: std::ops::Range<u32>, name: &str) {
+    for i in clients {
+        assert_eq!(
+            backend_for(client_ip(i), front),
+            name,
+            "client {}",
+            client_ip(i)
+        );
+    }
+}
+
 /// A client that maglev sends to `name`, and an open connection from it
 /// whose name line has been read.
 fn client_of(front: SocketAddr, name: &str) -> (std::net::IpAddr, TcpStream) {
@@ -223,9 +236,7 @@ fn a_drained_backend_takes_no_new_client_and_keeps_relaying_for_open_ones() {
     // The open connection goes on; its client's new ones go elsewhere.
     echoes(&mut open, b"still relayed");
     assert_eq!(backend_for(client, setup.front), "backend-1");
-    for i in 200..230 {
-        assert_eq!(backend_for(client_ip(i), setup.front), "backend-1");
-    }
+    every_client_goes_to(setup.front, 200..230, "backend-1");
     let a = backend(setup.admin, "backend-0");
     assert_eq!(
         (a["state"].as_str(), a["active"].as_u64()),
@@ -457,9 +468,7 @@ fn maint_stops_probes_and_closes_connections_with_on_down_close() {
     let before = probes();
     std::thread::sleep(Duration::from_millis(500)); // five probe intervals
     assert_eq!(probes(), before, "probes ran during maintenance");
-    for i in 1..20 {
-        assert_eq!(backend_for(client_ip(i), setup.front), "backend-1");
-    }
+    every_client_goes_to(setup.front, 1..20, "backend-1");
 
     // Ready: probed again, and up.
     change(setup.admin, "backend-0", "ready");
@@ -493,9 +502,7 @@ fn operator_states_survive_a_reload_and_a_restart() {
     // A new process reads the states before its first client.
     let sluice = Sluice::start(&text);
     assert_eq!(states(), ["drain", "maint", "ready"]);
-    for i in 1..30 {
-        assert_eq!(backend_for(client_ip(i), setup.front), "backend-2");
-    }
+    every_client_goes_to(setup.front, 1..30, "backend-2");
     sluice.wait_for_log("backends in drain or maint");
 
     // A reload that removes a backend forgets its state, in the file too:
@@ -556,9 +563,7 @@ fn a_state_file_that_cannot_be_written_is_logged_and_states_still_apply() {
     change(setup.admin, "backend-0", "drain");
     sluice.wait_for_log("cannot write the state file /sys/sluice-state.json");
     assert_eq!(backend(setup.admin, "backend-0")["state"], "drain");
-    for i in 1..20 {
-        assert_eq!(backend_for(client_ip(i), setup.front), "backend-1");
-    }
+    every_client_goes_to(setup.front, 1..20, "backend-1");
     drop(sluice);
 }
 

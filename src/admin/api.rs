@@ -10,6 +10,7 @@
 
 use std::fmt;
 
+use hyper::StatusCode;
 use percent_encoding::percent_decode_str;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
@@ -178,18 +179,18 @@ pub enum Refusal {
 
 impl Refusal {
     /// The HTTP status and the message for the client.
-    pub fn answer(&self) -> (u16, String) {
+    pub fn answer(&self) -> (StatusCode, String) {
         match self {
             Refusal::NoToken => (
-                403,
+                StatusCode::FORBIDDEN,
                 "state changes are off: set admin.token_file in the configuration".into(),
             ),
             Refusal::BadToken => (
-                401,
+                StatusCode::UNAUTHORIZED,
                 "a state change needs the header `Authorization: Bearer TOKEN` with the token of admin.token_file".into(),
             ),
-            Refusal::BadBody(why) => (400, why.clone()),
-            Refusal::UnknownPool(pool) => (404, format!("no pool {pool:?}")),
+            Refusal::BadBody(why) => (StatusCode::BAD_REQUEST, why.clone()),
+            Refusal::UnknownPool(pool) => (StatusCode::NOT_FOUND, format!("no pool {pool:?}")),
             Refusal::UnknownBackend {
                 pool,
                 backend,
@@ -202,7 +203,7 @@ impl Refusal {
                         addresses.join(", ")
                     ));
                 }
-                (404, why)
+                (StatusCode::NOT_FOUND, why)
             }
         }
     }

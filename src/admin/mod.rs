@@ -296,7 +296,7 @@ impl Endpoint {
             ),
             Ok(Err(refusal)) => {
                 let (status, why) = refusal.answer();
-                failure(StatusCode::from_u16(status).expect("a valid status"), &why)
+                failure(status, &why)
             }
             Err(busy) => busy,
         }
